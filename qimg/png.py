@@ -1,0 +1,65 @@
+"""PNG output: parameters as text chunks, written atomically (temporary file in the same folder + rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qimg.errors import OutputError
+
+PARAMS_KEY = "qimg"  # one iTXt chunk with every parameter as JSON; single keys are written beside it for other tools
+
+
+def check_output_path(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Fail early, before any work, if `path` cannot be written (missing folder, not writable, exists)."""
+    out = Path(path).expanduser()
+    if out.suffix.lower() != ".png":
+        raise OutputError(f"{out} does not end in .png", hint="qimg writes PNG files; name the output *.png")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {parent} is not writable", hint="choose another -o path")
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder", hint="give a file name ending in .png")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another -o path")
+    return out
+
+
+def save_png(image: Any, path: str | Path, params: dict[str, Any] | None = None, *, overwrite: bool = False) -> Path:
+    """Write a PIL image as PNG with `params` (default: image.info["qimg"]) in text chunks; atomic, no partial file."""
+    from PIL.PngImagePlugin import PngInfo
+
+    out = check_output_path(path, overwrite=overwrite)
+    params = dict(params if params is not None else image.info.get(PARAMS_KEY, {}))
+    info = PngInfo()
+    for key, value in params.items():
+        info.add_itxt(key, "" if value is None else str(value))
+    info.add_itxt(PARAMS_KEY, json.dumps(params, ensure_ascii=False, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        if not overwrite and out.exists():
+            raise OutputError(f"{out} appeared while generating", hint="pass --overwrite to replace it")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """The parameters qimg stored in a PNG (empty if the file carries none)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = getattr(im, "text", {}) or {}
+        raw = text.get(PARAMS_KEY)
+    return json.loads(raw) if raw else {}
