@@ -1,0 +1,112 @@
+"""Shared primitives of the image transformers: norms, timestep embedding, RoPE, modulation, and THE attention call."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019) computed in fp32, cast to the weight dtype before the weight multiply."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        y = x * torch.rsqrt(var + self.eps)
+        # Half-precision weights: round the normalised value first, as diffusers does, so bf16 runs agree.
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            y = y.to(self.weight.dtype)
+        return (y * self.weight).to(x.dtype)
+
+
+def layer_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm without learned affine parameters."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation (DiT, Peebles & Xie 2023): x * (1 + scale) + shift."""
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, scale: float = 1.0) -> Tensor:
+    """Sinusoidal embedding of t as [cos | sin] (the flip_sin_to_cos layout of the released weights)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = scale * (t[:, None].float() * torch.exp(exponent)[None, :])  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Two linears with a SiLU between them; the names match the official checkpoints."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class GeluProj(nn.Module):
+    """Linear followed by tanh-approximated GELU; a module of its own only to keep the checkpoint's `.proj` name."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """GELU(tanh) MLP laid out as `net.0.proj` / `net.2`, the diffusers key names of the released weights."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        # Index 1 held a Dropout in training; an Identity keeps index 2 where the checkpoint expects it.
+        self.net = nn.ModuleList([GeluProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net[2](self.net[0](x))
+
+
+def rope_angles(positions: Tensor, axes_dims: tuple[int, ...], theta: float = 10000.0) -> Tensor:
+    """Multi-axis RoPE (Su et al. 2021) angles: positions (L, n_axes) -> (L, sum(axes_dims) // 2) in fp32."""
+    parts = []
+    for axis, d in enumerate(axes_dims):
+        inv_freq = 1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
+        parts.append(positions[:, axis].float()[:, None] * inv_freq[None, :])
+    return torch.cat(parts, dim=-1)
+
+
+def rope_table(angles: Tensor) -> Tensor:
+    """Unit complex rotations exp(i * angle): (L, D/2) fp32 -> (L, D/2) complex64."""
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (x[2k], x[2k+1]) of x (B, L, H, D) by rope (L, D/2) complex64, in fp32.
+
+    One complex multiply is a single kernel; the real-arithmetic form costs several passes over q and k.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D/2)
+    return torch.view_as_real(xc * rope[None, :, None, :]).flatten(-2).to(x.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention (Vaswani et al. 2017); the engine's one call site.
+
+    q, k, v: (B, L, H, D); mask: None or bool (B, L_k) with True = attend. Returns (B, L, H * D).
+    """
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    return out.transpose(1, 2).flatten(2)
