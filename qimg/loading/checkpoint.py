@@ -1,0 +1,140 @@
+"""Meta-device builds and strict safetensors loading, single-file or sharded, with a readable key report."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from qimg.errors import CheckpointError, ConfigError, ModelNotFoundError
+
+P = TypeVar("P")
+M = TypeVar("M", bound=nn.Module)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON config, turning a missing or broken file into a one-line error."""
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"{path} is missing", hint="point --model at a complete model folder (diffusers layout)"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not readable JSON ({e})", hint="re-download the model") from e
+
+
+def params_from_config(
+    cls: type[P], config: dict[str, Any], names: dict[str, str], ignored: Iterable[str] = (), where: str = "config"
+) -> P:
+    """Build a params dataclass from a diffusers config.json through a {config key: field} table.
+
+    Keys starting with "_" and keys in `ignored` are skipped; any other unknown key is an error, because a
+    silently ignored architecture key would build the wrong network.
+    """
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in names and k not in set(ignored))
+    if unknown:
+        raise ConfigError(
+            f"{where} has keys qimg does not know: {', '.join(unknown)}",
+            hint="this model variant is not supported yet; check the model folder",
+        )
+    kwargs = {}
+    for key, field_name in names.items():
+        if key in config and config[key] is not None:
+            value = config[key]
+            kwargs[field_name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def safetensors_files(folder: Path, stem: str = "diffusion_pytorch_model") -> list[Path]:
+    """The weight files of one component: `<stem>.safetensors`, or the shards its index names."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConfigError(f"{index} has no weight_map", hint="re-download the model")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelNotFoundError(
+                f"{folder} is missing {len(missing)} shard(s) named in its index: {', '.join(missing[:3])}",
+                hint="the download is incomplete; fetch the model again",
+            )
+        return files
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    raise ModelNotFoundError(
+        f"no weights in {folder} (expected {stem}.safetensors or its sharded index)",
+        hint="point --model at a complete model folder (diffusers layout)",
+    )
+
+
+def _short(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_module(
+    build: Callable[[], M],
+    files: list[Path],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    transform: Callable[[str, Tensor], Tensor] | None = None,
+    known_unused: Iterable[str] = (),
+    what: str = "checkpoint",
+) -> M:
+    """Build a module on the meta device and fill it from safetensors files, strictly.
+
+    Every tensor the module needs must be present with the right shape, and every tensor in the files must be
+    used, unless it matches a `known_unused` glob. `transform(name, tensor)` adapts stored tensors (for example
+    3-D conv kernels to the 2-D ones an image-only network runs). Floating tensors are cast to `dtype`.
+    """
+    with torch.device("meta"):
+        module = build()
+    expected = module.state_dict()
+    unused = tuple(known_unused)
+    state: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    misshapen: list[str] = []
+    for path in files:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})", hint="re-download it") from e
+        with handle:
+            for name in handle.keys():
+                if name not in expected:
+                    if not any(fnmatch.fnmatchcase(name, pat) for pat in unused):
+                        unexpected.append(name)
+                    continue
+                tensor = handle.get_tensor(name)
+                if transform is not None:
+                    tensor = transform(name, tensor)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    misshapen.append(f"{name} {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
+                    continue
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state[name] = tensor.to(device)
+    missing = sorted(set(expected) - set(state) - {m.split(" ")[0] for m in misshapen})
+    if missing or unexpected or misshapen:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_short(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_short(sorted(unexpected))})")
+        if misshapen:
+            parts.append(f"{len(misshapen)} with the wrong shape ({_short(misshapen)})")
+        raise CheckpointError(
+            f"{what} does not match the network: " + "; ".join(parts),
+            hint="the files belong to another model or are incomplete; re-download the model",
+        )
+    module.load_state_dict(state, strict=True, assign=True)
+    return module

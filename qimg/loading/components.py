@@ -1,0 +1,93 @@
+"""Load each component of a diffusers-layout model folder: configs to params, weights strictly into our nets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qimg.errors import CheckpointError, ConfigError
+from qimg.loading import keymaps
+from qimg.loading.checkpoint import load_module, params_from_config, read_json, safetensors_files
+from qimg.nets.qwen_mmdit import QwenMMDiT
+from qimg.nets.qwen_vae import QwenVAE
+from qimg.sampling import FlowSchedule
+from qimg.specs import QwenMMDiTParams, QwenVAEParams
+
+# Scheduler options that change the sigmas in ways qimg's schedule does not implement.
+_UNSUPPORTED_SCHEDULER_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                                "stochastic_sampling")
+
+
+def qwen_mmdit_params(folder: Path) -> QwenMMDiTParams:
+    config = read_json(folder / "config.json")
+    for flag in keymaps.QWEN_MMDIT_UNSUPPORTED_FLAGS:
+        if config.get(flag):
+            raise ConfigError(f"{folder}/config.json sets {flag}, a variant qimg does not run yet",
+                              hint="use Qwen-Image, -2512 or an Edit model")
+    ignored = (*keymaps.QWEN_MMDIT_CONFIG_IGNORED, *keymaps.QWEN_MMDIT_UNSUPPORTED_FLAGS)
+    where = f"{folder}/config.json"
+    return params_from_config(QwenMMDiTParams, config, keymaps.QWEN_MMDIT_CONFIG, ignored, where=where)
+
+
+def load_qwen_mmdit(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> QwenMMDiT:
+    """transformer/: config.json and diffusion_pytorch_model(.safetensors | -NNNNN-of-NNNNN + index)."""
+    params = qwen_mmdit_params(folder)
+    model = load_module(lambda: QwenMMDiT(params), safetensors_files(folder), device=device, dtype=dtype,
+                        what=f"{folder.name}/ weights")
+    return model.eval().requires_grad_(False)
+
+
+def load_qwen_vae(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> QwenVAE:
+    """vae/: AutoencoderKLQwenImage's config.json and 3-D weights, loaded into the 2-D single-image net."""
+    params = params_from_config(QwenVAEParams, read_json(folder / "config.json"), keymaps.QWEN_VAE_CONFIG,
+                                keymaps.QWEN_VAE_CONFIG_IGNORED, where=f"{folder}/config.json")
+    model = load_module(lambda: QwenVAE(params), safetensors_files(folder), device=device, dtype=dtype,
+                        transform=keymaps.qwen_vae_tensor, known_unused=keymaps.QWEN_VAE_KNOWN_UNUSED,
+                        what=f"{folder.name}/ weights")
+    return model.eval().requires_grad_(False)
+
+
+def load_schedule(folder: Path) -> FlowSchedule:
+    """scheduler/scheduler_config.json -> FlowSchedule (only the flow-match Euler scheduler is supported)."""
+    config = read_json(folder / "scheduler_config.json")
+    cls = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    if cls != "FlowMatchEulerDiscreteScheduler":
+        raise ConfigError(f"scheduler {cls} is not supported", hint="qimg samples with flow-match Euler")
+    on = [flag for flag in _UNSUPPORTED_SCHEDULER_FLAGS if config.get(flag)]
+    if on:
+        raise ConfigError(f"scheduler_config.json enables {', '.join(on)}, which qimg does not implement")
+    fields = FlowSchedule.__dataclass_fields__
+    return FlowSchedule(**{k: v for k, v in config.items() if k in fields and v is not None})
+
+
+def load_text_encoder(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """text_encoder/: Qwen2.5-VL through transformers, checked for missing weights (transformers would only warn)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws its own tqdm bar while loading; qimg's CLI owns the terminal.
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, output_loading_info=True, low_cpu_mem_usage=True
+        )
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    # lm_head is unused for prompt encoding; older exports may tie or omit it.
+    missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k]
+    if missing:
+        raise CheckpointError(
+            f"text_encoder/ weights are incomplete: {len(missing)} missing ({', '.join(sorted(missing)[:3])})",
+            hint="re-download the model",
+        )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

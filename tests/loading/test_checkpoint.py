@@ -1,0 +1,128 @@
+"""Strict, loud loading of the official layout: single file, shards with an index, and every kind of mismatch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qimg.errors import CheckpointError, ConfigError, ModelNotFoundError
+from qimg.loading.components import load_qwen_mmdit, load_schedule
+from qimg.loading.hub import resolve_model
+from tests.fixtures import TINY_MMDIT, randomize_
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The same tiny transformer saved as one file and as shards with an index."""
+    ref = randomize_(diffusers.QwenImageTransformer2DModel(**TINY_MMDIT), 5)
+    single, sharded = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("sharded")
+    ref.save_pretrained(single)
+    ref.save_pretrained(sharded, max_shard_size="100KB")
+    return ref, single, sharded
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_and_single_file_load_the_same_weights(saved):
+    ref, single, sharded = saved
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert (sharded / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    a = load_qwen_mmdit(single, device="cpu", dtype=torch.float32).state_dict()
+    b = load_qwen_mmdit(sharded, device="cpu", dtype=torch.float32).state_dict()
+    want = ref.state_dict()
+    assert a.keys() == b.keys() == want.keys()
+    assert all(torch.equal(a[k], want[k]) and torch.equal(b[k], want[k]) for k in want)
+
+
+def test_dtype_is_applied_at_load(saved):
+    model = load_qwen_mmdit(saved[1], device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def _edit_single(folder, edit):
+    path = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path)
+
+
+def test_missing_key_is_reported_by_name(saved, tmp_path):
+    folder = _copy(saved[1], tmp_path / "m")
+    _edit_single(folder, lambda s: s.pop("transformer_blocks.1.attn.to_q.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing \(transformer_blocks\.1\.attn\.to_q\.weight\)"):
+        load_qwen_mmdit(folder, device="cpu", dtype=torch.float32)
+
+
+def test_unexpected_key_is_an_error(saved, tmp_path):
+    folder = _copy(saved[1], tmp_path / "m")
+    _edit_single(folder, lambda s: s.__setitem__("transformer_blocks.0.extra.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"1 unexpected \(transformer_blocks\.0\.extra\.weight\)"):
+        load_qwen_mmdit(folder, device="cpu", dtype=torch.float32)
+
+
+def test_wrong_shape_is_an_error(saved, tmp_path):
+    folder = _copy(saved[1], tmp_path / "m")
+    _edit_single(folder, lambda s: s.__setitem__("proj_out.bias", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match=r"wrong shape \(proj_out\.bias \(3,\) != \(64,\)\)"):
+        load_qwen_mmdit(folder, device="cpu", dtype=torch.float32)
+
+
+def test_missing_shard_is_reported(saved, tmp_path):
+    folder = _copy(saved[2], tmp_path / "m")
+    next(folder.glob("*-00001-of-*.safetensors")).unlink()
+    with pytest.raises(ModelNotFoundError, match="missing 1 shard"):
+        load_qwen_mmdit(folder, device="cpu", dtype=torch.float32)
+
+
+def test_truncated_file_is_reported(saved, tmp_path):
+    folder = _copy(saved[1], tmp_path / "m")
+    path = folder / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_qwen_mmdit(folder, device="cpu", dtype=torch.float32)
+
+
+def test_unknown_config_key_and_unsupported_variant_are_errors(saved, tmp_path):
+    folder = _copy(saved[1], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_single_layers": 38}))
+    with pytest.raises(ConfigError, match="num_single_layers"):
+        load_qwen_mmdit(folder, device="cpu", dtype=torch.float32)
+    (folder / "config.json").write_text(json.dumps({**config, "use_layer3d_rope": True}))
+    with pytest.raises(ConfigError, match="use_layer3d_rope"):
+        load_qwen_mmdit(folder, device="cpu", dtype=torch.float32)
+
+
+def test_scheduler_config_is_read_and_unsupported_options_refused(tmp_path):
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "max_shift": 0.9, "shift_terminal": 0.02,
+         "use_dynamic_shifting": True, "use_karras_sigmas": False}))
+    s = load_schedule(tmp_path)
+    assert (s.max_shift, s.shift_terminal, s.use_dynamic_shifting) == (0.9, 0.02, True)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"use_karras_sigmas": True}))
+    with pytest.raises(ConfigError, match="use_karras_sigmas"):
+        load_schedule(tmp_path)
+
+
+def test_resolve_model_errors(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model(tmp_path / "nope")
+    with pytest.raises(ModelNotFoundError, match="no model_index.json"):
+        resolve_model(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ConfigError, match="StableDiffusionPipeline"):
+        resolve_model(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    with pytest.raises(ModelNotFoundError, match="missing its transformer/ component"):
+        resolve_model(tmp_path)
