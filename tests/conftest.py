@@ -1,0 +1,42 @@
+"""Shared fixtures: an isolated environment (no network, no user caches) and tiny models in the official layout."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures import build_qwen_tokenizer, write_tiny_qwen_image
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    """Tests never touch the network or the user's caches."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf" / "hub"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(home / "modelscope"))
+    monkeypatch.setenv("QIMG_HOME", str(home / "qimg"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.delenv("QIMG_MODEL", raising=False)
+    monkeypatch.delenv("QIMG_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen_tokenizer")
+    build_qwen_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_pipe_and_dir(tmp_path_factory, qwen_tokenizer_dir):
+    """(diffusers QwenImagePipeline, folder) for a tiny random Qwen-Image with a sharded transformer."""
+    root = tmp_path_factory.mktemp("tiny-qwen-image")
+    pipe = write_tiny_qwen_image(root, qwen_tokenizer_dir, transformer_shard_size="300KB")
+    return pipe, root
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_qwen_pipe_and_dir):
+    """Path to a tiny random Qwen-Image model folder in the official diffusers layout."""
+    return tiny_qwen_pipe_and_dir[1]

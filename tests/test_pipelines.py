@@ -1,0 +1,89 @@
+"""End-to-end parity: qimg's Qwen-Image pipeline vs diffusers' QwenImagePipeline on the same tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qimg
+from qimg.loading.components import load_text_encoder, load_tokenizer
+from qimg.nets.text_encoders import QWEN_IMAGE_T2I, encode_qwen_prompt
+
+pytestmark = pytest.mark.parity
+
+PROMPTS = {
+    "english": "A red fox sitting in fresh snow, golden hour, 35mm photo",
+    "chinese": "精致肖像，水下少女，蓝裙飘逸，发丝轻扬，光影透澈",
+}
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_qwen):
+    return qimg.load(tiny_qwen, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("which", sorted(PROMPTS))
+def test_prompt_embeddings_and_mask_match_diffusers(tiny_qwen_pipe_and_dir, which):
+    ref, folder = tiny_qwen_pipe_and_dir
+    encoder = load_text_encoder(folder / "text_encoder", device="cpu", dtype=torch.float32)
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    got, got_mask = encode_qwen_prompt(encoder, tokenizer, PROMPTS[which], QWEN_IMAGE_T2I, 512)
+    with torch.no_grad():
+        want, want_mask = ref._get_qwen_prompt_embeds(PROMPTS[which], device="cpu")
+    assert got.shape == want.shape
+    # Same weights, same tokens, same transformers code path (minus the LM head): identical up to fp32 rounding.
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_mask, want_mask)
+
+
+def test_max_sequence_length_truncates_the_kept_tokens(tiny_qwen_pipe_and_dir):
+    ref, folder = tiny_qwen_pipe_and_dir
+    encoder = load_text_encoder(folder / "text_encoder", device="cpu", dtype=torch.float32)
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    long_prompt = " ".join(["a very long prompt"] * 40)
+    got, _ = encode_qwen_prompt(encoder, tokenizer, long_prompt, QWEN_IMAGE_T2I, 16)
+    with torch.no_grad():
+        want, _ = ref.encode_prompt(long_prompt, device="cpu", max_sequence_length=16)
+    assert got.shape[1] == 16
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [4.0, 1.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("seed,size", [(0, (64, 48)), (1234, (48, 80))], ids=["64x48", "48x80"])
+def test_whole_pipeline_matches_diffusers(tiny_qwen_pipe_and_dir, ours, cfg, seed, size):
+    ref, _ = tiny_qwen_pipe_and_dir
+    width, height = size
+    prompt = PROMPTS["english"]
+    call = dict(prompt=prompt, negative_prompt=" ", true_cfg_scale=cfg, num_inference_steps=3, width=width,
+                height=height)
+    with torch.no_grad():
+        want_latents = ref(**call, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+        want_img = ref(**call, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+    request, _ = qimg.make_request(ours.ref.spec, prompt, negative=" ", cfg=cfg, steps=3, width=width, height=height,
+                                   seed=seed)
+    assert request.cfg_enabled == (cfg > 1)
+    from qimg.pipelines import run_qwen_t2i
+
+    with torch.inference_mode():
+        latents = run_qwen_t2i(ours, request)
+    # fp32 throughout; the differences are summation-order rounding accumulated over 3 steps.
+    assert torch.allclose(latents, want_latents, rtol=1e-4, atol=1e-4)
+    image = np.asarray(ours.generate(request=request)[0])
+    assert image.shape == (height, width, 3)
+    want = np.round(want_img * 255).astype(np.int16)
+    # uint8 images: a value within rounding distance of .5 may land one level apart.
+    assert np.abs(image.astype(np.int16) - want).max() <= 1
+
+
+def test_same_seed_same_image_and_metadata(ours):
+    a = ours.generate("a cat", seed=7, steps=2, width=32, height=32)[0]
+    b = ours.generate("a cat", seed=7, steps=2, width=32, height=32)[0]
+    c = ours.generate("a cat", seed=8, steps=2, width=32, height=32)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    params = a.info["qimg"]
+    assert params["seed"] == 7 and params["steps"] == 2 and params["prompt"] == "a cat"
+    assert params["negative"] == " " and params["cfg"] == 4.0 and params["cfg_enabled"] is True
+    assert params["dtype"] == "float32" and params["qimg_version"] == qimg.__version__
