@@ -1,0 +1,1 @@
+complete --command qimg --no-files --arguments "(env _QIMG_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) qimg)" --condition "env _QIMG_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) qimg"

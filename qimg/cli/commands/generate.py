@@ -1,0 +1,135 @@
+"""qimg generate: text to image. Parse -> request -> public API -> render; no model code here."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import qimg
+from qimg.cli.output import Output
+
+MODEL_ENV = "QIMG_MODEL"
+
+# "\b" keeps the help formatter from re-wrapping the example lines into one paragraph.
+EXAMPLES = """\
+Examples:
+
+\b
+  qimg generate "a lighthouse at dusk, oil painting" -o lighthouse.png --model ~/models/Qwen-Image
+  QIMG_MODEL=~/models/Qwen-Image qimg generate "a red fox in snow" -o fox.png --seed 7 --steps 30
+  qimg generate "a poster that says hello" -o poster.png --width 1664 --height 928 --cfg 1
+  qimg generate "a cat" -o cat.png --device cuda:1 --dtype bfloat16 --quiet --overwrite
+"""
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+class DType(str, Enum):
+    """Compute dtypes the engine supports."""
+
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+def _check_device(value: str | None) -> str | None:
+    """Reject a malformed --device while parsing (exit 2); whether that GPU exists is checked at load."""
+    if value is None or _DEVICE.fullmatch(value):
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of cpu, cuda, cuda:N (e.g. cuda:1)")
+
+
+def cfg_summary(request: qimg.GenerateRequest) -> str:
+    """One line saying whether true CFG runs, because it doubles the cost of every step."""
+    if request.cfg_enabled:
+        return f"CFG on (scale {request.cfg}, negative {json.dumps(request.negative, ensure_ascii=False)})"
+    if request.negative is None:
+        return "CFG off (no negative prompt)"
+    return f"CFG off (scale {request.cfg})"
+
+
+def generate(
+    ctx: typer.Context,  # unused here; the error mapping in main.py reads the root --debug from it
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Where to write the PNG (must end in .png)."),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            envvar=MODEL_ENV,
+            help="Local model folder in the diffusers layout (with model_index.json).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed; random when omitted (and then printed).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps. Default: the model's.")] = None,
+    cfg: Annotated[
+        float | None,
+        typer.Option(help="True-CFG scale; 1 or less turns CFG off. Default: the model's."),
+    ] = None,
+    negative: Annotated[
+        str | None,
+        typer.Option(help="Negative prompt for CFG. Default: the model's (a single space)."),
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Image width in pixels, snapped down to a multiple of 16.")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Image height in pixels, snapped down to a multiple of 16.")
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(callback=_check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
+    ] = None,
+    dtype: Annotated[
+        DType | None,
+        typer.Option(help="Compute dtype. Default: bfloat16 on CUDA, float32 on CPU."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    # Read by the error mapping in main.py (guarded), not here.
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
+    ] = False,
+) -> None:
+    """Generate an image from a text prompt.
+
+    Writes one PNG with every parameter (prompt, seed, steps, cfg, size, model) in its text chunks,
+    so that `qimg` or any PNG reader can tell how it was made.
+    """
+    out = Output(quiet=quiet)
+    if not model:
+        raise qimg.UsageError(
+            "no model given", hint=f"pass --model /path/to/Qwen-Image or set {MODEL_ENV}=/path/to/Qwen-Image"
+        )
+    # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
+    path = qimg.check_output_path(output, overwrite=overwrite)
+    ref = qimg.resolve_model(model)
+    request, notes = qimg.make_request(
+        ref.spec, prompt, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width, height=height
+    )
+    for note in notes:
+        out.warn(note)
+    out.info(f"seed: {request.seed}")  # always: a random seed is otherwise lost with the terminal
+    out.info(cfg_summary(request))
+
+    started = time.perf_counter()
+    with out.status(f"loading {ref.name}"):
+        pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None)
+    out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
+    with out.steps("denoising") as progress:
+        images = pipe.generate(request=request, progress=progress)
+    qimg.save_png(images[0], path, overwrite=overwrite)
+    out.info(f"wrote {output} (seed {request.seed}, {time.perf_counter() - started:.1f} s)")

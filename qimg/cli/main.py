@@ -1,0 +1,134 @@
+"""The qimg command line: one Typer app, its global options, and THE place where exceptions become
+messages and exit codes (0 ok, 1 qimg error, 2 usage, 130 interrupted).
+
+Commands raise; they never print errors or pick exit codes themselves. Every command is registered
+through `guarded`, so its exceptions are mapped here, inside Typer's run loop: outside it, Typer would
+already have turned Ctrl-C into a silent exit and other exceptions into its own tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+import qimg
+from qimg.cli.commands import generate
+from qimg.cli.output import Output
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+DEBUG_ENV = "QIMG_DEBUG"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ROOT_EXAMPLES = """\
+Examples:
+
+\b
+  qimg generate "a lighthouse at dusk, oil painting" -o lighthouse.png --model ~/models/Qwen-Image
+  QIMG_MODEL=~/models/Qwen-Image qimg generate "a red fox in snow" -o fox.png --seed 7
+  qimg generate --help
+"""
+
+app = typer.Typer(
+    name="qimg",
+    epilog=ROOT_EXAMPLES,
+    no_args_is_help=True,
+    # Plain click-style help: compact, keeps the examples' indentation, and is what docs/cli.md holds
+    # verbatim; rich panels would wrap inside boxes. Usage errors then read "Error: ...", like ours.
+    rich_markup_mode=None,
+    # Our own mapping below decides what an exception looks like; Typer's pretty tracebacks would
+    # bypass it for errors raised outside a command (e.g. in an option callback).
+    pretty_exceptions_enable=False,
+)
+
+
+def debug_from_env() -> bool:
+    """QIMG_DEBUG=1 (any value but empty or 0) asks for tracebacks without touching the command line."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def report(exc: BaseException, *, debug: bool = False) -> int:
+    """Print `exc` for people and return the exit code; the only function that maps exceptions."""
+    out = Output()
+    if debug:
+        out.traceback("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    if isinstance(exc, KeyboardInterrupt):
+        out.always("interrupted")
+        return EXIT_INTERRUPTED
+    if isinstance(exc, qimg.QimgError):
+        out.error(exc.message, exc.hint)
+        return exc.exit_code
+    detail = str(exc)
+    out.error(
+        f"internal error: {type(exc).__name__}" + (f": {detail}" if detail else ""),
+        None if debug else "rerun with --debug for the traceback and report it",
+    )
+    return EXIT_ERROR
+
+
+def _debug_requested(kwargs: dict[str, Any]) -> bool:
+    """--debug on the command, --debug before it (root options), or QIMG_DEBUG."""
+    if kwargs.get("debug") or debug_from_env():
+        return True
+    # Typer passes the click context (not an instance of the typer.Context annotation), so duck-type it.
+    ctx = kwargs.get("ctx")
+    find_root = getattr(ctx, "find_root", None)
+    return bool(find_root and find_root().params.get("debug"))
+
+
+def guarded(command: F) -> F:
+    """Wrap a command so that its exceptions go through `report` (Typer still reads the signature)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # Typer's own exits and usage errors keep their codes (usage errors: 2)
+        except (KeyboardInterrupt, Exception) as exc:
+            raise typer.Exit(report(exc, debug=_debug_requested(kwargs))) from None
+
+    return run  # type: ignore[return-value]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qimg {qimg.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar=DEBUG_ENV, help="Print the full traceback when something fails."),
+    ] = False,
+) -> None:
+    """Generate images with the Qwen-Image family on qimg's own PyTorch engine."""
+
+
+# Only commands that work are registered; each lives in its own module under qimg/cli/commands/.
+app.command("generate", epilog=generate.EXAMPLES, no_args_is_help=True)(guarded(generate.generate))
+
+
+def main() -> None:
+    """Console-script entry point (`qimg`)."""
+    try:
+        # prog_name fixed so that `python -m qimg` shows and completes as `qimg`.
+        app(prog_name="qimg")
+    except KeyboardInterrupt as exc:  # Ctrl-C outside a command body (Typer maps the rest to a bare 130)
+        sys.exit(report(exc, debug=debug_from_env()))
+    except Exception as exc:  # raised outside a guarded command, e.g. in an option callback
+        sys.exit(report(exc, debug=debug_from_env() or "--debug" in sys.argv[1:]))

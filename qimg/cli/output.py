@@ -1,0 +1,119 @@
+"""What the CLI shows people: one rich console on stderr, quiet mode, a model-loading spinner and a step bar.
+
+Everything goes to stderr so that stdout stays free for machine-readable output (and for `--version`).
+Live widgets (spinner, bar) appear only on a terminal: in a pipe or a CI log they would be noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
+
+StepCallback = Callable[[int, int], None]
+
+
+class RateColumn(ProgressColumn):
+    """Steps per second, or seconds per step when slower than one a second (the usual case on CPU)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text("-- it/s", style="progress.data.speed")
+        text = f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.2f} s/it"
+        return Text(text, style="progress.data.speed")
+
+
+class Output:
+    """The stderr side of one command run; `quiet` silences everything except errors."""
+
+    def __init__(self, quiet: bool = False, console: Console | None = None) -> None:
+        self.quiet = quiet
+        # highlight off: rich would colour numbers and paths inside our plain sentences at random.
+        self.console = console or Console(stderr=True, highlight=False)
+
+    @property
+    def live(self) -> bool:
+        """Whether spinners and progress bars should be drawn."""
+        return not self.quiet and self.console.is_terminal
+
+    def _line(self, prefix: str, style: str, message: str) -> None:
+        text = Text.assemble((prefix, style), " ", message) if prefix else Text(message)
+        # soft_wrap: a message must stay one line (greppable, and tests count lines) whatever the width.
+        self.console.print(text, soft_wrap=True)
+
+    def info(self, message: str) -> None:
+        """A plain progress line (not shown with --quiet)."""
+        if not self.quiet:
+            self._line("", "", message)
+
+    def note(self, message: str) -> None:
+        """Something the user should know but did not ask about (not shown with --quiet)."""
+        if not self.quiet:
+            self._line("note:", "cyan", message)
+
+    def warn(self, message: str) -> None:
+        """A changed or doubtful input, e.g. a snapped width (not shown with --quiet)."""
+        if not self.quiet:
+            self._line("warning:", "bold yellow", message)
+
+    def always(self, message: str) -> None:
+        """A bare line shown even with --quiet (e.g. "interrupted")."""
+        self._line("", "", message)
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        """One error line and an optional hint line; shown even with --quiet."""
+        self._line("error:", "bold red", message)
+        if hint:
+            self._line("hint:", "bold", hint)
+
+    def traceback(self, text: str) -> None:
+        """A formatted traceback, printed verbatim so that it can be pasted into a bug report."""
+        self.console.print(Text(text.rstrip("\n")), soft_wrap=True)
+
+    @contextmanager
+    def status(self, message: str) -> Iterator[None]:
+        """A spinner while something slow without steps runs (loading a model)."""
+        if not self.live:
+            yield
+            return
+        with self.console.status(message):
+            yield
+
+    @contextmanager
+    def steps(self, description: str) -> Iterator[StepCallback]:
+        """A progress bar fed by the sampler callback cb(i, n), i = steps done so far (1..n)."""
+        if not self.live:
+            yield _ignore_steps
+            return
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            RateColumn(),
+            console=self.console,
+            transient=False,
+        )
+        task = progress.add_task(description, total=None)
+
+        def update(i: int, n: int) -> None:
+            progress.update(task, completed=min(i, n), total=n)
+
+        with progress:
+            yield update
+
+
+def _ignore_steps(i: int, n: int) -> None:
+    """The callback when no bar is drawn; the pipeline always gets a callable."""

@@ -1,0 +1,188 @@
+"""Exit codes and messages: 1 for qimg errors (one line + hint), 2 for usage, 130 for Ctrl-C; no tracebacks
+unless --debug; and a failed run never leaves a file behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import qimg
+from qimg.cli.main import app
+from qimg.loading.hub import QWEN_IMAGE_COMPONENTS
+
+from .conftest import make_fake_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _generate(runner: CliRunner, *args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, ["generate", "a red fox", *args], prog_name="qimg", env=env)
+
+
+def _assert_one_error(result, code: int = 1) -> list[str]:
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return errors
+
+
+def test_missing_model_dir(runner: CliRunner, tmp_path: Path, out_dir: Path, fake_load: list) -> None:
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(tmp_path / "nowhere"))
+    (line,) = _assert_one_error(result)
+    assert "does not exist" in line
+    assert "hint:" in result.stderr
+    assert list(out_dir.iterdir()) == []
+    assert fake_load == []  # failed before loading anything
+
+
+def test_model_dir_missing_a_component(
+    runner: CliRunner, tmp_path: Path, out_dir: Path, fake_load: list
+) -> None:
+    partial = {k: v for k, v in QWEN_IMAGE_COMPONENTS.items() if k in ("transformer", "vae")}
+    model = make_fake_model(tmp_path / "partial", partial)
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(model))
+    (line,) = _assert_one_error(result)
+    assert "missing its" in line and "component" in line
+    assert list(out_dir.iterdir()) == []
+    assert fake_load == []
+
+
+def test_steps_zero(runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list) -> None:
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(fake_model), "--steps", "0")
+    (line,) = _assert_one_error(result)
+    assert "--steps" in line
+    assert list(out_dir.iterdir()) == []
+    assert fake_load == []
+
+
+def test_output_folder_missing(runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list) -> None:
+    result = _generate(runner, "-o", str(out_dir / "sub" / "a.png"), "--model", str(fake_model))
+    (line,) = _assert_one_error(result)
+    assert "does not exist" in line
+    assert list(out_dir.iterdir()) == []
+
+
+def test_output_exists_without_overwrite(
+    runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list
+) -> None:
+    existing = out_dir / "a.png"
+    existing.write_bytes(b"keep me")
+    result = _generate(runner, "-o", str(existing), "--model", str(fake_model))
+    (line,) = _assert_one_error(result)
+    assert "already exists" in line
+    assert "--overwrite" in result.stderr  # the hint
+    assert existing.read_bytes() == b"keep me"
+    assert [p.name for p in out_dir.iterdir()] == ["a.png"]
+
+
+def test_output_not_png(runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list) -> None:
+    result = _generate(runner, "-o", str(out_dir / "a.jpg"), "--model", str(fake_model))
+    _assert_one_error(result)
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--device", "gpu"],
+        ["--device", "cuda:x"],
+        ["--dtype", "float8"],
+        ["--steps", "many"],
+    ],
+)
+def test_usage_errors_exit_2(
+    runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list, args
+) -> None:
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(fake_model), *args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert list(out_dir.iterdir()) == []
+
+
+def test_missing_output_option_is_usage_error(runner: CliRunner, fake_model: Path) -> None:
+    result = _generate(runner, "--model", str(fake_model))
+    assert result.exit_code == 2
+
+
+def test_no_model_given_is_usage_error(runner: CliRunner, out_dir: Path, fake_load: list) -> None:
+    result = _generate(runner, "-o", str(out_dir / "a.png"))
+    (line,) = _assert_one_error(result, code=2)
+    assert line == "error: no model given"
+    assert "hint:" in result.stderr and "QIMG_MODEL" in result.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def test_model_from_env(runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list) -> None:
+    result = _generate(runner, "-o", str(out_dir / "a.png"), env={"QIMG_MODEL": str(fake_model)})
+    assert result.exit_code == 0, result.output
+    assert (out_dir / "a.png").is_file()
+
+
+def _raise_from_load(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    def load(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(qimg, "load", load)
+
+
+def test_internal_error_is_one_line_with_hint(runner, monkeypatch, fake_model: Path, out_dir: Path) -> None:
+    _raise_from_load(monkeypatch, RuntimeError("boom"))
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(fake_model))
+    (line,) = _assert_one_error(result)
+    assert line == "error: internal error: RuntimeError: boom"
+    assert "hint: rerun with --debug for the traceback and report it" in result.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["command", "root", "env"])
+def test_debug_prints_traceback(runner, monkeypatch, fake_model: Path, out_dir: Path, where: str) -> None:
+    _raise_from_load(monkeypatch, RuntimeError("boom"))
+    args = ["generate", "a red fox", "-o", str(out_dir / "a.png"), "--model", str(fake_model)]
+    env = None
+    if where == "command":
+        args.append("--debug")
+    elif where == "root":
+        args.insert(0, "--debug")
+    else:
+        env = {"QIMG_DEBUG": "1"}
+    result = runner.invoke(app, args, prog_name="qimg", env=env)
+    assert result.exit_code == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "raise exc" in result.stderr  # the frame that raised
+    assert "error: internal error: RuntimeError: boom" in result.stderr
+
+
+def test_qimg_error_from_load_exits_1(runner, monkeypatch, fake_model: Path, out_dir: Path) -> None:
+    _raise_from_load(monkeypatch, qimg.QimgError("no CUDA GPU is visible", hint="use --device cpu"))
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(fake_model))
+    (line,) = _assert_one_error(result)
+    assert line == "error: no CUDA GPU is visible"
+    assert result.stderr.splitlines()[-1] == "hint: use --device cpu"
+
+
+def test_keyboard_interrupt_exits_130(runner, monkeypatch, fake_model: Path, out_dir: Path) -> None:
+    _raise_from_load(monkeypatch, KeyboardInterrupt())
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(fake_model))
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == "interrupted"
+    assert "Traceback" not in result.output
+    assert list(out_dir.iterdir()) == []
+
+
+def test_console_script_exit_codes(tmp_path: Path) -> None:
+    """The real entry point, not just the in-process runner: 1 for a qimg error, 2 for usage."""
+    env = {k: v for k, v in os.environ.items() if k not in ("QIMG_MODEL", "QIMG_DEBUG")}
+    base = [sys.executable, "-m", "qimg", "generate", "a fox", "-o", str(tmp_path / "a.png")]
+    done = subprocess.run(
+        [*base, "--model", str(tmp_path / "none")], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: model folder") and "Traceback" not in done.stderr
+    done = subprocess.run([*base, "--device", "tpu"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 2
