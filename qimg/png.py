@@ -21,8 +21,15 @@ def check_output_path(path: str | Path, *, overwrite: bool = False) -> Path:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {parent} is not writable", hint="choose another -o path")
+    # A real probe, not os.access: root passes permission checks, yet read-only or virtual filesystems refuse.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qimg-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(
+            f"output folder {parent} is not writable ({e.strerror})", hint="choose another -o path"
+        ) from e
     if out.is_dir():
         raise OutputError(f"{out} is a folder", hint="give a file name ending in .png")
     if out.exists() and not overwrite:

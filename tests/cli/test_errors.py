@@ -68,6 +68,26 @@ def test_output_folder_missing(runner: CliRunner, fake_model: Path, out_dir: Pat
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["read-only folder", "virtual filesystem"])
+def test_output_folder_not_writable(
+    runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list, where: str
+) -> None:
+    readonly = out_dir / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    target = readonly if where == "read-only folder" else Path("/sys")
+    if os.geteuid() == 0 and target == readonly:
+        target = Path("/proc")  # root ignores permission bits; nobody may create files in /proc
+    try:
+        result = _generate(runner, "-o", str(target / "a.png"), "--model", str(fake_model))
+    finally:
+        readonly.chmod(0o755)
+    (line,) = _assert_one_error(result)
+    assert "not writable" in line
+    assert not (target / "a.png").exists()
+    assert fake_load == []
+
+
 def test_output_exists_without_overwrite(
     runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list
 ) -> None:
