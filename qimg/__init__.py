@@ -10,14 +10,16 @@ The public API. Importing qimg is cheap: torch and the nets load only when a mod
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qimg.errors import QimgError, UsageError
 from qimg.loading.hub import ModelRef, resolve_model
-from qimg.png import check_output_path, read_params, save_png
+from qimg.png import check_output_path, open_image, read_params, save_png
 from qimg.request import GenerateRequest, make_request
 
 if TYPE_CHECKING:
+    from qimg.embeddings import EmbeddingsFile
     from qimg.pipelines import QwenImagePipeline
 
 __version__ = "0.1.0"
@@ -28,11 +30,15 @@ __all__ = [
     "QimgError",
     "UsageError",
     "check_output_path",
+    "encode_prompt",
     "generate",
     "load",
+    "load_embeddings",
     "make_request",
+    "open_image",
     "read_params",
     "resolve_model",
+    "save_embeddings",
     "save_png",
     "__version__",
 ]
@@ -49,3 +55,35 @@ def load(model: str | ModelRef, *, device: str | None = None, dtype: str | None 
 def generate(model: str, prompt: str, *, device: str | None = None, dtype: str | None = None, **options: Any) -> list:
     """One-shot: load `model` and generate from `prompt` (options as QwenImagePipeline.generate)."""
     return load(model, device=device, dtype=dtype).generate(prompt, **options)
+
+
+def encode_prompt(
+    model: str | ModelRef,
+    prompt: str,
+    *,
+    negative: str | None = None,
+    max_sequence_length: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> EmbeddingsFile:
+    """Encode a prompt (and a negative prompt: the model's default when None) with only the text encoder
+    loaded; save the result with save_embeddings and generate from it with embeddings=..."""
+    from qimg.pipelines import encode_prompt as _encode
+
+    ref = model if isinstance(model, ModelRef) else resolve_model(model)
+    request, _ = make_request(ref.spec, prompt, negative=negative, max_sequence_length=max_sequence_length)
+    return _encode(ref, request, device=device, dtype=dtype)
+
+
+def load_embeddings(path: str | Path) -> EmbeddingsFile:
+    """Read prompt embeddings written by `qimg encode-prompt` (or save_embeddings)."""
+    from qimg.embeddings import load_embeddings as _load
+
+    return _load(path)
+
+
+def save_embeddings(path: str | Path, data: EmbeddingsFile, *, overwrite: bool = False) -> Path:
+    """Write prompt embeddings (from QwenImagePipeline.encode_prompts) atomically as safetensors."""
+    from qimg.embeddings import save_embeddings as _save
+
+    return _save(path, data, overwrite=overwrite)

@@ -1,4 +1,5 @@
-"""PNG output: parameters as text chunks, written atomically (temporary file in the same folder + rename)."""
+"""Image files: PNG output with parameters as text chunks, written atomically (temporary file + rename), and
+image input that fails with one clear line."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qimg.errors import OutputError
+from qimg.errors import InputError, OutputError
 
 PARAMS_KEY = "qimg"  # one iTXt chunk with every parameter as JSON; single keys are written beside it for other tools
 
 
-def check_output_path(path: str | Path, *, overwrite: bool = False) -> Path:
+def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png") -> Path:
     """Fail early, before any work, if `path` cannot be written (missing folder, not writable, exists)."""
     out = Path(path).expanduser()
-    if out.suffix.lower() != ".png":
-        raise OutputError(f"{out} does not end in .png", hint="qimg writes PNG files; name the output *.png")
+    if out.suffix.lower() != suffix:
+        raise OutputError(f"{out} does not end in {suffix}", hint=f"name the output *{suffix}")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
@@ -70,3 +71,18 @@ def read_params(path: str | Path) -> dict[str, Any]:
         text = getattr(im, "text", {}) or {}
         raw = text.get(PARAMS_KEY)
     return json.loads(raw) if raw else {}
+
+
+def open_image(path: str | Path, what: str = "image") -> Any:
+    """Open an image file fully (so a truncated file fails now, not halfway through a run) as RGB or L."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"{what} {p} does not exist", hint="check the path")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"{what} {p} is not a readable image ({e})", hint="use a PNG, JPEG or WebP file") from e

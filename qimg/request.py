@@ -26,6 +26,7 @@ class GenerateRequest:
     width: int
     height: int
     max_sequence_length: int
+    strength: float | None = None  # img2img: how much of the schedule runs (None: text to image from noise)
 
     @property
     def cfg_enabled(self) -> bool:
@@ -34,6 +35,18 @@ class GenerateRequest:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
+    """(width, height) of about target_area pixels at aspect ratio width/height, multiples of 32 (Qwen pipelines)."""
+    width = math.sqrt(target_area * ratio)
+    height = width / ratio
+    return round(width / 32) * 32, round(height / 32) * 32
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """Index of the first schedule step an img2img run takes (the earlier, noisier ones are skipped)."""
+    return int(max(steps - min(steps * strength, steps), 0))
 
 
 def _snap(value: int, name: str, notes: list[str]) -> int:
@@ -56,8 +69,14 @@ def make_request(
     width: int | None = None,
     height: int | None = None,
     max_sequence_length: int | None = None,
+    strength: float | None = None,
+    init_size: tuple[int, int] | None = None,
 ) -> tuple[GenerateRequest, list[str]]:
-    """Fill defaults from the spec and validate; returns the request and human notes (snapping) to show."""
+    """Fill defaults from the spec and validate; returns the request and human notes (snapping) to show.
+
+    init_size (width, height) of an img2img init image: without --width/--height the output keeps its aspect
+    at the model's default area (as the edit pipelines do), rather than being squashed to a square.
+    """
     notes: list[str] = []
     if not prompt or not prompt.strip():
         raise InputError("the prompt is empty", hint="give a prompt, e.g. qimg generate \"a red fox\" -o fox.png")
@@ -74,6 +93,19 @@ def make_request(
     msl = spec.max_sequence_length if max_sequence_length is None else max_sequence_length
     if not 1 <= msl <= MAX_SEQUENCE_LENGTH:
         raise InputError(f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} (got {msl})")
+    if strength is not None:
+        if not (math.isfinite(strength) and 0 < strength <= 1):
+            raise InputError(f"--strength must be in (0, 1] (got {strength})", hint="0.6 keeps the layout, 1.0 redraws")
+        if steps - img2img_start(steps, strength) < 1:
+            raise InputError(
+                f"--strength {strength} with --steps {steps} leaves no step to run",
+                hint="raise --strength or --steps",
+            )
+    if init_size is not None and (width is None or height is None):
+        fit_w, fit_h = calculate_dimensions(spec.width * spec.height, init_size[0] / init_size[1])
+        width, height = width or fit_w, height or fit_h
+        if (width, height) != tuple(init_size):
+            notes.append(f"init image is {init_size[0]}x{init_size[1]}; generating {width}x{height}")
     request = GenerateRequest(
         prompt=prompt,
         negative=spec.negative if negative is None else negative,
@@ -83,5 +115,6 @@ def make_request(
         width=_snap(spec.width if width is None else width, "width", notes),
         height=_snap(spec.height if height is None else height, "height", notes),
         max_sequence_length=msl,
+        strength=strength,
     )
     return request, notes

@@ -62,11 +62,19 @@ def flow_sigmas(steps: int, s: FlowSchedule, image_seq_len: int) -> Tensor:
     return torch.cat([out, torch.zeros(1)])
 
 
-def seeded_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> Tensor:
+def seeded_noise(shape: tuple[int, ...], seed: int | torch.Generator, dtype: torch.dtype) -> Tensor:
     """Gaussian noise from a CPU generator, drawn directly in `dtype`: the same seed gives the same noise on any
-    device, and the same values diffusers draws with generator=torch.Generator("cpu").manual_seed(seed)."""
-    gen = torch.Generator("cpu").manual_seed(seed)
+    device, and the same values diffusers draws with generator=torch.Generator("cpu").manual_seed(seed).
+
+    Pass a generator instead of a seed to continue one stream across several draws (img2img draws the VAE
+    posterior sample first, then the noise, from one generator)."""
+    gen = torch.Generator("cpu").manual_seed(seed) if isinstance(seed, int) else seed
     return torch.randn(shape, generator=gen, dtype=dtype)
+
+
+def noise_to(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """The flow-matching forward process: the point at noise level sigma between data x0 and noise, in fp32."""
+    return sigma.float() * noise.float() + (1.0 - sigma.float()) * x0.float()
 
 
 def pack(latents: Tensor) -> Tensor:
@@ -106,16 +114,20 @@ def denoise(
     x: Tensor,
     sigmas: Tensor,
     callback: Callable[[int, int], None] | None = None,
+    after_step: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Integrate from sigmas[0] to sigmas[-1] with Euler steps; x is kept in fp32 between steps.
 
     velocity(x, sigma) returns the model's velocity for state x at noise level sigma (a 0-d fp32 tensor).
-    callback(i, n) runs after step i of n.
+    after_step(i, x) may replace the state after step i (which ends at sigmas[i + 1]), e.g. to paste the known
+    region back in when inpainting. callback(i, n) runs after step i of n (1-based), for progress.
     """
     x = x.float()
     n = len(sigmas) - 1
     for i in range(n):
         x = euler_step(x, velocity(x, sigmas[i]), sigmas[i], sigmas[i + 1])
+        if after_step is not None:
+            x = after_step(i, x)
         if callback is not None:
             callback(i + 1, n)
     return x

@@ -9,6 +9,7 @@ import torch
 import qimg
 from qimg.loading.components import load_text_encoder, load_tokenizer
 from qimg.nets.text_encoders import QWEN_IMAGE_T2I, encode_qwen_prompt
+from qimg.pipelines import run_qwen
 
 pytestmark = pytest.mark.parity
 
@@ -64,10 +65,9 @@ def test_whole_pipeline_matches_diffusers(tiny_qwen_pipe_and_dir, ours, cfg, see
     request, _ = qimg.make_request(ours.ref.spec, prompt, negative=" ", cfg=cfg, steps=3, width=width, height=height,
                                    seed=seed)
     assert request.cfg_enabled == (cfg > 1)
-    from qimg.pipelines import run_qwen_t2i
-
     with torch.inference_mode():
-        latents = run_qwen_t2i(ours, request)
+        data = ours.encode_prompts(request, with_negative=request.cfg_enabled)
+        latents = run_qwen(ours, request, data.cond, data.uncond)
     # fp32 throughout; the differences are summation-order rounding accumulated over 3 steps.
     assert torch.allclose(latents, want_latents, rtol=1e-4, atol=1e-4)
     image = np.asarray(ours.generate(request=request)[0])
@@ -87,3 +87,87 @@ def test_same_seed_same_image_and_metadata(ours):
     assert params["seed"] == 7 and params["steps"] == 2 and params["prompt"] == "a cat"
     assert params["negative"] == " " and params["cfg"] == 4.0 and params["cfg_enabled"] is True
     assert params["dtype"] == "float32" and params["qimg_version"] == qimg.__version__
+
+
+def _photo(width: int, height: int, seed: int = 0):
+    """A smooth synthetic RGB picture (gradients + a disc), so resizing and the VAE see structure, not noise."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    rng = np.random.default_rng(seed)
+    img = np.stack([xx, yy, ((xx - 0.5) ** 2 + (yy - 0.4) ** 2 < 0.08).astype(float)], -1)
+    img = 0.8 * img + 0.2 * rng.random((height, width, 3))
+    return Image.fromarray((img * 255).astype(np.uint8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_img2img_matches_diffusers(tiny_qwen_pipe_and_dir, ours, strength):
+    from diffusers import QwenImageImg2ImgPipeline
+
+    ref = QwenImageImg2ImgPipeline(**tiny_qwen_pipe_and_dir[0].components)
+    init = _photo(80, 56)  # resized to the requested 64x48 by both sides (Lanczos)
+    call = dict(prompt=PROMPTS["english"], negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=4,
+                width=64, height=48, strength=strength)
+    with torch.no_grad():
+        want = ref(image=init, **call, generator=torch.Generator("cpu").manual_seed(5), output_type="latent").images
+    request, _ = qimg.make_request(ours.ref.spec, PROMPTS["english"], negative=" ", cfg=4.0, steps=4, width=64,
+                                   height=48, seed=5, strength=strength)
+    with torch.inference_mode():
+        data = ours.encode_prompts(request)
+        got = run_qwen(ours, request, data.cond, data.uncond, init_image=init)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_inpainting_matches_diffusers(tiny_qwen_pipe_and_dir, ours):
+    from diffusers import QwenImageInpaintPipeline
+    from PIL import Image
+
+    ref = QwenImageInpaintPipeline(**tiny_qwen_pipe_and_dir[0].components)
+    init = _photo(64, 48, seed=1)
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:40, 20:50] = 255  # white = repaint
+    mask = Image.fromarray(mask)
+    call = dict(prompt=PROMPTS["english"], negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=4,
+                width=64, height=48, strength=0.8)
+    with torch.no_grad():
+        want = ref(image=init, mask_image=mask, **call, generator=torch.Generator("cpu").manual_seed(9),
+                   output_type="latent").images
+    request, _ = qimg.make_request(ours.ref.spec, PROMPTS["english"], negative=" ", cfg=4.0, steps=4, width=64,
+                                   height=48, seed=9, strength=0.8)
+    with torch.inference_mode():
+        data = ours.encode_prompts(request)
+        got = run_qwen(ours, request, data.cond, data.uncond, init_image=init, mask=mask)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    # Outside the mask the result is the init image's latents exactly (pasted back at the last step).
+    assert not torch.allclose(got, run_qwen(ours, request, data.cond, data.uncond, init_image=init), atol=1e-3)
+
+
+def test_saved_prompt_embeddings_give_the_same_image_without_the_text_encoder(tiny_qwen, tmp_path):
+    from qimg.embeddings import load_embeddings, save_embeddings
+
+    first = qimg.load(tiny_qwen, device="cpu")
+    request, _ = qimg.make_request(first.ref.spec, "a lighthouse", seed=3, steps=2, width=32, height=32)
+    path = save_embeddings(tmp_path / "emb.safetensors", first.encode_prompts(request))
+    from_prompt = np.asarray(first.generate(request=request)[0])
+
+    fresh = qimg.load(tiny_qwen, device="cpu")
+    data = load_embeddings(path)
+    assert data.meta["prompt"] == "a lighthouse" and data.meta["family"] == "qwen-image"
+    from_file = np.asarray(fresh.generate(request=request, embeddings=data)[0])
+    assert np.array_equal(from_prompt, from_file)
+    assert not fresh.text_encoder_loaded
+
+
+def test_embeddings_for_another_family_are_refused(tiny_qwen, tmp_path):
+    from qimg.embeddings import load_embeddings, save_embeddings
+    from qimg.errors import InputError
+
+    pipe = qimg.load(tiny_qwen, device="cpu")
+    request, _ = qimg.make_request(pipe.ref.spec, "a lighthouse", seed=3, steps=2, width=32, height=32)
+    data = pipe.encode_prompts(request)
+    data.meta["family"] = "flux"
+    path = save_embeddings(tmp_path / "emb.safetensors", data)
+    with pytest.raises(InputError, match="made for flux"):
+        pipe.generate(request=request, embeddings=load_embeddings(path))

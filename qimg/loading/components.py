@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,30 @@ def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+def load_image_processor(folder: Path) -> Any:
+    """processor/: the image processor its preprocessor_config.json names, as the PIL variant (no torchvision)."""
+    import transformers
+
+    config = read_json(folder / "preprocessor_config.json")
+    name = str(config.get("image_processor_type", "Qwen2VLImageProcessor")).removesuffix("Fast").removesuffix("Pil")
+    # transformers 5.x has a torchvision class and a "...Pil" twin per processor; in 4.x the plain class is the PIL one.
+    cls = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name, None)
+    if cls is None:
+        raise ConfigError(f"{folder}/preprocessor_config.json names {name}, which this transformers does not have",
+                          hint="upgrade transformers")
+    # The edit prompt expands each image placeholder by its grid (t*h*w / merge_size**2): only processors that
+    # return image_grid_thw, the Qwen2-VL kind, fit.
+    if "image_grid_thw" not in getattr(cls, "model_input_names", ()):
+        raise ConfigError(f"{folder}/preprocessor_config.json names {name}, not a Qwen2-VL image processor",
+                          hint="edit models ship the Qwen2-VL processor; re-download the model")
+    return cls.from_pretrained(folder)
+
+
+def text_encoder_identity(folder: Path) -> str:
+    """A short fingerprint of text_encoder/config.json, recorded with saved prompt embeddings."""
+    import hashlib
+
+    raw = (folder / "config.json").read_bytes()
+    return f"{json.loads(raw).get('_name_or_path', '')}#{hashlib.sha256(raw).hexdigest()[:16]}"

@@ -57,10 +57,11 @@ class FakePipeline:
         self.dtype = dtype or "float32"
         self.requests: list[qimg.GenerateRequest] = []
 
-    def generate(self, *, request: qimg.GenerateRequest, progress: Any = None) -> list[Any]:
+    def generate(self, *, request: qimg.GenerateRequest, progress: Any = None, **inputs: Any) -> list[Any]:
         from PIL import Image
 
         self.requests.append(request)
+        self.inputs = inputs  # init_image, mask, embeddings: whatever the command passed besides the request
         for i in range(request.steps):
             if progress is not None:
                 progress(i + 1, request.steps)

@@ -206,3 +206,43 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
     assert done.stderr.startswith("error: model folder") and "Traceback" not in done.stderr
     done = subprocess.run([*base, "--device", "tpu"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["a fox", "--strength", "0.5"],
+        ["a fox", "--mask", "m.png"],
+        [],  # neither PROMPT nor --prompt-embeds
+        ["a fox", "--prompt-embeds", "e.safetensors"],
+        ["--prompt-embeds", "e.safetensors", "--negative", "ugly"],
+    ],
+    ids=["strength-without-init", "mask-without-init", "no-prompt", "prompt-and-embeds", "negative-with-embeds"],
+)
+def test_conflicting_inputs_are_usage_errors(runner, fake_model: Path, out_dir: Path, fake_load: list, args) -> None:
+    result = runner.invoke(app, ["generate", *args, "-o", str(out_dir / "a.png"), "--model", str(fake_model)],
+                           prog_name="qimg")
+    _assert_one_error(result, code=2)
+    assert list(out_dir.iterdir()) == [] and fake_load == []
+
+
+@pytest.mark.parametrize("content", [None, b"not an image"], ids=["missing", "garbage"])
+def test_unreadable_init_image(runner, fake_model: Path, out_dir: Path, tmp_path: Path, fake_load: list, content):
+    init = tmp_path / "init.png"
+    if content is not None:
+        init.write_bytes(content)
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(fake_model), "--init-image", str(init))
+    (line,) = _assert_one_error(result)
+    assert "init image" in line
+    assert list(out_dir.iterdir()) == [] and fake_load == []
+
+
+def test_bad_strength_is_an_input_error(runner, fake_model: Path, out_dir: Path, tmp_path: Path, fake_load: list):
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32)).save(init)
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(fake_model), "--init-image", str(init),
+                       "--strength", "1.5")
+    (line,) = _assert_one_error(result)
+    assert "--strength" in line and fake_load == []

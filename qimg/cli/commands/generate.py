@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -25,6 +26,9 @@ Examples:
   QIMG_MODEL=~/models/Qwen-Image qimg generate "a red fox in snow" -o fox.png --seed 7 --steps 30
   qimg generate "a poster that says hello" -o poster.png --width 1664 --height 928 --cfg 1
   qimg generate "a cat" -o cat.png --device cuda:1 --dtype bfloat16 --quiet --overwrite
+  qimg generate "the same street at night" -o night.png --init-image street.png --strength 0.7
+  qimg generate "a red door" -o door.png --init-image house.png --mask door-mask.png
+  qimg generate -o fox.png --prompt-embeds fox.safetensors
 """
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -56,11 +60,13 @@ def cfg_summary(request: qimg.GenerateRequest) -> str:
 
 def generate(
     ctx: typer.Context,  # unused here; the error mapping in main.py reads the root --debug from it
-    prompt: Annotated[str, typer.Argument(help="What to draw.")],
     output: Annotated[
         Path,
         typer.Option("--output", "-o", help="Where to write the PNG (must end in .png)."),
     ],
+    prompt: Annotated[
+        str | None, typer.Argument(help="What to draw (omit it with --prompt-embeds).", show_default=False)
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -96,6 +102,25 @@ def generate(
         DType | None,
         typer.Option(help="Compute dtype. Default: bfloat16 on CUDA, float32 on CPU."),
     ] = None,
+    init_image: Annotated[
+        Path | None,
+        typer.Option("--init-image", help="Image to image: start from this picture instead of pure noise."),
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(help="With --init-image: how much to change it, 0 < S <= 1 (default 0.6; 1 redraws)."),
+    ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option("--mask", help="With --init-image: repaint only the white part of this mask (inpainting)."),
+    ] = None,
+    prompt_embeds: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompt-embeds",
+            help="Embeddings from `qimg encode-prompt` instead of PROMPT; the text encoder is never loaded.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     # Read by the error mapping in main.py (guarded), not here.
@@ -114,12 +139,39 @@ def generate(
         raise qimg.UsageError(
             "no model given", hint=f"pass --model /path/to/Qwen-Image or set {MODEL_ENV}=/path/to/Qwen-Image"
         )
+    if (prompt is None) == (prompt_embeds is None):
+        raise qimg.UsageError(
+            "give either PROMPT or --prompt-embeds", hint='e.g. qimg generate "a red fox" -o fox.png'
+        )
+    if prompt_embeds is not None and negative is not None:
+        raise qimg.UsageError(
+            "--negative cannot change saved embeddings", hint="pass it to qimg encode-prompt instead"
+        )
+    if init_image is None and (strength is not None or mask is not None):
+        raise qimg.UsageError("--strength and --mask need --init-image", hint="add --init-image PICTURE")
     # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
     path = qimg.check_output_path(output, overwrite=overwrite)
     ref = qimg.resolve_model(model)
+    inputs: dict = {}
+    extra: dict = {}
+    if prompt_embeds is not None:
+        inputs["embeddings"] = qimg.load_embeddings(prompt_embeds)
+        meta = inputs["embeddings"].meta
+        prompt, negative = str(meta.get("prompt", "")), meta.get("negative")
+        extra["prompt_embeds"] = str(prompt_embeds)
+    if init_image is not None:
+        inputs["init_image"] = qimg.open_image(init_image, "init image")
+        extra.update(init_image=str(init_image))
+        strength = 0.6 if strength is None else strength
+    if mask is not None:
+        inputs["mask"] = qimg.open_image(mask, "mask")
+        extra["mask"] = str(mask)
     request, notes = qimg.make_request(
-        ref.spec, prompt, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width, height=height
+        ref.spec, prompt or "", negative=negative, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
+        strength=strength, init_size=inputs["init_image"].size if init_image is not None else None,
     )
+    if prompt_embeds is not None and inputs["embeddings"].uncond is None:
+        request = dataclasses.replace(request, negative=None)  # saved without a negative: CFG cannot run
     for note in notes:
         out.warn(note)
     out.info(f"seed: {request.seed}")  # always: a random seed is otherwise lost with the terminal
@@ -130,6 +182,7 @@ def generate(
         pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None)
     out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
     with out.steps("denoising") as progress:
-        images = pipe.generate(request=request, progress=progress)
+        images = pipe.generate(request=request, progress=progress, **inputs)
+    images[0].info.setdefault("qimg", {}).update(extra)
     qimg.save_png(images[0], path, overwrite=overwrite)
     out.info(f"wrote {output} (seed {request.seed}, {time.perf_counter() - started:.1f} s)")

@@ -1,0 +1,74 @@
+"""qimg encode-prompt: run only the text encoder and save the embeddings for later `--prompt-embeds` runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import qimg
+from qimg.cli.commands.generate import MODEL_ENV, DType, _check_device
+from qimg.cli.output import Output
+
+EXAMPLES = """\
+Examples:
+
+\b
+  qimg encode-prompt "a red fox in fresh snow" -o fox.safetensors --model ~/models/Qwen-Image
+  qimg encode-prompt "a red fox" -o fox.safetensors --negative "blurry, low quality"
+  qimg generate -o fox.png --prompt-embeds fox.safetensors --seed 7
+"""
+
+
+def encode_prompt(
+    ctx: typer.Context,  # read by the error mapping in main.py (root --debug)
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write the embeddings (must end in .safetensors).")
+    ],
+    prompt: Annotated[str, typer.Argument(help="The prompt to encode.")],
+    negative: Annotated[
+        str | None,
+        typer.Option(help="Negative prompt, encoded too. Default: the model's (a single space), so CFG can run."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", envvar=MODEL_ENV, help="Local model folder in the diffusers layout."),
+    ] = None,
+    max_sequence_length: Annotated[
+        int | None, typer.Option(help="Keep at most this many prompt tokens (1-1024). Default: 512.")
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(callback=_check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
+    ] = None,
+    dtype: Annotated[DType | None, typer.Option(help="Default: bfloat16 on CUDA, float32 on CPU.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
+    ] = False,
+) -> None:
+    """Encode a prompt with the model's text encoder and save it.
+
+    The file holds the prompt and negative-prompt embeddings and masks, with the model family, prompt
+    template and text-encoder identity. `qimg generate --prompt-embeds FILE` then runs without loading the
+    text encoder and gives the same image as generating from the prompt.
+    """
+    out = Output(quiet=quiet)
+    if not model:
+        raise qimg.UsageError("no model given", hint=f"pass --model /path/to/Qwen-Image or set {MODEL_ENV}")
+    path = qimg.check_output_path(output, overwrite=overwrite, suffix=".safetensors")
+    ref = qimg.resolve_model(model)
+    started = time.perf_counter()
+    with out.status(f"encoding with {ref.name}'s text encoder"):
+        data = qimg.encode_prompt(
+            ref, prompt, negative=negative, max_sequence_length=max_sequence_length, device=device,
+            dtype=dtype.value if dtype else None,
+        )
+    qimg.save_embeddings(path, data, overwrite=overwrite)
+    tokens = data.cond.embeds.shape[1]
+    neg = f", negative {data.uncond.embeds.shape[1]} tokens" if data.uncond is not None else ""
+    out.info(f"wrote {output} ({tokens} prompt tokens{neg}, {time.perf_counter() - started:.1f} s)")
