@@ -59,7 +59,7 @@ class ModelSpec:
     """One released model: where it lives, how it is recognised, and its sampling defaults."""
 
     name: str
-    family: str  # "qwen-image" (text-to-image); later "qwen-image-edit", "flux"
+    family: str  # "qwen-image" (text-to-image), "qwen-image-edit", "qwen-image-edit-plus"; later "flux"
     pipeline_class: str  # model_index.json _class_name that identifies the layout
     repos: dict[str, str] = field(default_factory=dict)  # source -> repo id
     steps: int = 50
@@ -70,11 +70,25 @@ class ModelSpec:
     max_sequence_length: int = 512
     # Official training resolutions (width, height), for users who ask for aspect presets.
     sizes: tuple[tuple[int, int], ...] = ()
+    task: str = "t2i"  # "t2i": prompt only; "edit": prompt + condition images (seen by the VL encoder and the VAE)
+    prompt_template: str = "qwen-image-t2i"  # a PromptTemplate.name in qimg/nets/text_encoders.py
+    # Condition images per edit: Edit takes exactly one (its template holds one placeholder); Edit-Plus takes
+    # one or more (None: no fixed limit; the model card recommends 1 to 3).
+    min_images: int = 0
+    max_images: int | None = 0
+    # Pixel areas the condition images are resized to (calculate_dimensions, keeping their aspect): one copy for the
+    # VL encoder, one for the VAE; the output size defaults to the VAE area at the (last) image's aspect.
+    vl_image_area: int = 0
+    vae_image_area: int = 0
 
 
 QWEN_IMAGE_SIZES = (
     (1328, 1328), (1664, 928), (928, 1664), (1472, 1104), (1104, 1472), (1584, 1056), (1056, 1584),
 )  # fmt: skip
+
+# Edit-Plus (-2509, -2511): the VL encoder sees each image at ~384x384, the VAE at ~1024x1024.
+_EDIT_PLUS = dict(task="edit", prompt_template="qwen-image-edit-plus", min_images=1, max_images=None,
+                 vl_image_area=384 * 384, vae_image_area=1024 * 1024)
 
 SPECS: dict[str, ModelSpec] = {
     "qwen-image": ModelSpec(
@@ -91,14 +105,49 @@ SPECS: dict[str, ModelSpec] = {
         repos={"hf": "Qwen/Qwen-Image-2512", "modelscope": "Qwen/Qwen-Image-2512"},
         sizes=QWEN_IMAGE_SIZES,
     ),
+    "qwen-image-edit": ModelSpec(
+        name="qwen-image-edit",
+        family="qwen-image-edit",
+        pipeline_class="QwenImageEditPipeline",
+        repos={"hf": "Qwen/Qwen-Image-Edit", "modelscope": "Qwen/Qwen-Image-Edit"},
+        task="edit",
+        prompt_template="qwen-image-edit",
+        min_images=1,
+        max_images=1,
+        vl_image_area=1024 * 1024,  # Edit hands the VL encoder the same resized image as the VAE
+        vae_image_area=1024 * 1024,
+    ),
+    "qwen-image-edit-2509": ModelSpec(
+        name="qwen-image-edit-2509",
+        family="qwen-image-edit-plus",
+        pipeline_class="QwenImageEditPlusPipeline",
+        repos={"hf": "Qwen/Qwen-Image-Edit-2509", "modelscope": "Qwen/Qwen-Image-Edit-2509"},
+        **_EDIT_PLUS,
+    ),
+    # Same pipeline and defaults as -2509; its transformer config sets zero_cond_t, which the loader reads.
+    "qwen-image-edit-2511": ModelSpec(
+        name="qwen-image-edit-2511",
+        family="qwen-image-edit-plus",
+        pipeline_class="QwenImageEditPlusPipeline",
+        repos={"hf": "Qwen/Qwen-Image-Edit-2511", "modelscope": "Qwen/Qwen-Image-Edit-2511"},
+        **_EDIT_PLUS,
+    ),
 }
 
 # Explicit names only: a model is never guessed from a path or a hash.
 ALIASES: dict[str, str] = {
     "Qwen/Qwen-Image": "qwen-image",
     "Qwen/Qwen-Image-2512": "qwen-image-2512",
+    "Qwen/Qwen-Image-Edit": "qwen-image-edit",
+    "Qwen/Qwen-Image-Edit-2509": "qwen-image-edit-2509",
+    "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-2511",
 }
 
 # Which spec a local model folder in the diffusers layout gets, by its model_index.json _class_name.
-# Qwen-Image and -2512 share one pipeline class and one set of defaults.
-SPEC_BY_PIPELINE_CLASS: dict[str, str] = {"QwenImagePipeline": "qwen-image"}
+# Qwen-Image and -2512 share one pipeline class and one set of defaults; so do Edit-2509 and -2511, told apart
+# by their transformer config (zero_cond_t), not by the spec.
+SPEC_BY_PIPELINE_CLASS: dict[str, str] = {
+    "QwenImagePipeline": "qwen-image",
+    "QwenImageEditPipeline": "qwen-image-edit",
+    "QwenImageEditPlusPipeline": "qwen-image-edit-2509",
+}

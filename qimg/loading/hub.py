@@ -17,6 +17,9 @@ QWEN_IMAGE_COMPONENTS = {
     "tokenizer": "tokenizer_config.json",
     "scheduler": "scheduler_config.json",
 }
+# Edit models add the Qwen2-VL processor (image preprocessing settings and a copy of the tokenizer).
+QWEN_IMAGE_EDIT_COMPONENTS = {**QWEN_IMAGE_COMPONENTS, "processor": "preprocessor_config.json"}
+COMPONENTS_BY_TASK: dict[str, dict[str, str]] = {"t2i": QWEN_IMAGE_COMPONENTS, "edit": QWEN_IMAGE_EDIT_COMPONENTS}
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,10 @@ class ModelRef:
 
 
 def resolve_model(model: str | Path) -> ModelRef:
-    """Resolve --model (a local folder in the official diffusers layout) and identify it from model_index.json."""
+    """Resolve --model (a local folder in the official diffusers layout) and identify it from model_index.json.
+
+    The component folders required depend on the spec's task: edit models also need processor/.
+    """
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelNotFoundError(
@@ -51,11 +57,13 @@ def resolve_model(model: str | Path) -> ModelRef:
     if cls not in SPEC_BY_PIPELINE_CLASS:
         known = ", ".join(sorted(SPEC_BY_PIPELINE_CLASS))
         raise ConfigError(f"{path} holds a {cls} model, which this command cannot run", hint=f"supported: {known}")
+    # The spec comes from the pipeline class alone: a folder's name says nothing qimg relies on.
     spec = SPECS[SPEC_BY_PIPELINE_CLASS[cls]]
-    for component, marker in QWEN_IMAGE_COMPONENTS.items():
+    for component, marker in COMPONENTS_BY_TASK[spec.task].items():
         if not (path / component / marker).is_file():
+            why = " (edit models need the Qwen2-VL image processor)" if component == "processor" else ""
             raise ModelNotFoundError(
-                f"{path} is missing its {component}/ component ({component}/{marker} not found)",
+                f"{path} is missing its {component}/ component ({component}/{marker} not found){why}",
                 hint="the download is incomplete; fetch the whole model again",
             )
     return ModelRef(path=path.resolve(), spec=spec, name=str(model))
