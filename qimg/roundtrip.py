@@ -1,0 +1,272 @@
+"""VAE round trip: image -> latents -> image, with PSNR/SSIM and timings; the library side of `qimg vae roundtrip`.
+
+The image is prepared as diffusers' VaeImageProcessor does for Qwen-Image (RGB, x / 127.5 - 1 in [-1, 1]),
+except that a size that is not a multiple of 16 is center-cropped by a few pixels instead of resampled, so the
+round trip measures the VAE alone. The encoder's posterior mean (its mode, what the edit pipelines use) is
+decoded; metrics compare the cropped input with the decoded image as written (8-bit), in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from qimg.errors import InputError, OutputError
+from qimg.loading.hub import ModelRef
+from qimg.metrics import psnr, ssim
+from qimg.nets.qwen_vae import QwenVAE
+from qimg.runtime.tiling import Tiling, decode_tiled, encode_tiled
+from qimg.specs import QwenVAEParams
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+MULTIPLE = 16  # Qwen-Image pipelines work on multiples of 16 px (8x VAE, then 2x2 patches)
+LATENTS_KEY = "latents"
+LATENTS_KIND = "raw_posterior_mean"  # what the file holds: VAE space, not the transformer's normalised space
+
+
+@dataclass
+class RoundtripResult:
+    """One round trip: the decoded PIL image (parameters in image.info["qimg"]), the latents and the scores."""
+
+    image: Image.Image
+    latents: Tensor  # (1, z_dim, H/8, W/8) float32 on the CPU: the raw posterior mean, not normalised
+    psnr: float  # dB, cropped input vs decoded 8-bit output, both in [0, 1]
+    ssim: float
+    encode_seconds: float
+    decode_seconds: float
+    notes: tuple[str, ...] = ()  # one line each: how the input was changed (crop, alpha dropped)
+    params: dict[str, Any] = field(default_factory=dict)
+    vae_params: QwenVAEParams | None = None  # holds latents_mean/std, stored with saved latents
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image that went through the VAE."""
+        return self.image.size
+
+
+def make_tiling(tile: int, overlap: int) -> Tiling:
+    """Tiling from user input: the same checks as Tiling, raised as InputError (exit 1 in the CLI)."""
+    try:
+        return Tiling(tile, overlap)
+    except ValueError as e:
+        raise InputError(str(e), hint="e.g. --tile-size 512 --tile-overlap 64 (multiples of 8 px)") from e
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Read an image file as RGB, upright per its EXIF orientation; InputError if it is missing or unreadable."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"image {p} does not exist", hint="check the path")
+    if p.is_dir():
+        raise InputError(f"{p} is a folder, not an image", hint="give an image file (PNG, JPEG, WebP, ...)")
+    try:
+        with Image.open(p) as im:
+            im.load()  # decode now, so a truncated file fails here and not halfway through the run
+            upright = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError as e:
+        raise InputError(f"{p} is not an image qimg can read", hint="use PNG, JPEG or WebP") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"image {p} could not be read ({e})", hint="is the file complete?") from e
+    upright.filename = str(p)  # type: ignore[attr-defined]  # kept for the output's metadata
+    return upright
+
+
+def prepare_image(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
+    """RGB, center-cropped to multiples of 16 px; the notes say what changed, one line each."""
+    notes = []
+    w, h = image.size
+    if w < MULTIPLE or h < MULTIPLE:
+        raise InputError(f"image is {w}x{h} px; the VAE round trip needs at least {MULTIPLE}x{MULTIPLE}")
+    if image.mode != "RGB":
+        if "A" in image.getbands() or "transparency" in image.info:
+            notes.append(f"dropped the alpha channel ({image.mode} image read as RGB)")
+        image = image.convert("RGB")
+    cw, ch = w // MULTIPLE * MULTIPLE, h // MULTIPLE * MULTIPLE
+    if (cw, ch) != (w, h):
+        left, top = (w - cw) // 2, (h - ch) // 2
+        image = image.crop((left, top, left + cw, top + ch))
+        notes.append(f"cropped {w}x{h} to {cw}x{ch} (left {left}, right {w - cw - left}, top {top}, bottom "
+                     f"{h - ch - top} px) to make both sides multiples of {MULTIPLE}; nothing was resampled")
+    return image, tuple(notes)
+
+
+def _to_tensor(image: Image.Image) -> Tensor:
+    """RGB PIL -> (1, 3, H, W) uint8."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].contiguous()
+
+
+def load_vae(model: str | Path | ModelRef, *, device: str | None = None, dtype: str | torch.dtype | None = None,
+             ) -> QwenVAE:
+    """Only the vae/ component of a model folder (diffusers layout), on device (default cuda if present, else
+    cpu) in dtype (default bf16 on CUDA, fp32 on CPU)."""
+    from qimg.loading.components import load_qwen_vae
+    from qimg.loading.hub import resolve_model
+    from qimg.pipelines import pick_device, pick_dtype
+
+    ref = model if isinstance(model, ModelRef) else resolve_model(model)
+    dev = pick_device(device)
+    return load_qwen_vae(ref.path / "vae", device=dev, dtype=pick_dtype(dtype, dev))
+
+
+def _timed(fn: Any, device: torch.device) -> tuple[Any, float]:
+    """fn() and its wall time; CUDA work is asynchronous, so synchronise before both clock reads."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def vae_roundtrip(
+    vae: QwenVAE,
+    image: Image.Image | str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    tiling: Tiling | None = None,
+    model: str | None = None,
+) -> RoundtripResult:
+    """Encode an image to the posterior mean and decode it again, with PSNR/SSIM and encode/decode seconds.
+
+    device and dtype default to the VAE's own; if given, the VAE is moved there. tiling runs the tiled encode
+    and decode (qimg.runtime.tiling). model is only recorded in the metadata.
+    """
+    from PIL import Image
+
+    from qimg.pipelines import pick_dtype
+
+    if isinstance(image, (str, Path)):
+        image = open_image(image)
+    source = getattr(image, "filename", None) or None
+    prepared, notes = prepare_image(image)
+    first = next(vae.parameters())
+    dev = torch.device(device) if device is not None else first.device
+    dt = pick_dtype(dtype, dev) if dtype is not None else first.dtype
+    if (first.device, first.dtype) != (dev, dt):
+        vae.to(dev, dt)
+
+    pixels = _to_tensor(prepared).to(dev)  # (1, 3, H, W) uint8
+    x = (2.0 * (pixels.to(torch.float32) / 255.0) - 1.0).to(dt)  # VaeImageProcessor's arithmetic, in fp32
+    try:
+        with torch.inference_mode():
+            (mean, _), t_enc = _timed(lambda: encode_tiled(vae, x, tiling) if tiling else vae.encode(x), dev)
+            out, t_dec = _timed(lambda: decode_tiled(vae, mean, tiling) if tiling else vae.decode(mean), dev)
+            # As diffusers' postprocess and qimg's pipelines: [-1, 1] -> [0, 1] -> round to 8 bits.
+            decoded = ((out.float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            score_psnr = psnr(pixels / 255.0, decoded / 255.0)
+            score_ssim = ssim(pixels / 255.0, decoded / 255.0)
+    except torch.cuda.OutOfMemoryError as e:
+        if tiling is not None:
+            raise
+        w, h = prepared.size
+        raise InputError(f"a {w}x{h} image does not fit on {dev} in one piece",
+                         hint="pass --tiled-vae (library: tiling=Tiling()) to encode and decode it in tiles") from e
+
+    from qimg import __version__
+
+    w, h = prepared.size
+    params = {
+        "command": "vae roundtrip",
+        "source": source,
+        "model": model,
+        "width": w,
+        "height": h,
+        "dtype": str(dt).removeprefix("torch."),
+        "device": str(dev),
+        "latents": LATENTS_KIND,
+        "tile_size": tiling.tile if tiling else None,
+        "tile_overlap": tiling.overlap if tiling else None,
+        "psnr": round(score_psnr, 4),
+        "ssim": round(score_ssim, 6),
+        "encode_seconds": round(t_enc, 4),
+        "decode_seconds": round(t_dec, 4),
+        "notes": " | ".join(notes) or None,
+        "qimg_version": __version__,
+    }
+    result_image = Image.fromarray(decoded[0].permute(1, 2, 0).cpu().numpy())
+    result_image.info["qimg"] = params
+    return RoundtripResult(
+        image=result_image,
+        latents=mean.float().cpu(),
+        psnr=score_psnr,
+        ssim=score_ssim,
+        encode_seconds=t_enc,
+        decode_seconds=t_dec,
+        notes=notes,
+        params=params,
+        vae_params=vae.params,
+    )
+
+
+def check_latents_path(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Fail early, before any work, if a latents file cannot be written at `path`."""
+    out = Path(path).expanduser()
+    if out.suffix.lower() != ".safetensors":
+        raise OutputError(f"{out} does not end in .safetensors", hint="name the latents file *.safetensors")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder", hint="give a file name ending in .safetensors")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another path")
+    try:  # a real probe: permission bits do not tell about read-only filesystems or root
+        fd, probe = tempfile.mkstemp(prefix=".qimg-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"output folder {parent} is not writable ({e.strerror})", hint="choose another path") from e
+    return out
+
+
+def save_latents(result: RoundtripResult, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write result.latents as safetensors (key "latents") with metadata saying what they are; atomic.
+
+    The metadata holds the round trip's parameters, the model, the qimg version, the image size, and the
+    per-channel latents_mean/latents_std that turn these raw latents into the transformer's.
+    """
+    from safetensors.torch import save
+
+    out = check_latents_path(path, overwrite=overwrite)
+    meta = {k: str(v) for k, v in result.params.items() if v is not None and k != "command"}
+    meta.update({
+        "format": "qimg vae latents",
+        "latents": LATENTS_KIND,
+        "normalized": "false",
+        "layout": "(batch, channels, height / 8, width / 8), float32",
+        "meaning": "the VAE encoder's posterior mean (mode) before any normalisation; the transformer's "
+                   "latents are (z - latents_mean) / latents_std per channel",
+    })  # fmt: skip
+    if result.vae_params is not None:
+        meta["latents_mean"] = json.dumps(list(result.vae_params.latents_mean))
+        meta["latents_std"] = json.dumps(list(result.vae_params.latents_std))
+    data = save({LATENTS_KEY: result.latents.contiguous()}, metadata=meta)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if not overwrite and out.exists():
+            raise OutputError(f"{out} appeared while the round trip ran", hint="pass --overwrite to replace it")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
