@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,16 +89,6 @@ QWEN_IMAGE_EDIT_PLUS = PromptTemplate(
     image_prefix="Picture {}: " + VISION_PLACEHOLDER,
 )
 TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (QWEN_IMAGE_T2I, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS)}
-
-
-def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
-    """(width, height) near `target_area` pixels with width/height = ratio, each a multiple of 32.
-
-    Python's round (ties to even), as the diffusers edit pipelines do, so sizes agree to the pixel.
-    """
-    width = math.sqrt(target_area * ratio)
-    height = width / ratio
-    return round(width / 32) * 32, round(height / 32) * 32
 
 
 def format_prompt(template: PromptTemplate, prompt: str, num_images: int = 0) -> str:

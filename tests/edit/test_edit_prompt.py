@@ -18,7 +18,6 @@ from qimg.nets.text_encoders import (
     QWEN_IMAGE_EDIT,
     QWEN_IMAGE_EDIT_PLUS,
     TEMPLATES,
-    calculate_dimensions,
     encode_qwen_prompt_with_images,
     expand_image_pads,
     format_prompt,
@@ -26,6 +25,7 @@ from qimg.nets.text_encoders import (
     prepare_vl_inputs,
     vision_inputs,
 )
+from qimg.request import calculate_dimensions
 from qimg.specs import ALIASES, SPEC_BY_PIPELINE_CLASS, SPECS
 from tests.fixtures_edit import QWEN_VL_PREPROCESSOR, forwarding_mm_token_type_ids, reference_processor
 

@@ -1,0 +1,325 @@
+"""Qwen-Image glue: prepare (prompt embeddings, noise or init latents, reference latents, schedule, RoPE) ->
+denoise -> decode, for text to image, image to image, inpainting and the edit models."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qimg.embeddings import EmbeddingsFile, PromptEmbeds
+from qimg.errors import InputError, NumericsError
+from qimg.loading import components
+from qimg.loading.hub import ModelRef
+from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope
+from qimg.nets.qwen_vae import QwenVAE, denormalize_latents, normalize_latents
+from qimg.pipelines.common import (
+    Progress,
+    _version,
+    image_to_tensor,
+    latents_to_images,
+    mask_to_tokens,
+    pick_device,
+    pick_dtype,
+)
+from qimg.pipelines.prompts import QwenPromptEncoder
+from qimg.request import GenerateRequest, calculate_dimensions, img2img_start, make_request
+from qimg.sampling import (
+    FlowSchedule,
+    Velocity,
+    denoise,
+    flow_sigmas,
+    noise_to,
+    pack,
+    seeded_noise,
+    true_cfg,
+    unpack,
+)
+
+
+def qwen_velocity(
+    model: QwenMMDiT,
+    dtype: torch.dtype,
+    cond: PromptEmbeds,
+    uncond: PromptEmbeds | None,
+    cfg: float,
+    shapes: list[tuple[int, int, int]],
+    refs: Tensor | None = None,
+) -> Velocity:
+    """The model as a velocity field over the target tokens, with true CFG when `uncond` is given.
+
+    shapes: (frames, rows, cols) of the target token grid, then of each reference image; refs: the packed
+    reference latents (1, L_ref, 64) appended after the target tokens (edit models), whose predictions are
+    dropped. RoPE tables are built once here, not per step.
+    """
+    p = model.params
+    dev = cond.embeds.device
+    n_target = shapes[0][0] * shapes[0][1] * shapes[0][2]
+    branches = []
+    for prompt in (cond, uncond) if uncond is not None else (cond,):
+        rope = qwen_rope(shapes, prompt.embeds.shape[1], p.axes_dims_rope, p.rope_theta).to(dev)
+        branches.append((prompt.embeds.to(dtype), prompt.mask, rope))
+    refs_in = None if refs is None else refs.to(dev, dtype)
+
+    def velocity(x: Tensor, sigma: Tensor) -> Tensor:
+        # The timestep passes through the model dtype before and after /1000, as in diffusers (bit parity in bf16).
+        t = ((sigma * 1000).to(dtype) / 1000).reshape(1)
+        xin = x.to(dtype) if refs_in is None else torch.cat([x.to(dtype), refs_in], dim=1)
+        out = [model(xin, e, t, rope, m, n_target=n_target)[:, :n_target] for e, m, rope in branches]
+        return out[0] if len(out) == 1 else true_cfg(out[0], out[1], cfg)
+
+    return velocity
+
+
+@dataclass
+class QwenImagePipeline:
+    """A loaded Qwen-Image model (text to image, or edit); build it with qimg.load(). The text encoder loads on
+    first use, so runs from saved prompt embeddings never load it."""
+
+    ref: ModelRef
+    transformer: QwenMMDiT
+    vae: QwenVAE
+    schedule: FlowSchedule
+    prompts: QwenPromptEncoder
+    torch_device: torch.device
+    torch_dtype: torch.dtype
+
+    @property
+    def device(self) -> str:
+        return str(self.torch_device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
+
+    @property
+    def text_encoder_loaded(self) -> bool:
+        return self.prompts.loaded
+
+    def encode_prompts(
+        self, request: GenerateRequest, *, with_negative: bool = True, images: Sequence[Any] = ()
+    ) -> EmbeddingsFile:
+        """The positive and (if asked and given) negative embeddings of a request, with their provenance."""
+        return self.prompts.encode_request(request, with_negative=with_negative, images=images)
+
+    def encode_image(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Pixels (B, 3, H, W) in [-1, 1] -> VAE posterior (mean, logvar) in the VAE's latent space."""
+        return self.vae.encode(x.to(self.torch_device, self.torch_dtype))
+
+    def decode(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Packed latent tokens (B, L, 64) -> images (B, 3, H, W) in [-1, 1]."""
+        z = unpack(x, 2 * (height // 16), 2 * (width // 16)).to(self.torch_dtype)
+        z = denormalize_latents(z, self.vae.params)
+        return self.vae.decode(z)
+
+    def _conditioning(
+        self, request: GenerateRequest, embeddings: EmbeddingsFile | None, images: Sequence[Any] = ()
+    ) -> tuple[GenerateRequest, PromptEmbeds, PromptEmbeds | None]:
+        """Prompt embeddings from the text encoder, or from a saved file (checked against this model)."""
+        if embeddings is None:
+            data = self.encode_prompts(request, with_negative=request.cfg_enabled, images=images)
+            return request, data.cond, data.uncond
+        self.prompts.check_embeddings(embeddings, images)
+        if embeddings.cond.embeds.shape[-1] != self.transformer.params.txt_dim:
+            raise InputError(f"prompt embeddings have width {embeddings.cond.embeds.shape[-1]}, "
+                             f"this model takes {self.transformer.params.txt_dim}")
+        if embeddings.uncond is None:
+            request = dataclasses.replace(request, negative=None)  # nothing to guide against
+        uncond = embeddings.uncond if request.cfg_enabled else None
+        return request, embeddings.cond.to(self.torch_device), uncond and uncond.to(self.torch_device)
+
+    def _finish(self, request: GenerateRequest, x: Tensor, started: float, **extra: Any) -> list[Any]:
+        images = latents_to_images(self.decode(x, request.height, request.width))
+        params = {
+            **request.as_dict(),
+            "cfg_enabled": request.cfg_enabled,
+            "model": self.ref.name,
+            "model_family": self.ref.spec.family,
+            "dtype": self.dtype,
+            "qimg_version": _version(),
+            **extra,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        for image in images:
+            image.info["qimg"] = params
+        return images
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        request: GenerateRequest | None = None,
+        init_image: Any = None,
+        mask: Any = None,
+        embeddings: EmbeddingsFile | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> list[Any]:
+        """Text to image, or image to image with `init_image` (PIL) and options["strength"], inpainting the
+        white part of `mask` (PIL) when given. Give a prompt and options (negative, seed, steps, cfg, width,
+        height, max_sequence_length, strength), or a prepared `request`; `embeddings` (from encode-prompt)
+        replace the text encoder. Returns PIL images; image.info["qimg"] holds the parameters."""
+        if self.ref.spec.task != "t2i":
+            raise InputError(f"{self.ref.name} is an edit model", hint="use: qimg edit PROMPT -i IMAGE -o OUT.png")
+        if request is None:
+            init_size = None if init_image is None else init_image.size
+            request, _ = make_request(self.ref.spec, prompt or "", init_size=init_size, **options)
+        if mask is not None and init_image is None:
+            raise InputError("a mask needs an init image", hint="pass --init-image together with --mask")
+        if init_image is not None and request.strength is None:
+            request = dataclasses.replace(request, strength=0.6)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            request, cond, uncond = self._conditioning(request, embeddings)
+            x = run_qwen(self, request, cond, uncond, init_image, mask, progress)
+            return self._finish(request, x, started)
+
+    def edit(
+        self,
+        prompt: str | None = None,
+        images: Sequence[Any] = (),
+        *,
+        request: GenerateRequest | None = None,
+        keep_size: bool = False,
+        embeddings: EmbeddingsFile | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> list[Any]:
+        """Edit `images` (PIL; one for Qwen-Image-Edit, one or more for -2509/-2511) as the prompt says.
+
+        The output size defaults to about 1 MP at the aspect of the last image, as diffusers does; keep_size
+        resamples the result to the first image's exact size. Options as generate (no strength)."""
+        if self.ref.spec.task != "edit":
+            raise InputError(f"{self.ref.name} is a text-to-image model", hint="use: qimg generate PROMPT -o OUT.png")
+        self.prompts.check_images(images)
+        if request is None:
+            request, _ = make_request(self.ref.spec, prompt or "", init_size=images[-1].size, **options)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            request, cond, uncond = self._conditioning(request, embeddings, images)
+            x = run_qwen_edit(self, request, cond, uncond, images, progress)
+            out = self._finish(request, x, started, keep_size=keep_size)
+        if keep_size and out[0].size != images[0].size:
+            from PIL import Image
+
+            info = out[0].info
+            out = [im.resize(images[0].size, Image.Resampling.LANCZOS) for im in out]
+            for im in out:
+                im.info.update(info)
+        return out
+
+
+def _check_finite(x: Tensor) -> Tensor:
+    if not bool(torch.isfinite(x).all()):
+        raise NumericsError(
+            "the sampler produced NaN or infinite values",
+            hint="float16 overflows on this model; use --dtype bfloat16 (CUDA) or float32",
+        )
+    return x
+
+
+def _noise_tokens(gen: torch.Generator, gh: int, gw: int, dtype: torch.dtype) -> Tensor:
+    # Drawn as (B, frames=1, C, h, w) in the embeddings' dtype, as diffusers does, so seeds agree with it.
+    return pack(seeded_noise((1, 1, 16, 2 * gh, 2 * gw), gen, dtype)[:, 0])
+
+
+def run_qwen(
+    pipe: QwenImagePipeline,
+    req: GenerateRequest,
+    cond: PromptEmbeds,
+    uncond: PromptEmbeds | None,
+    init_image: Any = None,
+    mask: Any = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Denoise one request to packed latent tokens (1, L, 64), fp32: from noise, or img2img / inpaint."""
+    dev = pipe.torch_device
+    gh, gw = req.height // 16, req.width // 16  # packed token grid
+    gen = torch.Generator("cpu").manual_seed(req.seed)
+    sigmas = flow_sigmas(req.steps, pipe.schedule, gh * gw).to(dev)
+    after_step = None
+    if init_image is None:
+        x = _noise_tokens(gen, gh, gw, cond.embeds.dtype).to(dev, torch.float32)
+    else:
+        mean, logvar = pipe.encode_image(image_to_tensor(init_image, req.width, req.height))
+        # The posterior sample is drawn before the noise, from the same generator (diffusers' order).
+        eps = seeded_noise((1, 16, 1, 2 * gh, 2 * gw), gen, mean.dtype)[:, :, 0].to(dev)
+        z = mean + torch.exp(0.5 * logvar) * eps
+        x0 = pack(normalize_latents(z, pipe.vae.params, reciprocal=True)).float()
+        noise = _noise_tokens(gen, gh, gw, cond.embeds.dtype).to(dev)
+        sigmas = sigmas[img2img_start(req.steps, req.strength or 1.0) :]
+        x = noise_to(x0, noise, sigmas[0])
+        if mask is not None:
+            keep = 1.0 - mask_to_tokens(mask, req.width, req.height).to(dev)
+
+            def after_step(i: int, x: Tensor) -> Tensor:
+                # Paste the known region back, noised to the level the state has just reached.
+                known = noise_to(x0, noise, sigmas[i + 1]) if i + 1 < len(sigmas) - 1 else x0
+                return keep * known + (1.0 - keep) * x
+
+    velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, [(1, gh, gw)])
+    return _check_finite(denoise(velocity, x, sigmas, progress, after_step))
+
+
+def run_qwen_edit(
+    pipe: QwenImagePipeline,
+    req: GenerateRequest,
+    cond: PromptEmbeds,
+    uncond: PromptEmbeds | None,
+    images: Sequence[Any],
+    progress: Progress | None = None,
+) -> Tensor:
+    """Denoise an edit request: each input image, VAE-encoded (posterior mode) at about the spec's VAE area,
+    joins the sequence after the noisy tokens with its own RoPE frame; predictions for it are dropped."""
+    dev = pipe.torch_device
+    gh, gw = req.height // 16, req.width // 16
+    refs, shapes = [], [(1, gh, gw)]
+    for image in images:
+        w, h = calculate_dimensions(pipe.ref.spec.vae_image_area, image.width / image.height)
+        mean, _ = pipe.encode_image(image_to_tensor(image, w, h))
+        refs.append(pack(normalize_latents(mean, pipe.vae.params)))
+        shapes.append((1, h // 16, w // 16))
+    x = _noise_tokens(torch.Generator("cpu").manual_seed(req.seed), gh, gw, cond.embeds.dtype).to(dev, torch.float32)
+    sigmas = flow_sigmas(req.steps, pipe.schedule, gh * gw).to(dev)  # mu from the target tokens only
+    velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, shapes, torch.cat(refs, 1))
+    return _check_finite(denoise(velocity, x, sigmas, progress))
+
+
+def load_pipeline(
+    ref: ModelRef, *, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> QwenImagePipeline:
+    """Load a Qwen-Image model folder onto one device (the text encoder follows on first use)."""
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    root = ref.path
+    return QwenImagePipeline(
+        ref=ref,
+        transformer=components.load_qwen_mmdit(root / "transformer", device=dev, dtype=dt),
+        vae=components.load_qwen_vae(root / "vae", device=dev, dtype=dt),
+        schedule=components.load_schedule(root / "scheduler"),
+        prompts=QwenPromptEncoder(ref, dev, dt),
+        torch_device=dev,
+        torch_dtype=dt,
+    )
+
+
+def encode_prompt(
+    ref: ModelRef,
+    request: GenerateRequest,
+    *,
+    images: Sequence[Any] = (),
+    with_negative: bool = True,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> EmbeddingsFile:
+    """Prompt embeddings for a request (and, for edit models, its input images), loading only the text encoder,
+    tokenizer and image processor of the model."""
+    dev = pick_device(device)
+    encoder = QwenPromptEncoder(ref, dev, pick_dtype(dtype, dev))
+    with torch.inference_mode():
+        return encoder.encode_request(request, with_negative=with_negative, images=images)
