@@ -109,17 +109,25 @@ def _to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].contiguous()
 
 
+def channels_last(vae: QwenVAE) -> QwenVAE:
+    """Store the VAE's conv weights channels-last (NHWC), in place; the convs then run cuDNN's/oneDNN's NHWC
+    kernels and pass NHWC activations on. Measured (bench/results/vae_h100.json, H100, bf16, 1024x1024):
+    decode 49.9 -> 37.8 ms, encode 35.2 -> 23.9 ms, peak reserved 3.0 -> 2.7 and 4.3 -> 1.9 GiB. Same math,
+    another summation order."""
+    return vae.to(memory_format=torch.channels_last)
+
+
 def load_vae(model: str | Path | ModelRef, *, device: str | None = None, dtype: str | torch.dtype | None = None,
              ) -> QwenVAE:
     """Only the vae/ component of a model folder (diffusers layout), on device (default cuda if present, else
-    cpu) in dtype (default bf16 on CUDA, fp32 on CPU)."""
+    cpu) in dtype (default bf16 on CUDA, fp32 on CPU), channels-last."""
     from qimg.loading.components import load_qwen_vae
     from qimg.loading.hub import resolve_model
     from qimg.pipelines import pick_device, pick_dtype
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
     dev = pick_device(device)
-    return load_qwen_vae(ref.path / "vae", device=dev, dtype=pick_dtype(dtype, dev))
+    return channels_last(load_qwen_vae(ref.path / "vae", device=dev, dtype=pick_dtype(dtype, dev)))
 
 
 def _timed(fn: Any, device: torch.device) -> tuple[Any, float]:

@@ -78,3 +78,15 @@ def test_bad_shapes_are_refused() -> None:
         ssim(torch.zeros(3, 10, 16), torch.zeros(3, 10, 16))
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         ssim(torch.zeros(16, 16), torch.zeros(16, 16))
+
+
+def test_bands_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large images are scored in bands of rows (bounded memory); any band height gives the same figures."""
+    import qimg.metrics
+
+    a, b = (_chw(x) for x in _photo_pair(2))
+    whole = (psnr(a, b), ssim(a, b))
+    for band in (1, 7, 40):
+        monkeypatch.setattr(qimg.metrics, "BAND", band)
+        assert psnr(a, b) == pytest.approx(whole[0], abs=1e-10)
+        assert ssim(a, b) == pytest.approx(whole[1], abs=1e-12)

@@ -63,7 +63,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def vae(model_dir) -> QwenVAE:
-    return load_qwen_vae(model_dir[0] / "vae", device="cpu", dtype=torch.float32)
+    """As `qimg vae roundtrip` loads it: through load_vae, channels-last."""
+    return load_vae(str(model_dir[0]), device="cpu", dtype="float32")
 
 
 def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
@@ -195,8 +196,10 @@ def test_latents_file(vae: QwenVAE, tmp_path: Path) -> None:
         check_latents_path(tmp_path / "missing" / "z.safetensors")
 
 
-def test_load_vae_reads_only_the_vae(model_dir) -> None:
-    vae = load_vae(str(model_dir[0]), device="cpu")
-    assert isinstance(vae, QwenVAE) and next(vae.parameters()).dtype == torch.float32
+def test_load_vae_reads_only_the_vae(model_dir, vae: QwenVAE) -> None:
+    weight = vae.decoder.conv_in.weight
+    assert weight.dtype == torch.float32 and weight.is_contiguous(memory_format=torch.channels_last)
+    plain = load_qwen_vae(model_dir[0] / "vae", device="cpu", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), vae.state_dict().values(), strict=True))
     half = load_vae(str(model_dir[0]), device="cpu", dtype="bfloat16")
     assert next(half.parameters()).dtype == torch.bfloat16
