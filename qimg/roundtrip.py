@@ -62,30 +62,14 @@ def make_tiling(tile: int, overlap: int) -> Tiling:
         raise InputError(str(e), hint="e.g. --tile-size 512 --tile-overlap 64 (multiples of 8 px)") from e
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Read an image file as RGB, upright per its EXIF orientation; InputError if it is missing or unreadable."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"image {p} does not exist", hint="check the path")
-    if p.is_dir():
-        raise InputError(f"{p} is a folder, not an image", hint="give an image file (PNG, JPEG, WebP, ...)")
-    try:
-        with Image.open(p) as im:
-            im.load()  # decode now, so a truncated file fails here and not halfway through the run
-            upright = ImageOps.exif_transpose(im)
-    except UnidentifiedImageError as e:
-        raise InputError(f"{p} is not an image qimg can read", hint="use PNG, JPEG or WebP") from e
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"image {p} could not be read ({e})", hint="is the file complete?") from e
-    upright.filename = str(p)  # type: ignore[attr-defined]  # kept for the output's metadata
-    return upright
-
-
 def prepare_image(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
-    """RGB, center-cropped to multiples of 16 px; the notes say what changed, one line each."""
+    """Upright (EXIF orientation), RGB, center-cropped to multiples of 16 px; notes say what changed, one each."""
+    from PIL import ImageOps
+
     notes = []
+    if image.getexif().get(0x0112, 1) != 1:  # the Orientation tag: viewers show the photo turned
+        image = ImageOps.exif_transpose(image)
+        notes.append("turned the image upright as its EXIF orientation asks")
     w, h = image.size
     if w < MULTIPLE or h < MULTIPLE:
         raise InputError(f"image is {w}x{h} px; the VAE round trip needs at least {MULTIPLE}x{MULTIPLE}")
@@ -149,19 +133,22 @@ def vae_roundtrip(
     dtype: str | torch.dtype | None = None,
     tiling: Tiling | None = None,
     model: str | None = None,
+    source: str | None = None,
 ) -> RoundtripResult:
     """Encode an image to the posterior mean and decode it again, with PSNR/SSIM and encode/decode seconds.
 
     device and dtype default to the VAE's own; if given, the VAE is moved there. tiling runs the tiled encode
-    and decode (qimg.runtime.tiling). model is only recorded in the metadata.
+    and decode (qimg.runtime.tiling). model and source (the input file; default: the path given as image)
+    are only recorded in the metadata.
     """
     from PIL import Image
 
     from qimg.pipelines import pick_dtype
+    from qimg.png import open_image
 
     if isinstance(image, (str, Path)):
+        source = source or str(image)
         image = open_image(image)
-    source = getattr(image, "filename", None) or None
     prepared, notes = prepare_image(image)
     first = next(vae.parameters())
     dev = torch.device(device) if device is not None else first.device

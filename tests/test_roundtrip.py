@@ -19,7 +19,6 @@ from qimg.roundtrip import (
     check_latents_path,
     load_vae,
     make_tiling,
-    open_image,
     prepare_image,
     save_latents,
     vae_roundtrip,
@@ -156,22 +155,23 @@ def test_make_tiling_speaks_to_people() -> None:
         make_tiling(64, 64)
 
 
-def test_open_image_errors(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="does not exist"):
-        open_image(tmp_path / "nope.png")
-    with pytest.raises(InputError, match="is a folder"):
-        open_image(tmp_path)
+def test_paths_are_opened_and_bad_files_refused(vae: QwenVAE, tmp_path: Path) -> None:
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(InputError, match="not an image qimg can read"):
-        open_image(tmp_path / "notes.png")
-    photo(64, 64).save(tmp_path / "full.png")
-    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:-200])
-    with pytest.raises(InputError, match="could not be read"):
-        open_image(tmp_path / "cut.png")
-    grey = photo(64, 64, "L")
-    grey.save(tmp_path / "grey.png")
-    opened = open_image(tmp_path / "grey.png")
-    assert opened.size == (64, 64) and opened.filename == str(tmp_path / "grey.png")
+    with pytest.raises(InputError, match="not a readable image"):
+        vae_roundtrip(vae, tmp_path / "notes.png")
+    with pytest.raises(InputError, match="does not exist"):
+        vae_roundtrip(vae, tmp_path / "nope.png")
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A phone photo stored sideways with Orientation = 6 (turn 90 degrees clockwise) goes through upright."""
+    image = photo(64, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "side.jpg", exif=exif.tobytes(), quality=95)
+    prepared, notes = prepare_image(qimg.open_image(tmp_path / "side.jpg"))
+    assert prepared.size == (32, 64)
+    assert notes == ("turned the image upright as its EXIF orientation asks",)
 
 
 def test_latents_file(vae: QwenVAE, tmp_path: Path) -> None:
