@@ -10,6 +10,7 @@ The public API. Importing qimg is cheap: torch and the nets load only when a mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,17 +63,19 @@ def encode_prompt(
     prompt: str,
     *,
     negative: str | None = None,
+    images: Sequence[Any] = (),
     max_sequence_length: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
 ) -> EmbeddingsFile:
     """Encode a prompt (and a negative prompt: the model's default when None) with only the text encoder
-    loaded; save the result with save_embeddings and generate from it with embeddings=..."""
+    loaded; edit models take their input `images` (PIL) too. Save the result with save_embeddings and use it
+    with generate(..., embeddings=...) or edit(..., embeddings=...)."""
     from qimg.pipelines import encode_prompt as _encode
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
     request, _ = make_request(ref.spec, prompt, negative=negative, max_sequence_length=max_sequence_length)
-    return _encode(ref, request, device=device, dtype=dtype)
+    return _encode(ref, request, images=images, device=device, dtype=dtype)
 
 
 def load_embeddings(path: str | Path) -> EmbeddingsFile:

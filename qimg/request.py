@@ -104,8 +104,6 @@ def make_request(
     if init_size is not None and (width is None or height is None):
         fit_w, fit_h = calculate_dimensions(spec.width * spec.height, init_size[0] / init_size[1])
         width, height = width or fit_w, height or fit_h
-        if (width, height) != tuple(init_size):
-            notes.append(f"init image is {init_size[0]}x{init_size[1]}; generating {width}x{height}")
     request = GenerateRequest(
         prompt=prompt,
         negative=spec.negative if negative is None else negative,

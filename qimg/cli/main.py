@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 import qimg
-from qimg.cli.commands import encode_prompt, generate
+from qimg.cli.commands import edit, encode_prompt, generate
 from qimg.cli.output import Output
 
 EXIT_OK = 0
@@ -121,6 +121,7 @@ def root(
 
 # Only commands that work are registered; each lives in its own module under qimg/cli/commands/.
 app.command("generate", epilog=generate.EXAMPLES, no_args_is_help=True)(guarded(generate.generate))
+app.command("edit", epilog=edit.EXAMPLES, no_args_is_help=True)(guarded(edit.edit))
 app.command("encode-prompt", epilog=encode_prompt.EXAMPLES, no_args_is_help=True)(
     guarded(encode_prompt.encode_prompt)
 )

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 import qimg
-from qimg.cli.commands.generate import MODEL_ENV, DType, _check_device
+from qimg.cli.options import MODEL_ENV, DType, check_device, require_model
 from qimg.cli.output import Output
 
 EXAMPLES = """\
@@ -19,6 +19,8 @@ Examples:
   qimg encode-prompt "a red fox in fresh snow" -o fox.safetensors --model ~/models/Qwen-Image
   qimg encode-prompt "a red fox" -o fox.safetensors --negative "blurry, low quality"
   qimg generate -o fox.png --prompt-embeds fox.safetensors --seed 7
+  qimg encode-prompt "make it snow" -i street.png -o snow.safetensors --model ~/models/Qwen-Image-Edit
+  qimg edit -i street.png -o snow.png --prompt-embeds snow.safetensors
 """
 
 
@@ -28,6 +30,10 @@ def encode_prompt(
         Path, typer.Option("--output", "-o", help="Where to write the embeddings (must end in .safetensors).")
     ],
     prompt: Annotated[str, typer.Argument(help="The prompt to encode.")],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", "-i", help="Input picture(s) of an edit model, as you will pass them to qimg edit."),
+    ] = None,
     negative: Annotated[
         str | None,
         typer.Option(help="Negative prompt, encoded too. Default: the model's (a single space), so CFG can run."),
@@ -41,7 +47,7 @@ def encode_prompt(
     ] = None,
     device: Annotated[
         str | None,
-        typer.Option(callback=_check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
+        typer.Option(callback=check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
     ] = None,
     dtype: Annotated[DType | None, typer.Option(help="Default: bfloat16 on CUDA, float32 on CPU.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
@@ -58,14 +64,14 @@ def encode_prompt(
     text encoder and gives the same image as generating from the prompt.
     """
     out = Output(quiet=quiet)
-    if not model:
-        raise qimg.UsageError("no model given", hint=f"pass --model /path/to/Qwen-Image or set {MODEL_ENV}")
+    model = require_model(model)
     path = qimg.check_output_path(output, overwrite=overwrite, suffix=".safetensors")
     ref = qimg.resolve_model(model)
+    pictures = [qimg.open_image(p, "input image") for p in image or []]
     started = time.perf_counter()
     with out.status(f"encoding with {ref.name}'s text encoder"):
         data = qimg.encode_prompt(
-            ref, prompt, negative=negative, max_sequence_length=max_sequence_length, device=device,
+            ref, prompt, negative=negative, images=pictures, max_sequence_length=max_sequence_length, device=device,
             dtype=dtype.value if dtype else None,
         )
     qimg.save_embeddings(path, data, overwrite=overwrite)

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 import qimg
+from qimg.cli.options import MODEL_ENV, DType, require_model
+from qimg.cli.options import check_device as _check_device
 from qimg.cli.output import Output
 
-MODEL_ENV = "QIMG_MODEL"
-
-# "\b" keeps the help formatter from re-wrapping the example lines into one paragraph.
 EXAMPLES = """\
 Examples:
 
@@ -30,24 +27,6 @@ Examples:
   qimg generate "a red door" -o door.png --init-image house.png --mask door-mask.png
   qimg generate -o fox.png --prompt-embeds fox.safetensors
 """
-
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-
-
-class DType(str, Enum):
-    """Compute dtypes the engine supports."""
-
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
-def _check_device(value: str | None) -> str | None:
-    """Reject a malformed --device while parsing (exit 2); whether that GPU exists is checked at load."""
-    if value is None or _DEVICE.fullmatch(value):
-        return value
-    raise typer.BadParameter(f"{value!r} is not one of cpu, cuda, cuda:N (e.g. cuda:1)")
-
 
 def cfg_summary(request: qimg.GenerateRequest) -> str:
     """One line saying whether true CFG runs, because it doubles the cost of every step."""
@@ -135,30 +114,19 @@ def generate(
     so that `qimg` or any PNG reader can tell how it was made.
     """
     out = Output(quiet=quiet)
-    if not model:
-        raise qimg.UsageError(
-            "no model given", hint=f"pass --model /path/to/Qwen-Image or set {MODEL_ENV}=/path/to/Qwen-Image"
-        )
-    if (prompt is None) == (prompt_embeds is None):
-        raise qimg.UsageError(
-            "give either PROMPT or --prompt-embeds", hint='e.g. qimg generate "a red fox" -o fox.png'
-        )
-    if prompt_embeds is not None and negative is not None:
-        raise qimg.UsageError(
-            "--negative cannot change saved embeddings", hint="pass it to qimg encode-prompt instead"
-        )
+    model = require_model(model)
+    check_prompt_source(prompt, prompt_embeds, negative)
     if init_image is None and (strength is not None or mask is not None):
         raise qimg.UsageError("--strength and --mask need --init-image", hint="add --init-image PICTURE")
     # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
     path = qimg.check_output_path(output, overwrite=overwrite)
     ref = qimg.resolve_model(model)
+    if ref.spec.task != "t2i":
+        raise qimg.UsageError(f"{model} is an edit model", hint="use: qimg edit PROMPT -i IMAGE -o OUT.png")
     inputs: dict = {}
     extra: dict = {}
     if prompt_embeds is not None:
-        inputs["embeddings"] = qimg.load_embeddings(prompt_embeds)
-        meta = inputs["embeddings"].meta
-        prompt, negative = str(meta.get("prompt", "")), meta.get("negative")
-        extra["prompt_embeds"] = str(prompt_embeds)
+        prompt, negative = read_prompt_embeds(prompt_embeds, inputs, extra)
     if init_image is not None:
         inputs["init_image"] = qimg.open_image(init_image, "init image")
         extra.update(init_image=str(init_image))
@@ -172,17 +140,56 @@ def generate(
     )
     if prompt_embeds is not None and inputs["embeddings"].uncond is None:
         request = dataclasses.replace(request, negative=None)  # saved without a negative: CFG cannot run
+    if init_image is not None and (request.width, request.height) != inputs["init_image"].size:
+        w, h = inputs["init_image"].size
+        notes.append(f"init image is {w}x{h}; generating {request.width}x{request.height}")
+    run_and_save(out, ref, request, notes, "generate", inputs, extra, path, device=device, dtype=dtype,
+                 overwrite=overwrite)
+
+
+def check_prompt_source(prompt: str | None, prompt_embeds: Path | None, negative: str | None) -> None:
+    """Exactly one of PROMPT and --prompt-embeds; saved embeddings already hold their negative prompt."""
+    if (prompt is None) == (prompt_embeds is None):
+        raise qimg.UsageError("give either PROMPT or --prompt-embeds", hint="qimg encode-prompt makes the file")
+    if prompt_embeds is not None and negative is not None:
+        raise qimg.UsageError(
+            "--negative cannot change saved embeddings", hint="pass it to qimg encode-prompt instead"
+        )
+
+
+def read_prompt_embeds(path: Path, inputs: dict, extra: dict) -> tuple[str, str | None]:
+    """Load --prompt-embeds into the call's inputs; returns the prompt and negative it was made from."""
+    inputs["embeddings"] = qimg.load_embeddings(path)
+    extra["prompt_embeds"] = str(path)
+    meta = inputs["embeddings"].meta
+    return str(meta.get("prompt", "")), meta.get("negative")
+
+
+def run_and_save(
+    out: Output,
+    ref: qimg.ModelRef,
+    request: qimg.GenerateRequest,
+    notes: list[str],
+    method: str,
+    inputs: dict,
+    extra: dict,
+    path: Path,
+    *,
+    device: str | None,
+    dtype: DType | None,
+    overwrite: bool,
+) -> None:
+    """The part every image command shares: say what will run, load, denoise with a bar, write the PNG."""
     for note in notes:
         out.warn(note)
     out.info(f"seed: {request.seed}")  # always: a random seed is otherwise lost with the terminal
     out.info(cfg_summary(request))
-
     started = time.perf_counter()
     with out.status(f"loading {ref.name}"):
         pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None)
     out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
     with out.steps("denoising") as progress:
-        images = pipe.generate(request=request, progress=progress, **inputs)
+        images = getattr(pipe, method)(request=request, progress=progress, **inputs)
     images[0].info.setdefault("qimg", {}).update(extra)
     qimg.save_png(images[0], path, overwrite=overwrite)
-    out.info(f"wrote {output} (seed {request.seed}, {time.perf_counter() - started:.1f} s)")
+    out.info(f"wrote {path} (seed {request.seed}, {time.perf_counter() - started:.1f} s)")

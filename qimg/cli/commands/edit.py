@@ -1,0 +1,97 @@
+"""qimg edit: change pictures as a prompt says, with Qwen-Image-Edit, -2509 or -2511."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import qimg
+from qimg.cli.commands.generate import check_prompt_source, read_prompt_embeds, run_and_save
+from qimg.cli.options import MODEL_ENV, DType, check_device, require_model
+from qimg.cli.output import Output
+
+EXAMPLES = """\
+Examples:
+
+\b
+  qimg edit "make the sky purple" -i street.png -o purple.png --model ~/models/Qwen-Image-Edit
+  qimg edit "the cat from Picture 1 on the sofa of Picture 2" -i cat.png -i sofa.png -o out.png \\
+      --model ~/models/Qwen-Image-Edit-2509 --seed 7
+  qimg edit "remove the car" -i photo.jpg -o clean.png --keep-size
+"""
+
+
+def edit(
+    ctx: typer.Context,  # read by the error mapping in main.py (root --debug)
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the PNG (must end in .png).")],
+    image: Annotated[
+        list[Path],
+        typer.Option("--image", "-i", help="Input picture; repeat for models that take several (2509, 2511)."),
+    ],
+    prompt: Annotated[
+        str | None, typer.Argument(help="What to change (omit it with --prompt-embeds).", show_default=False)
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", envvar=MODEL_ENV, help="Local edit-model folder in the diffusers layout."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; random when omitted (and then printed).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps. Default: the model's (50).")] = None,
+    cfg: Annotated[float | None, typer.Option(help="True-CFG scale; 1 or less turns CFG off. Default: 4.")] = None,
+    negative: Annotated[str | None, typer.Option(help="Negative prompt. Default: a single space.")] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Output width. Default: about 1 MP at the last image's aspect.")
+    ] = None,
+    height: Annotated[int | None, typer.Option(help="Output height (snapped down to a multiple of 16).")] = None,
+    keep_size: Annotated[
+        bool, typer.Option("--keep-size", help="Resample the result to the first input image's exact size.")
+    ] = False,
+    prompt_embeds: Annotated[
+        Path | None,
+        typer.Option("--prompt-embeds", help="Embeddings from `qimg encode-prompt -i ...` made with these images."),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(callback=check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
+    ] = None,
+    dtype: Annotated[DType | None, typer.Option(help="Default: bfloat16 on CUDA, float32 on CPU.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
+    ] = False,
+) -> None:
+    """Edit one or more pictures as the prompt says.
+
+    The pictures go to the vision-language encoder with the prompt and, as reference latents, to the
+    transformer. By default the output is about 1 MP at the aspect of the last picture (what diffusers
+    gives); --keep-size returns exactly the first picture's size.
+    """
+    out = Output(quiet=quiet)
+    model = require_model(model)
+    check_prompt_source(prompt, prompt_embeds, negative)
+    path = qimg.check_output_path(output, overwrite=overwrite)
+    ref = qimg.resolve_model(model)
+    if ref.spec.task != "edit":
+        raise qimg.UsageError(f"{model} is a text-to-image model", hint="use qimg generate, or an edit model here")
+    pictures = [qimg.open_image(p, "input image") for p in image]
+    inputs: dict = {"images": pictures, "keep_size": keep_size}
+    extra: dict = {"images": [str(p) for p in image]}
+    if prompt_embeds is not None:
+        prompt, negative = read_prompt_embeds(prompt_embeds, inputs, extra)
+    request, notes = qimg.make_request(
+        ref.spec, prompt or "", negative=negative, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
+        init_size=pictures[-1].size,
+    )
+    if prompt_embeds is not None and inputs["embeddings"].uncond is None:
+        request = dataclasses.replace(request, negative=None)
+    size, first = (request.width, request.height), pictures[0].size
+    if size != first:
+        notes.append(f"generating {size[0]}x{size[1]}, resampled to the input's {first[0]}x{first[1]}" if keep_size
+                     else f"output is {size[0]}x{size[1]}, input is {first[0]}x{first[1]} (--keep-size to match)")
+    run_and_save(out, ref, request, notes, "edit", inputs, extra, path, device=device, dtype=dtype,
+                 overwrite=overwrite)
