@@ -14,8 +14,7 @@ from typing import Annotated, Any
 import typer
 
 import qimg
-from qimg.cli.commands.generate import MODEL_ENV, DType
-from qimg.cli.commands.generate import _check_device as check_device
+from qimg.cli.options import MODEL_ENV, DType, check_device, require_model
 from qimg.cli.output import Output
 
 HELP = "Work with the VAE alone: round-trip an image through it to see what it keeps."
@@ -81,10 +80,7 @@ def roundtrip(
     decoded PNG with those figures in its metadata.
     """
     out = Output(quiet=quiet)
-    if not model:
-        raise qimg.UsageError(
-            "no model given", hint=f"pass --model /path/to/Qwen-Image or set {MODEL_ENV}=/path/to/Qwen-Image"
-        )
+    model = require_model(model)
     # Everything that can be wrong with the input fails here, before the VAE is loaded, and nothing is written.
     path = qimg.check_output_path(output, overwrite=overwrite)
     latents_path = qimg.check_latents_path(latents, overwrite=overwrite) if latents is not None else None
