@@ -22,10 +22,35 @@ from qimg.request import GenerateRequest, make_request
 if TYPE_CHECKING:
     from qimg.embeddings import EmbeddingsFile
     from qimg.pipelines import QwenImagePipeline
+    from qimg.runtime.tiling import Tiling
+
+# Public names whose modules import torch: resolved on first use, so `import qimg` stays cheap.
+_LAZY = {
+    "EmbeddingsFile": "qimg.embeddings",
+    "PromptEmbeds": "qimg.embeddings",
+    "Tiling": "qimg.runtime.tiling",
+    "RoundtripResult": "qimg.roundtrip",
+    "check_latents_path": "qimg.roundtrip",
+    "load_vae": "qimg.roundtrip",
+    "make_tiling": "qimg.roundtrip",
+    "save_latents": "qimg.roundtrip",
+    "vae_roundtrip": "qimg.roundtrip",
+    "psnr": "qimg.metrics",
+    "ssim": "qimg.metrics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qimg' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
 __all__ = [
+    *_LAZY,
     "GenerateRequest",
     "ModelRef",
     "QimgError",
@@ -45,12 +70,16 @@ __all__ = [
 ]
 
 
-def load(model: str | ModelRef, *, device: str | None = None, dtype: str | None = None) -> QwenImagePipeline:
+def load(
+    model: str | ModelRef, *, device: str | None = None, dtype: str | None = None, vae_tiling: Tiling | None = None
+) -> QwenImagePipeline:
     """Load a model folder (diffusers layout) onto `device` (default: cuda if present, else cpu) in `dtype`
-    (default: bfloat16 on CUDA, float32 on CPU). Returns a pipeline whose .generate() returns PIL images."""
+    (default: bfloat16 on CUDA, float32 on CPU). Returns a pipeline whose .generate() (text-to-image models) or
+    .edit() (edit models) returns PIL images. vae_tiling=qimg.Tiling(512, 64) encodes and decodes by tiles."""
     from qimg.pipelines import load_pipeline
 
-    return load_pipeline(model if isinstance(model, ModelRef) else resolve_model(model), device=device, dtype=dtype)
+    ref = model if isinstance(model, ModelRef) else resolve_model(model)
+    return load_pipeline(ref, device=device, dtype=dtype, vae_tiling=vae_tiling)
 
 
 def generate(model: str, prompt: str, *, device: str | None = None, dtype: str | None = None, **options: Any) -> list:

@@ -157,6 +157,9 @@ def test_saved_prompt_embeddings_give_the_same_image_without_the_text_encoder(ti
     assert data.meta["prompt"] == "a lighthouse" and data.meta["family"] == "qwen-image"
     from_file = np.asarray(fresh.generate(request=request, embeddings=data)[0])
     assert np.array_equal(from_prompt, from_file)
+    # Without a request the prompts come from the file; the other options as keywords.
+    short = fresh.generate(embeddings=data, seed=3, steps=2, width=32, height=32)[0]
+    assert np.array_equal(np.asarray(short), from_file) and short.info["qimg"]["prompt"] == "a lighthouse"
     assert not fresh.text_encoder_loaded
 
 

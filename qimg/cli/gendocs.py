@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 SHELLS = ("bash", "zsh", "fish")
-COMMANDS: tuple[tuple[str, ...], ...] = ((), ("generate",))  # every registered command, in help order
+COMMANDS: tuple[tuple[str, ...], ...] = (
+    (), ("generate",), ("edit",), ("encode-prompt",), ("vae",), ("vae", "roundtrip")
+)  # every registered command, in help order
 
 # Variables that change help or completion output: colour forcing, terminal size, defaults from env.
 _UNSTABLE_ENV = (

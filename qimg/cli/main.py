@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 import qimg
-from qimg.cli.commands import edit, encode_prompt, generate
+from qimg.cli.commands import edit, encode_prompt, generate, vae
 from qimg.cli.output import Output
 
 EXIT_OK = 0
@@ -34,6 +34,8 @@ Examples:
 \b
   qimg generate "a lighthouse at dusk, oil painting" -o lighthouse.png --model ~/models/Qwen-Image
   QIMG_MODEL=~/models/Qwen-Image qimg generate "a red fox in snow" -o fox.png --seed 7
+  qimg edit "make the sky purple" -i street.png -o purple.png --model ~/models/Qwen-Image-Edit-2511
+  qimg vae roundtrip photo.png -o back.png --model ~/models/Qwen-Image --tiled-vae
   qimg generate --help
 """
 
@@ -125,6 +127,7 @@ app.command("edit", epilog=edit.EXAMPLES, no_args_is_help=True)(guarded(edit.edi
 app.command("encode-prompt", epilog=encode_prompt.EXAMPLES, no_args_is_help=True)(
     guarded(encode_prompt.encode_prompt)
 )
+app.add_typer(vae.build_app(guarded), name="vae")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
+from typing import Annotated, Any
 
 import typer
 
@@ -35,3 +36,27 @@ def require_model(model: str | None) -> str:
             "no model given", hint=f"pass --model /path/to/Qwen-Image or set {MODEL_ENV}=/path/to/Qwen-Image"
         )
     return model
+
+
+# VAE tiling, shared by generate, edit and vae roundtrip.
+TiledVAE = Annotated[
+    bool,
+    typer.Option("--tiled-vae", help="Encode and decode in overlapping tiles: large images in little memory."),
+]
+TileSize = Annotated[
+    int | None,
+    typer.Option("--tile-size", metavar="PX",
+                 help="Tile side in pixels, a multiple of 8 (implies --tiled-vae). Default: 512."),
+]
+TileOverlap = Annotated[
+    int | None,
+    typer.Option("--tile-overlap", metavar="PX", help="Overlap of neighbouring tiles in pixels, a multiple of 8 "
+                 "below the tile size (implies --tiled-vae). Default: 64."),
+]
+
+
+def tiling_from(tiled_vae: bool, tile_size: int | None, tile_overlap: int | None) -> Any:
+    """The requested qimg.Tiling, or None; a bad size is a one-line error before anything loads."""
+    if not (tiled_vae or tile_size is not None or tile_overlap is not None):
+        return None
+    return qimg.make_tiling(512 if tile_size is None else tile_size, 64 if tile_overlap is None else tile_overlap)

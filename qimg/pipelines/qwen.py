@@ -29,6 +29,7 @@ from qimg.pipelines.common import (
 )
 from qimg.pipelines.prompts import QwenPromptEncoder
 from qimg.request import GenerateRequest, calculate_dimensions, img2img_start, make_request
+from qimg.runtime.tiling import Tiling, decode_tiled, encode_tiled
 from qimg.sampling import (
     FlowSchedule,
     Velocity,
@@ -88,6 +89,7 @@ class QwenImagePipeline:
     prompts: QwenPromptEncoder
     torch_device: torch.device
     torch_dtype: torch.dtype
+    vae_tiling: Tiling | None = None  # encode/decode by blended tiles (large images in little memory)
 
     @property
     def device(self) -> str:
@@ -109,13 +111,23 @@ class QwenImagePipeline:
 
     def encode_image(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Pixels (B, 3, H, W) in [-1, 1] -> VAE posterior (mean, logvar) in the VAE's latent space."""
-        return self.vae.encode(x.to(self.torch_device, self.torch_dtype))
+        x = x.to(self.torch_device, self.torch_dtype)
+        return self.vae.encode(x) if self.vae_tiling is None else encode_tiled(self.vae, x, self.vae_tiling)
 
     def decode(self, x: Tensor, height: int, width: int) -> Tensor:
         """Packed latent tokens (B, L, 64) -> images (B, 3, H, W) in [-1, 1]."""
         z = unpack(x, 2 * (height // 16), 2 * (width // 16)).to(self.torch_dtype)
         z = denormalize_latents(z, self.vae.params)
-        return self.vae.decode(z)
+        return self.vae.decode(z) if self.vae_tiling is None else decode_tiled(self.vae, z, self.vae_tiling)
+
+    def _request(
+        self, prompt: str | None, embeddings: EmbeddingsFile | None, init_size: Any, options: dict[str, Any]
+    ) -> GenerateRequest:
+        """A request from keyword options; with saved embeddings the prompts default to the ones they hold."""
+        if embeddings is not None and prompt is None:
+            prompt = embeddings.meta.get("prompt", "")
+            options.setdefault("negative", embeddings.meta.get("negative"))
+        return make_request(self.ref.spec, prompt or "", init_size=init_size, **options)[0]
 
     def _conditioning(
         self, request: GenerateRequest, embeddings: EmbeddingsFile | None, images: Sequence[Any] = ()
@@ -168,7 +180,7 @@ class QwenImagePipeline:
             raise InputError(f"{self.ref.name} is an edit model", hint="use: qimg edit PROMPT -i IMAGE -o OUT.png")
         if request is None:
             init_size = None if init_image is None else init_image.size
-            request, _ = make_request(self.ref.spec, prompt or "", init_size=init_size, **options)
+            request = self._request(prompt, embeddings, init_size, options)
         if mask is not None and init_image is None:
             raise InputError("a mask needs an init image", hint="pass --init-image together with --mask")
         if init_image is not None and request.strength is None:
@@ -198,7 +210,7 @@ class QwenImagePipeline:
             raise InputError(f"{self.ref.name} is a text-to-image model", hint="use: qimg generate PROMPT -o OUT.png")
         self.prompts.check_images(images)
         if request is None:
-            request, _ = make_request(self.ref.spec, prompt or "", init_size=images[-1].size, **options)
+            request = self._request(prompt, embeddings, images[-1].size if images else None, options)
         started = time.perf_counter()
         with torch.inference_mode():
             request, cond, uncond = self._conditioning(request, embeddings, images)
@@ -291,20 +303,28 @@ def run_qwen_edit(
 
 
 def load_pipeline(
-    ref: ModelRef, *, device: str | None = None, dtype: str | torch.dtype | None = None
+    ref: ModelRef,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    vae_tiling: Tiling | None = None,
 ) -> QwenImagePipeline:
     """Load a Qwen-Image model folder onto one device (the text encoder follows on first use)."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     root = ref.path
+    vae = components.load_qwen_vae(root / "vae", device=dev, dtype=dt)
+    # channels-last convs: 1.3x faster VAE decode with less memory on an H100 (bench/results/vae_h100.json).
+    vae = vae.to(memory_format=torch.channels_last)
     return QwenImagePipeline(
         ref=ref,
         transformer=components.load_qwen_mmdit(root / "transformer", device=dev, dtype=dt),
-        vae=components.load_qwen_vae(root / "vae", device=dev, dtype=dt),
+        vae=vae,
         schedule=components.load_schedule(root / "scheduler"),
         prompts=QwenPromptEncoder(ref, dev, dt),
         torch_device=dev,
         torch_dtype=dt,
+        vae_tiling=vae_tiling,
     )
 
 

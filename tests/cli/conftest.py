@@ -80,8 +80,9 @@ def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[FakePipeline]:
     """Replace qimg.load with one that returns FakePipelines; the list collects them for inspection."""
     made: list[FakePipeline] = []
 
-    def load(model: Any, *, device: str | None = None, dtype: str | None = None) -> FakePipeline:
+    def load(model: Any, *, device: str | None = None, dtype: str | None = None, vae_tiling: Any = None) -> Any:
         made.append(FakePipeline(model, device, dtype))
+        made[-1].vae_tiling = vae_tiling
         return made[-1]
 
     monkeypatch.setattr(qimg, "load", load)

@@ -46,6 +46,15 @@ def test_passes_device_and_dtype(runner: CliRunner, fake_model: Path, out_dir: P
     assert "on cuda:1 (float16)" in result.stderr
 
 
+def test_tiled_vae_options_reach_the_loader(runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list):
+    assert _run(runner, fake_model, out_dir / "a.png").exit_code == 0
+    assert _run(runner, fake_model, out_dir / "b.png", "--tiled-vae").exit_code == 0
+    assert _run(runner, fake_model, out_dir / "c.png", "--tile-size", "256").exit_code == 0
+    tilings = [p.vae_tiling for p in fake_load]
+    assert tilings[0] is None
+    assert (tilings[1].tile, tilings[1].overlap) == (512, 64) and (tilings[2].tile, tilings[2].overlap) == (256, 64)
+
+
 def test_random_seed_is_printed_and_stored(
     runner: CliRunner, fake_model: Path, out_dir: Path, fake_load
 ) -> None:

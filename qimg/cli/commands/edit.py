@@ -10,7 +10,7 @@ import typer
 
 import qimg
 from qimg.cli.commands.generate import check_prompt_source, read_prompt_embeds, run_and_save
-from qimg.cli.options import MODEL_ENV, DType, check_device, require_model
+from qimg.cli.options import MODEL_ENV, DType, TiledVAE, TileOverlap, TileSize, check_device, require_model, tiling_from
 from qimg.cli.output import Output
 
 EXAMPLES = """\
@@ -58,6 +58,9 @@ def edit(
         typer.Option(callback=check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
     ] = None,
     dtype: Annotated[DType | None, typer.Option(help="Default: bfloat16 on CUDA, float32 on CPU.")] = None,
+    tiled_vae: TiledVAE = False,
+    tile_size: TileSize = None,
+    tile_overlap: TileOverlap = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     debug: Annotated[
@@ -75,6 +78,7 @@ def edit(
     model = require_model(model)
     check_prompt_source(prompt, prompt_embeds, negative)
     path = qimg.check_output_path(output, overwrite=overwrite)
+    tiling = tiling_from(tiled_vae, tile_size, tile_overlap)
     ref = qimg.resolve_model(model)
     if ref.spec.task != "edit":
         raise qimg.UsageError(f"{model} is a text-to-image model", hint="use qimg generate, or an edit model here")
@@ -94,4 +98,4 @@ def edit(
         notes.append(f"generating {size[0]}x{size[1]}, resampled to the input's {first[0]}x{first[1]}" if keep_size
                      else f"output is {size[0]}x{size[1]}, input is {first[0]}x{first[1]} (--keep-size to match)")
     run_and_save(out, ref, request, notes, "edit", inputs, extra, path, device=device, dtype=dtype,
-                 overwrite=overwrite)
+                 tiling=tiling, overwrite=overwrite)

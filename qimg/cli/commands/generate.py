@@ -6,12 +6,12 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 import qimg
-from qimg.cli.options import MODEL_ENV, DType, require_model
+from qimg.cli.options import MODEL_ENV, DType, TiledVAE, TileOverlap, TileSize, require_model, tiling_from
 from qimg.cli.options import check_device as _check_device
 from qimg.cli.output import Output
 
@@ -100,6 +100,9 @@ def generate(
             help="Embeddings from `qimg encode-prompt` instead of PROMPT; the text encoder is never loaded.",
         ),
     ] = None,
+    tiled_vae: TiledVAE = False,
+    tile_size: TileSize = None,
+    tile_overlap: TileOverlap = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     # Read by the error mapping in main.py (guarded), not here.
@@ -120,6 +123,7 @@ def generate(
         raise qimg.UsageError("--strength and --mask need --init-image", hint="add --init-image PICTURE")
     # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
     path = qimg.check_output_path(output, overwrite=overwrite)
+    tiling = tiling_from(tiled_vae, tile_size, tile_overlap)
     ref = qimg.resolve_model(model)
     if ref.spec.task != "t2i":
         raise qimg.UsageError(f"{model} is an edit model", hint="use: qimg edit PROMPT -i IMAGE -o OUT.png")
@@ -144,7 +148,7 @@ def generate(
         w, h = inputs["init_image"].size
         notes.append(f"init image is {w}x{h}; generating {request.width}x{request.height}")
     run_and_save(out, ref, request, notes, "generate", inputs, extra, path, device=device, dtype=dtype,
-                 overwrite=overwrite)
+                 tiling=tiling, overwrite=overwrite)
 
 
 def check_prompt_source(prompt: str | None, prompt_embeds: Path | None, negative: str | None) -> None:
@@ -177,6 +181,7 @@ def run_and_save(
     *,
     device: str | None,
     dtype: DType | None,
+    tiling: Any,
     overwrite: bool,
 ) -> None:
     """The part every image command shares: say what will run, load, denoise with a bar, write the PNG."""
@@ -186,7 +191,7 @@ def run_and_save(
     out.info(cfg_summary(request))
     started = time.perf_counter()
     with out.status(f"loading {ref.name}"):
-        pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None)
+        pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None, vae_tiling=tiling)
     out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
     with out.steps("denoising") as progress:
         images = getattr(pipe, method)(request=request, progress=progress, **inputs)

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 import qimg
-from qimg.cli.options import MODEL_ENV, DType, check_device, require_model
+from qimg.cli.options import MODEL_ENV, DType, TiledVAE, TileOverlap, TileSize, check_device, require_model, tiling_from
 from qimg.cli.output import Output
 
 HELP = "Work with the VAE alone: round-trip an image through it to see what it keeps."
@@ -47,20 +47,9 @@ def roundtrip(
     dtype: Annotated[
         DType | None, typer.Option(help="Compute dtype. Default: bfloat16 on CUDA, float32 on CPU.")
     ] = None,
-    tiled_vae: Annotated[
-        bool,
-        typer.Option("--tiled-vae", help="Encode and decode in overlapping tiles: large images in little memory."),
-    ] = False,
-    tile_size: Annotated[
-        int | None,
-        typer.Option("--tile-size", metavar="PX", help="Tile side in pixels, a multiple of 8 (implies --tiled-vae). "
-                     "Default: 512."),
-    ] = None,
-    tile_overlap: Annotated[
-        int | None,
-        typer.Option("--tile-overlap", metavar="PX", help="Overlap of neighbouring tiles in pixels, a multiple of 8 "
-                     "below the tile size (implies --tiled-vae). Default: 64."),
-    ] = None,
+    tiled_vae: TiledVAE = False,
+    tile_size: TileSize = None,
+    tile_overlap: TileOverlap = None,
     latents: Annotated[
         Path | None,
         typer.Option("--latents", metavar="FILE.safetensors",
@@ -84,9 +73,7 @@ def roundtrip(
     # Everything that can be wrong with the input fails here, before the VAE is loaded, and nothing is written.
     path = qimg.check_output_path(output, overwrite=overwrite)
     latents_path = qimg.check_latents_path(latents, overwrite=overwrite) if latents is not None else None
-    tiling = None
-    if tiled_vae or tile_size is not None or tile_overlap is not None:
-        tiling = qimg.make_tiling(512 if tile_size is None else tile_size, 64 if tile_overlap is None else tile_overlap)
+    tiling = tiling_from(tiled_vae, tile_size, tile_overlap)
     picture = qimg.open_image(image)
     ref = qimg.resolve_model(model)
 
