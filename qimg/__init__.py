@@ -14,10 +14,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qimg.batch import (
+    DEFAULT_NAME_TEMPLATE,
+    BatchEvent,
+    BatchItem,
+    BatchPlan,
+    BatchResult,
+    PromptFileError,
+    PromptLine,
+    plan_batch,
+    read_prompts,
+    run_batch,
+)
 from qimg.errors import QimgError, UsageError
 from qimg.loading.hub import ModelRef, resolve_model
 from qimg.png import check_output_path, open_image, read_params, save_png
 from qimg.request import GenerateRequest, make_request
+from qimg.safety import catch_signals, deferred_signals
 
 if TYPE_CHECKING:
     from qimg.embeddings import EmbeddingsFile
@@ -51,6 +64,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     *_LAZY,
+    "DEFAULT_NAME_TEMPLATE",
+    "BatchEvent",
+    "BatchItem",
+    "BatchPlan",
+    "BatchResult",
+    "PromptFileError",
+    "PromptLine",
+    "catch_signals",
+    "deferred_signals",
+    "plan_batch",
+    "read_prompts",
+    "run_batch",
     "GenerateRequest",
     "ModelRef",
     "QimgError",

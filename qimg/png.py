@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from qimg.errors import InputError, OutputError
 
 PARAMS_KEY = "qimg"  # one iTXt chunk with every parameter as JSON; single keys are written beside it for other tools
+A1111_KEY = "parameters"  # the chunk AUTOMATIC1111 and the tools that copy it read
 
 
 def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png") -> Path:
@@ -39,7 +41,10 @@ def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str 
 
 
 def save_png(image: Any, path: str | Path, params: dict[str, Any] | None = None, *, overwrite: bool = False) -> Path:
-    """Write a PIL image as PNG with `params` (default: image.info["qimg"]) in text chunks; atomic, no partial file."""
+    """Write a PIL image as PNG with `params` (default: image.info["qimg"]) in text chunks; atomic, no partial file.
+
+    Besides the qimg JSON chunk and one chunk per key, an A1111-style `parameters` chunk lets other tools
+    (image viewers, web UIs, model-sharing sites) show the prompt and seed."""
     from PIL.PngImagePlugin import PngInfo
 
     out = check_output_path(path, overwrite=overwrite)
@@ -48,7 +53,9 @@ def save_png(image: Any, path: str | Path, params: dict[str, Any] | None = None,
     for key, value in params.items():
         info.add_itxt(key, "" if value is None else str(value))
     info.add_itxt(PARAMS_KEY, json.dumps(params, ensure_ascii=False, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    if "prompt" in params and A1111_KEY not in params:
+        info.add_text(A1111_KEY, a1111_parameters(params))  # tEXt when Latin-1, else iTXt (as A1111 does)
+    fd, tmp = _open_temporary(out)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
@@ -63,14 +70,74 @@ def save_png(image: Any, path: str | Path, params: dict[str, Any] | None = None,
     return out
 
 
-def read_params(path: str | Path) -> dict[str, Any]:
-    """The parameters qimg stored in a PNG (empty if the file carries none)."""
-    from PIL import Image
+def _open_temporary(out: Path) -> tuple[int, str]:
+    """A new file beside `out` (same filesystem, so os.replace is atomic), named .NAME.<random>.tmp, which
+    safety.remove_stale_temporaries relies on after a killed run. Not tempfile.mkstemp: its files are 0600,
+    and os.replace would hand that mode to the image; os.open with 0o666 lets the umask decide, as for any
+    file the user writes."""
+    folder = out.parent if str(out.parent) else Path(".")
+    while True:
+        tmp = folder / f".{out.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
 
-    with Image.open(path) as im:
-        text = getattr(im, "text", {}) or {}
-        raw = text.get(PARAMS_KEY)
-    return json.loads(raw) if raw else {}
+
+def _a1111_quote(value: Any) -> str:
+    """A1111's infotext quoting: values holding a comma, colon or newline become JSON strings."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def a1111_parameters(params: dict[str, Any]) -> str:
+    """The A1111 `parameters` text: the prompt, a "Negative prompt:" line when there is one, then one line of
+    "Key: value" pairs. Qwen's default negative (a single space) is no negative to a reader, so it is left out;
+    the sampler is flow-matching Euler."""
+    text = str(params.get("prompt", ""))
+    negative = params.get("negative")
+    if negative is not None and str(negative).strip():
+        text += f"\nNegative prompt: {negative}"
+    model = params.get("model")
+    pairs = {
+        "Steps": params.get("steps"),
+        "Sampler": "Euler",
+        "CFG scale": params.get("cfg"),
+        "Seed": params.get("seed"),
+        "Size": f"{params['width']}x{params['height']}" if "width" in params and "height" in params else None,
+        "Model": (Path(str(model)).name or str(model)) if model else None,  # a folder's name, as A1111 shows
+        "Denoising strength": params.get("strength"),
+        "Version": f"qimg {params['qimg_version']}" if params.get("qimg_version") else None,
+    }
+    line = ", ".join(f"{key}: {_a1111_quote(value)}" for key, value in pairs.items() if value is not None)
+    return f"{text}\n{line}".strip()
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """The parameters qimg stored in a PNG (empty if the image carries none); a missing or unreadable file, or a
+    damaged chunk, is an InputError."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"{p} does not exist" if not p.exists() else f"{p} is not a file", hint="check the path")
+    try:
+        with Image.open(p) as im:
+            # info holds the text chunks before the pixels, where save_png puts them: no need to decode the image.
+            raw = im.info.get(PARAMS_KEY)
+            if raw is None and im.format == "PNG":
+                raw = (getattr(im, "text", None) or {}).get(PARAMS_KEY)  # chunks after the pixels (other writers)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"{p} is not a readable image ({e})", hint="give a PNG written by qimg") from e
+    if not raw:
+        return {}
+    try:
+        params = json.loads(raw)
+    except ValueError as e:
+        raise InputError(f"{p} has a damaged qimg parameter chunk ({e})") from e
+    if not isinstance(params, dict):
+        raise InputError(f"{p} has a damaged qimg parameter chunk (not a JSON object)")
+    return params
 
 
 def open_image(path: str | Path, what: str = "image") -> Any:

@@ -1,0 +1,472 @@
+"""Prompt-file batches: read a prompt file, plan every output (name, seed, already done or not) before any model
+loads, then run the plan with atomic PNGs, a manifest line per image, and interrupts that finish nothing half-way.
+
+Torch-free on purpose: the whole file is checked in milliseconds, so a typo on line 900 costs no GPU time.
+
+    lines = qimg.read_prompts("prompts.jsonl")
+    plan = qimg.plan_batch(qimg.resolve_model("Qwen-Image"), lines, "out/", seed=100)
+    result = qimg.run_batch(plan, lambda: qimg.load(plan.model_ref))
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import string
+import sys
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from qimg.errors import InputError, OutputError, QimgError, UsageError
+from qimg.png import check_output_path, read_params, save_png
+from qimg.request import GenerateRequest, make_request
+from qimg.safety import append_manifest, catch_signals, deferred_signals, folder_lock, remove_stale_temporaries
+
+FORMATS = ("txt", "jsonl", "csv")
+_EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+# Per-line keys and the type each must have; a line may leave any of them out except the prompt.
+LINE_FIELDS: dict[str, type] = {
+    "prompt": str, "negative": str, "seed": int, "width": int, "height": int, "steps": int, "cfg": float, "name": str,
+}  # fmt: skip
+# {name} is the line's own name when it has one, else "{index:04d}-{slug}": so the default names lines that
+# carry a name after it, and every other line after its position and prompt.
+DEFAULT_NAME_TEMPLATE = "{name}.png"
+TEMPLATE_FIELDS = ("index", "line", "name", "slug", "seed", "steps", "cfg", "width", "height")
+SLUG_LENGTH = 40
+MANIFEST_NAME = "manifest.jsonl"
+# What decides the pixels, so what an existing output must match to be skipped. Not the qimg version, the
+# device or the timing: an upgrade would otherwise re-render every asset set a cron job keeps, for numerical
+# noise rather than a different picture (--overwrite re-renders on purpose). The dtype counts only when asked
+# for explicitly (plan_batch(dtype=...)), since the default depends on the machine that runs the batch.
+COMPARED_KEYS = ("prompt", "negative", "seed", "steps", "cfg", "width", "height", "max_sequence_length", "strength",
+                 "model")
+
+
+class PromptFileError(UsageError):
+    """A prompt file, one of its lines, or the name template cannot be used as given (exit 2: nothing ran)."""
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """One prompt of a prompt file with its per-line overrides (None: use the command's option or default)."""
+
+    line: int  # 1-based line number in the file, for messages
+    prompt: str
+    negative: str | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    name: str | None = None
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: str | Path, fmt: str = "auto", *, stdin: TextIO | None = None) -> list[PromptLine]:
+    """Parse a prompt file ("-": standard input). fmt "auto" goes by the extension (.txt, .jsonl/.ndjson,
+    .csv); standard input and other extensions are sniffed: JSON Lines if the first prompt line starts with
+    "{", else plain text (CSV is never guessed: a prompt with a comma would look like one)."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise PromptFileError(f"unknown prompt file format {fmt!r}", hint=f"use one of auto, {', '.join(FORMATS)}")
+    if str(path) == "-":
+        source, text = "<stdin>", (stdin or sys.stdin).read().removeprefix("\ufeff")
+    else:
+        source = str(path)
+        p = Path(path).expanduser()
+        if not p.is_file():
+            what = "is a folder" if p.is_dir() else "does not exist"
+            raise PromptFileError(f"prompt file {p} {what}", hint="give a .txt, .jsonl or .csv file, or - for stdin")
+        try:
+            text = p.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise PromptFileError(f"{source} is not UTF-8 text (byte {e.start})", hint="save it as UTF-8") from e
+        except OSError as e:
+            raise PromptFileError(f"prompt file {source} cannot be read ({e.strerror})") from e
+    if fmt == "auto":
+        fmt = _EXTENSIONS.get(Path(source).suffix.lower(), "") if source != "<stdin>" else ""
+        fmt = fmt or _sniff(text)
+    lines = parse_prompts(text, fmt, source)
+    if not lines:
+        raise PromptFileError(f"{source} holds no prompts", hint="one prompt a line; # starts a comment")
+    return lines
+
+
+def _sniff(text: str) -> str:
+    for raw in io.StringIO(text):
+        s = raw.strip()
+        if s and not s.startswith("#"):
+            return "jsonl" if s.startswith("{") else "txt"
+    return "txt"
+
+
+def parse_prompts(text: str, fmt: str, source: str = "<prompts>") -> list[PromptLine]:
+    """Parse prompt-file text in a known format; errors name source:line."""
+    if fmt == "csv":
+        return _parse_csv(text, source)
+    lines = []
+    # StringIO splits on \n, \r\n and \r only, so line numbers match what editors show (str.splitlines
+    # would also split on form feeds and U+2028).
+    for number, raw in enumerate(io.StringIO(text, newline=None), 1):
+        s = raw.strip()
+        if not s or s.startswith("#"):  # JSON lines never start with "#", so comments are safe there too
+            continue
+        if fmt == "txt":
+            lines.append(PromptLine(number, s))
+            continue
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{source}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise PromptFileError(f"{source}:{number}: expected a JSON object like {{\"prompt\": \"a red fox\"}}")
+        lines.append(_make_line(obj, source, number, from_text=False))
+    return lines
+
+
+def _parse_csv(text: str, source: str) -> list[PromptLine]:
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    header: list[str] | None = None
+    lines, start = [], 1
+    try:
+        for row in reader:
+            number, start = start, reader.line_num + 1  # a quoted cell may span lines: report where the row begins
+            if not any(cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [cell.strip().lower() for cell in row]
+                unknown = [c for c in header if c not in LINE_FIELDS]
+                if unknown or len(set(header)) != len(header) or "prompt" not in header:
+                    what = f"unknown column {unknown[0]!r}" if unknown else (
+                        "no prompt column" if "prompt" not in header else "a column appears twice")
+                    raise PromptFileError(f"{source}:{number}: {what} in the header",
+                                          hint=f"columns: {', '.join(LINE_FIELDS)}")
+                continue
+            if len(row) > len(header):
+                raise PromptFileError(f"{source}:{number}: {len(row)} cells, but the header names {len(header)}",
+                                      hint="quote cells that contain commas")
+            values = {key: cell for key, cell in zip(header, row, strict=False) if cell.strip()}  # short rows: unset
+            lines.append(_make_line(values, source, number, from_text=True))
+    except csv.Error as e:
+        raise PromptFileError(f"{source}:{reader.line_num}: not valid CSV ({e})") from None
+    return lines
+
+
+def _make_line(values: dict[str, Any], source: str, number: int, *, from_text: bool) -> PromptLine:
+    """Check one line's keys and types; CSV cells arrive as text and are converted here."""
+    where = f"{source}:{number}"
+    unknown = sorted(set(values) - set(LINE_FIELDS))
+    if unknown:
+        raise PromptFileError(f"{where}: unknown key {unknown[0]!r}", hint=f"keys: {', '.join(LINE_FIELDS)}")
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue  # JSON null: as if the key were absent
+        kind = LINE_FIELDS[key]
+        if from_text and kind is not str:
+            try:
+                value = kind(value.strip())
+            except ValueError:
+                raise PromptFileError(f"{where}: {key} must be {_article(kind)} (got {value!r})") from None
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PromptFileError(f"{where}: {key} must be {_article(kind)} (got {json.dumps(value)})")
+        checked[key] = value
+    if "prompt" not in checked:
+        raise PromptFileError(f"{where}: no prompt", hint='every line needs one, e.g. {"prompt": "a red fox"}')
+    return PromptLine(number, **checked)
+
+
+def _article(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string"}[kind]
+
+
+# --- planning ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One planned output: what to generate, where, and whether it must run."""
+
+    index: int  # 0-based position among the prompts (not the file line)
+    line: int
+    name: str
+    path: Path
+    request: GenerateRequest
+    action: str  # "new", "replace" (parameters differ), "overwrite" (--overwrite) or "skip" (already done)
+    reason: str = ""  # for people: why replaced or skipped
+    notes: tuple[str, ...] = ()  # make_request's notes (snapped sizes)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Every output of a prompt file, decided before anything runs."""
+
+    source: str
+    folder: Path
+    model_ref: Any  # the qimg.ModelRef the batch was planned for
+    items: tuple[BatchItem, ...]
+
+    @property
+    def todo(self) -> list[BatchItem]:
+        return [item for item in self.items if item.action != "skip"]
+
+    @property
+    def skipped(self) -> list[BatchItem]:
+        return [item for item in self.items if item.action == "skip"]
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / MANIFEST_NAME
+
+
+def prompt_seed(prompt: str, occurrence: int = 0) -> int:
+    """The seed of a line that has none and no --seed base: the first 32 bits of SHA-256 of the prompt (UTF-8),
+    plus one for each earlier line with the same prompt. Stable across reruns and across edits elsewhere in
+    the file, and repeated prompts still give different pictures."""
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    return (int.from_bytes(digest[:4], "big") + occurrence) % 2**32
+
+
+def slugify(text: str, limit: int = SLUG_LENGTH) -> str:
+    """Lower-case words joined by "-", at most `limit` characters, cut at a word boundary; letters of any
+    script are kept (Qwen-Image prompts are often Chinese), everything else becomes a separator."""
+    slug = re.sub(r"[\W_]+", "-", unicodedata.normalize("NFKC", text).casefold()).strip("-")
+    if len(slug) > limit:
+        cut = slug[:limit]
+        slug = cut.rsplit("-", 1)[0] if "-" in cut else cut
+    return slug or "prompt"
+
+
+def check_name_template(template: str) -> None:
+    """Reject unknown fields (and attribute or index access) before any line is read."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise PromptFileError(f"--name-template {template!r}: {e}") from None
+    for _, field_name, _, _ in parsed:
+        if field_name is not None and field_name not in TEMPLATE_FIELDS:
+            raise PromptFileError(f"--name-template {template!r}: unknown field {{{field_name}}}",
+                                  hint="fields: " + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+
+
+def _check_name(name: str, where: str, template: str) -> None:
+    problem = None
+    if not name.lower().endswith(".png") or name.lower() == ".png":
+        problem = "does not end in .png"
+    elif any(c in "/\\" or unicodedata.category(c) == "Cc" for c in name):
+        problem = "contains a path separator or a control character"
+    elif name.startswith("."):
+        problem = "starts with a dot"  # hidden, and the namespace of qimg's temporary files
+    elif len(name.encode("utf-8")) > 255:
+        problem = "is longer than 255 bytes"
+    if problem:
+        raise PromptFileError(f"{where}: output name {name!r} {problem}",
+                              hint=f"check the line's name and --name-template {template!r}")
+
+
+def _stored_params(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_params(path) or None
+    except QimgError:
+        return None
+
+
+def plan_batch(
+    model_ref: Any,
+    lines: list[PromptLine],
+    folder: str | Path,
+    *,
+    source: str = "<prompts>",
+    name_template: str = DEFAULT_NAME_TEMPLATE,
+    seed: int | None = None,
+    overwrite: bool = False,
+    defaults: dict[str, Any] | None = None,
+    dtype: str | None = None,
+) -> BatchPlan:
+    """Validate every line against the model's spec and decide each output (see COMPARED_KEYS for "done").
+
+    model_ref: a qimg.ModelRef (its spec validates, its name is recorded and compared). seed: the base (line i
+    gets seed + i); without it and without a per-line seed, prompt_seed. defaults: the command's negative,
+    steps, cfg, width, height, used where a line leaves them out. Raises PromptFileError (exit 2) naming the
+    file and line; the command's own options are checked first and fail as they would for one image.
+    """
+    spec = model_ref.spec
+    defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+    check_name_template(name_template)
+    make_request(spec, "check", seed=seed, **defaults)  # a bad --steps is the option's fault, not line 1's
+    out = _check_folder(Path(folder).expanduser())
+    wanted_extra = {"model": model_ref.name, **({"dtype": dtype} if dtype else {})}
+    keys = COMPARED_KEYS + (("dtype",) if dtype else ())
+    items: list[BatchItem] = []
+    taken: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for index, pl in enumerate(lines):
+        where = f"{source}:{pl.line}"
+        occurrence = seen.get(pl.prompt, 0)
+        seen[pl.prompt] = occurrence + 1
+        line_seed = pl.seed if pl.seed is not None else (
+            seed + index if seed is not None else prompt_seed(pl.prompt, occurrence))
+        options = {k: getattr(pl, k) for k in ("negative", "steps", "cfg", "width", "height")}
+        options = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+        try:
+            request, notes = make_request(spec, pl.prompt, seed=line_seed, **options)
+        except InputError as e:
+            raise PromptFileError(f"{where}: {e.message}", hint=e.hint) from None
+        slug = slugify(pl.prompt)
+        own = re.sub(r"\.png$", "", pl.name, flags=re.IGNORECASE) if pl.name else None
+        fields = {"index": index, "line": pl.line, "slug": slug, "name": own or f"{index:04d}-{slug}",
+                  "seed": request.seed, "steps": request.steps, "cfg": request.cfg, "width": request.width,
+                  "height": request.height}
+        try:
+            name = name_template.format_map(fields)
+        except (ValueError, TypeError) as e:
+            raise PromptFileError(f"--name-template {name_template!r} fails on {where}: {e}") from None
+        _check_name(name, where, name_template)
+        folded = name.casefold()  # macOS and Windows folders do not tell "A.png" from "a.png"
+        if folded in taken:
+            raise PromptFileError(f"{where}: output name {name} is also the name of line {taken[folded]}",
+                                  hint="give the lines different names, or put {index} in --name-template")
+        taken[folded] = pl.line
+        path = out / name
+        if path.is_dir():
+            raise PromptFileError(f"{where}: {path} is a folder")
+        action, reason = "new", ""
+        if path.exists():
+            stored = _stored_params(path)
+            wanted = {**request.as_dict(), **wanted_extra}
+            differ = [k for k in keys if stored is not None and stored.get(k) != wanted.get(k)]
+            if overwrite:
+                action, reason = "overwrite", "--overwrite"
+            elif stored is None:
+                action, reason = "replace", "it carries no qimg parameters"
+            elif differ:
+                action, reason = "replace", f"{', '.join(differ)} differ"
+            else:
+                action, reason = "skip", "unchanged"
+        items.append(BatchItem(index, pl.line, name, path, request, action, reason, tuple(notes)))
+    plan = BatchPlan(source, out, model_ref, tuple(items))
+    if plan.todo:  # a real probe now, rather than the same failure on every line later
+        check_output_path((out if out.is_dir() else out.parent) / "qimg-write-probe.png", overwrite=True)
+    return plan
+
+
+def _check_folder(folder: Path) -> Path:
+    """The output folder may be missing (run_batch creates it) but its parent must exist: a typo in a cron
+    line should fail, not grow a tree of folders somewhere."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is not a folder", hint="with --prompts, -o names the output folder")
+    parent = folder if folder.exists() else folder.parent
+    if not parent.is_dir():
+        raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
+    return folder
+
+
+# --- running -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """What happened to one item; as_dict() is the --json line."""
+
+    kind: str  # "skipped", "start", "written" or "failed"
+    item: BatchItem
+    position: int  # 1-based among all items, for "[3/10]" displays
+    total: int
+    params: dict[str, Any] = field(default_factory=dict)  # written: everything stored in the PNG
+    error: QimgError | None = None
+    seconds: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        head = {"event": self.kind, "path": str(self.item.path), "index": self.item.index, "line": self.item.line}
+        if self.kind == "written":
+            return {**head, **self.params, "seconds": self.seconds}
+        if self.kind == "failed" and self.error is not None:
+            return {**head, "error": self.error.message, "hint": self.error.hint}
+        return {**head, "action": self.item.action, "reason": self.item.reason}
+
+
+@dataclass
+class BatchResult:
+    """What a batch run did."""
+
+    written: list[BatchItem] = field(default_factory=list)
+    skipped: list[BatchItem] = field(default_factory=list)
+    failed: list[tuple[BatchItem, QimgError]] = field(default_factory=list)
+
+
+Progress = Callable[[int, int], None]
+
+
+def run_batch(
+    plan: BatchPlan,
+    pipeline: Any,
+    *,
+    steps: Callable[[BatchItem], AbstractContextManager[Progress]] | None = None,
+    on_event: Callable[[BatchEvent], None] | None = None,
+    fail_fast: bool = False,
+) -> BatchResult:
+    """Run a plan: skip what is done, generate the rest in order, write each PNG atomically and then its
+    manifest line. pipeline: a loaded pipeline, or a function that loads one, called only when something is
+    left to generate (so a finished batch never loads the model). steps(item) gives a context manager that
+    yields a per-step progress callback. A QimgError on one item (e.g. NaN output) is reported as a "failed"
+    event and the batch goes on unless fail_fast. SIGINT and SIGTERM raise KeyboardInterrupt, never between
+    a PNG and its manifest line; the folder is locked against a second batch writing into it."""
+    result = BatchResult()
+    emit = on_event or (lambda event: None)
+    total = len(plan.items)
+    with catch_signals(), folder_lock(plan.folder, create=bool(plan.todo)):
+        remove_stale_temporaries(plan.folder, [item.name for item in plan.todo])
+        pipe = None
+        for position, item in enumerate(plan.items, 1):
+            if item.action == "skip":
+                result.skipped.append(item)
+                emit(BatchEvent("skipped", item, position, total))
+                continue
+            if pipe is None:
+                pipe = pipeline() if callable(pipeline) else pipeline
+            emit(BatchEvent("start", item, position, total))
+            started = time.perf_counter()
+            try:
+                params = _generate_one(plan, item, pipe, steps, started)
+            except QimgError as e:
+                result.failed.append((item, e))
+                emit(BatchEvent("failed", item, position, total, error=e))
+                if fail_fast:
+                    break
+                continue
+            result.written.append(item)
+            emit(BatchEvent("written", item, position, total, params, seconds=params["seconds"]))
+    return result
+
+
+def _generate_one(
+    plan: BatchPlan, item: BatchItem, pipe: Any, steps: Callable[..., Any] | None, started: float
+) -> dict[str, Any]:
+    with steps(item) if steps is not None else _no_steps() as progress:
+        images = pipe.generate(request=item.request, progress=progress)
+    image = images[0]
+    params = dict(image.info.get("qimg", {}))
+    # Both or neither: an interrupt arriving here waits until the PNG and its manifest line are written.
+    with deferred_signals():
+        save_png(image, item.path, params, overwrite=item.action != "new")
+        seconds = round(time.perf_counter() - started, 3)
+        record = {"path": item.name, "index": item.index, "line": item.line, "source": plan.source, **params,
+                  "seconds": seconds, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        append_manifest(plan.manifest, record)
+    return {**params, "seconds": seconds}
+
+
+@contextmanager
+def _no_steps() -> Iterator[None]:
+    yield None
