@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,17 +97,39 @@ def rope_table(angles: Tensor) -> Tensor:
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate adjacent channel pairs (x[2k], x[2k+1]) of x (B, L, H, D) by rope (L, D/2) complex64, in fp32.
 
-    One complex multiply is a single kernel; the real-arithmetic form costs several passes over q and k.
+    Eager: one complex multiply is a single kernel, where the real form costs several passes over q and k.
+    Compiled: the real form, which inductor fuses with the QK norm around it (complex tensors block fusion).
     """
+    if torch.compiler.is_compiling():
+        xf = x.float().unflatten(-1, (-1, 2))  # (B, L, H, D/2, 2)
+        a, b = xf[..., 0], xf[..., 1]
+        cos, sin = rope.real[None, :, None, :], rope.imag[None, :, None, :]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D/2)
     return torch.view_as_real(xc * rope[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """PyTorch's scaled_dot_product_attention on (B, L, H, D) tensors; mask: bool (B, L_k), True = attend."""
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    return out.transpose(1, 2)
+
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+_attention_impl: AttentionFn = sdpa
+
+
+def set_attention_impl(fn: AttentionFn) -> AttentionFn:
+    """Swap the kernel behind attention() (qimg.runtime.attention does this); returns the previous one."""
+    global _attention_impl
+    previous, _attention_impl = _attention_impl, fn
+    return previous
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Scaled dot-product attention (Vaswani et al. 2017); the engine's one call site.
+    """Scaled dot-product attention (Vaswani et al. 2017); the engine's one call site, so kernels are one switch.
 
     q, k, v: (B, L, H, D); mask: None or bool (B, L_k) with True = attend. Returns (B, L, H * D).
     """
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
-    return out.transpose(1, 2).flatten(2)
+    return _attention_impl(q, k, v, mask).flatten(2)

@@ -5,6 +5,8 @@ Module names are the official checkpoint key names, so the released weights load
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,6 +48,17 @@ def qwen_rope(
     return rope_table(rope_angles(positions, axes_dims, theta))
 
 
+@dataclass(frozen=True)
+class TextPadding:
+    """A batch of prompts padded to one length: row b has lengths[b] real text tokens, then padding.
+
+    Given instead of a mask, each row attends over its own real tokens only, with no mask at all: the fastest
+    kernels stay in play, and the lengths are Python ints, so compiled graphs stay static.
+    """
+
+    lengths: tuple[int, ...]
+
+
 class QwenAttention(nn.Module):
     """Joint attention over [text, image] with per-stream projections and QK RMSNorm."""
 
@@ -60,15 +73,34 @@ class QwenAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, c: Tensor, rope: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, c: Tensor, rope: Tensor, mask: Tensor | TextPadding | None
+    ) -> tuple[Tensor, Tensor]:
         heads = (-1, self.head_dim)
-        q = torch.cat([self.norm_added_q(self.add_q_proj(c).unflatten(-1, heads)),
-                       self.norm_q(self.to_q(x).unflatten(-1, heads))], dim=1)  # (B, Lt + Li, H, Dh)
-        k = torch.cat([self.norm_added_k(self.add_k_proj(c).unflatten(-1, heads)),
-                       self.norm_k(self.to_k(x).unflatten(-1, heads))], dim=1)
-        v = torch.cat([self.add_v_proj(c).unflatten(-1, heads), self.to_v(x).unflatten(-1, heads)], dim=1)
-        out = attention(apply_rope(q, rope), apply_rope(k, rope), v, mask)  # (B, Lt + Li, D)
-        c_out, x_out = out.split([c.shape[1], x.shape[1]], dim=1)
+        tq = self.norm_added_q(self.add_q_proj(c).unflatten(-1, heads))  # (B, Lt, H, Dh)
+        tk = self.norm_added_k(self.add_k_proj(c).unflatten(-1, heads))
+        tv = self.add_v_proj(c).unflatten(-1, heads)
+        iq = self.norm_q(self.to_q(x).unflatten(-1, heads))  # (B, Li, H, Dh)
+        ik = self.norm_k(self.to_k(x).unflatten(-1, heads))
+        iv = self.to_v(x).unflatten(-1, heads)
+        lt, li = c.shape[1], x.shape[1]
+        if isinstance(mask, TextPadding):
+            c_rows, x_rows = [], []
+            for b, n in enumerate(mask.lengths):
+                rows = slice(b, b + 1)
+                r = rope if n == lt else torch.cat([rope[:n], rope[lt:]])
+                q = apply_rope(torch.cat([tq[rows, :n], iq[rows]], dim=1), r)
+                k = apply_rope(torch.cat([tk[rows, :n], ik[rows]], dim=1), r)
+                out = attention(q, k, torch.cat([tv[rows, :n], iv[rows]], dim=1))  # (1, n + Li, D)
+                c_part, x_part = out.split([n, li], dim=1)
+                c_rows.append(F.pad(c_part, (0, 0, 0, lt - n)))  # padding rows: zeros, never read
+                x_rows.append(x_part)
+            c_out, x_out = torch.cat(c_rows), torch.cat(x_rows)
+        else:
+            q = apply_rope(torch.cat([tq, iq], dim=1), rope)  # (B, Lt + Li, H, Dh)
+            k = apply_rope(torch.cat([tk, ik], dim=1), rope)
+            out = attention(q, k, torch.cat([tv, iv], dim=1), mask)  # (B, Lt + Li, D)
+            c_out, x_out = out.split([lt, li], dim=1)
         return self.to_out[0](x_out), self.to_add_out(c_out)
 
 
@@ -84,7 +116,13 @@ class QwenBlock(nn.Module):
         self.txt_mlp = FeedForward(dim, 4 * dim)
 
     def forward(
-        self, x: Tensor, c: Tensor, temb: Tensor, rope: Tensor, mask: Tensor | None, n_target: int | None = None
+        self,
+        x: Tensor,
+        c: Tensor,
+        temb: Tensor,
+        rope: Tensor,
+        mask: Tensor | TextPadding | None,
+        n_target: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         # img_mod rows: [shift1 | scale1 | gate1 | shift2 | scale2 | gate2], each (B, D) -> (B, 1, D).
         img_mod = self.img_mod(temb)[:, None].chunk(6, dim=-1)
@@ -152,12 +190,13 @@ class QwenMMDiT(nn.Module):
         txt: Tensor,
         timestep: Tensor,
         rope: Tensor,
-        txt_mask: Tensor | None = None,
+        txt_mask: Tensor | TextPadding | None = None,
         n_target: int | None = None,
     ) -> Tensor:
         """img (B, Li, 64) packed latents (targets first, then any reference tokens); txt (B, Lt, txt_dim);
-        timestep (B,) in [0, 1]; rope from qwen_rope; txt_mask (B, Lt) bool or None; n_target = target token count
-        (needed by zero_cond_t models when reference tokens follow). Returns the velocity (B, Li, 64)."""
+        timestep (B,) in [0, 1]; rope from qwen_rope; txt_mask (B, Lt) bool, a TextPadding, or None;
+        n_target = target token count (needed by zero_cond_t models when reference tokens follow).
+        Returns the velocity (B, Li, 64)."""
         x = self.img_in(img)
         c = self.txt_in(self.txt_norm(txt))
         t = timestep.to(x.dtype)
@@ -167,8 +206,8 @@ class QwenMMDiT(nn.Module):
         else:
             n_target = None
         temb = self.time_text_embed(t, x.dtype)  # (B, D), or (2B, D) with zero_cond_t
-        mask = None
-        if txt_mask is not None:  # callers pass None when no text token is padding: no mask is cheaper
+        mask: Tensor | TextPadding | None = txt_mask if isinstance(txt_mask, TextPadding) else None
+        if isinstance(txt_mask, Tensor):  # callers pass None when no text token is padding: no mask is cheaper
             mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)
         for block in self.transformer_blocks:
             x, c = block(x, c, temb, rope, mask, n_target)

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from qimg.embeddings import EmbeddingsFile, PromptEmbeds
 from qimg.errors import InputError, NumericsError
 from qimg.loading import components
 from qimg.loading.hub import ModelRef
-from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope
+from qimg.nets.qwen_mmdit import QwenMMDiT, TextPadding, qwen_rope
 from qimg.nets.qwen_vae import QwenVAE, denormalize_latents, normalize_latents
 from qimg.pipelines.common import (
     Progress,
@@ -43,6 +44,18 @@ from qimg.sampling import (
 )
 
 
+def text_batch(prompts: Sequence[PromptEmbeds], dtype: torch.dtype) -> tuple[Tensor, TextPadding | None]:
+    """Stack prompt embeddings (1, L_i, D) into one batch padded to the longest.
+
+    Rows of different length come with a TextPadding, so each row attends over its own real tokens (as it
+    would alone) without an attention mask. Single prompts are never padded (their mask is all ones).
+    """
+    longest = max(p.embeds.shape[1] for p in prompts)
+    rows = [F.pad(p.embeds.to(dtype), (0, 0, 0, longest - p.embeds.shape[1])) for p in prompts]
+    lengths = tuple(p.embeds.shape[1] for p in prompts)
+    return torch.cat(rows), (None if all(n == longest for n in lengths) else TextPadding(lengths))
+
+
 def qwen_velocity(
     model: QwenMMDiT,
     dtype: torch.dtype,
@@ -51,27 +64,37 @@ def qwen_velocity(
     cfg: float,
     shapes: list[tuple[int, int, int]],
     refs: Tensor | None = None,
+    *,
+    batch_cfg: bool = True,
 ) -> Velocity:
     """The model as a velocity field over the target tokens, with true CFG when `uncond` is given.
 
     shapes: (frames, rows, cols) of the target token grid, then of each reference image; refs: the packed
     reference latents (1, L_ref, 64) appended after the target tokens (edit models), whose predictions are
-    dropped. RoPE tables are built once here, not per step.
+    dropped. With batch_cfg the conditional and unconditional branches run as one batch of two (every weight is
+    read once per step instead of twice); otherwise one after the other (less activation memory). RoPE tables
+    and the text batch are built once here, not per step.
     """
     p = model.params
     dev = cond.embeds.device
     n_target = shapes[0][0] * shapes[0][1] * shapes[0][2]
-    branches = []
-    for prompt in (cond, uncond) if uncond is not None else (cond,):
-        rope = qwen_rope(shapes, prompt.embeds.shape[1], p.axes_dims_rope, p.rope_theta).to(dev)
-        branches.append((prompt.embeds.to(dtype), prompt.mask, rope))
+    prompts = [cond] if uncond is None else [cond, uncond]
+    groups = [prompts] if batch_cfg else [[q] for q in prompts]
+    calls = []
+    for group in groups:
+        txt, mask = text_batch(group, dtype)
+        calls.append((txt, mask, qwen_rope(shapes, txt.shape[1], p.axes_dims_rope, p.rope_theta).to(dev)))
     refs_in = None if refs is None else refs.to(dev, dtype)
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
         # The timestep passes through the model dtype before and after /1000, as in diffusers (bit parity in bf16).
         t = ((sigma * 1000).to(dtype) / 1000).reshape(1)
         xin = x.to(dtype) if refs_in is None else torch.cat([x.to(dtype), refs_in], dim=1)
-        out = [model(xin, e, t, rope, m, n_target=n_target)[:, :n_target] for e, m, rope in branches]
+        out = []
+        for txt, mask, rope in calls:
+            b = txt.shape[0]
+            v = model(xin.expand(b, -1, -1), txt, t.expand(b), rope, mask, n_target=n_target)
+            out.extend(v[:, :n_target].split(1))
         return out[0] if len(out) == 1 else true_cfg(out[0], out[1], cfg)
 
     return velocity

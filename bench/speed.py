@@ -1,0 +1,185 @@
+"""The fast paths of the Qwen-Image MMDiT vs diffusers, in one process on the same random full-size weights.
+
+    python bench/speed.py --out bench/results/speed_h100.json [--no-compile] [--no-fp8]
+
+Rows (1024x1024: 4096 image tokens; prompt 128 text tokens, negative prompt 8):
+- forward, batch 1, no mask: diffusers eager / compiled (its compile_repeated_blocks), qimg eager with each
+  attention kernel, qimg compiled;
+- one CFG step: diffusers = two forwards (cond, uncond), qimg = one batch-of-two forward with a key mask;
+- FP8 compute (qimg only): forward batch 1 and CFG step, eager and compiled;
+plus the relative L2 error of each qimg variant's velocity against diffusers' bf16 output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qimg.embeddings import PromptEmbeds  # noqa: E402
+from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope  # noqa: E402
+from qimg.pipelines.qwen import text_batch  # noqa: E402
+from qimg.runtime.attention import use_attention  # noqa: E402
+from qimg.runtime.compile import compile_blocks  # noqa: E402
+from qimg.runtime.fp8 import apply_fp8, qwen_mmdit_fp8_layers  # noqa: E402
+from qimg.specs import QwenMMDiTParams  # noqa: E402
+
+
+def time_ms(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-fp8", action="store_true")
+    args = ap.parse_args()
+
+    from diffusers import QwenImageTransformer2DModel
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    params = QwenMMDiTParams(num_layers=args.layers)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(dev):
+        ref = QwenImageTransformer2DModel(num_layers=args.layers)
+    torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.02)
+    ref.eval().requires_grad_(False)
+    with torch.device("meta"):
+        ours = QwenMMDiT(params)
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    ours.eval().requires_grad_(False)
+
+    gen = torch.Generator(dev).manual_seed(1)
+    x = torch.randn(1, 4096, 64, device=dev, dtype=dtype, generator=gen)
+    cond = torch.randn(1, 128, 3584, device=dev, dtype=dtype, generator=gen)
+    uncond = torch.randn(1, 8, 3584, device=dev, dtype=dtype, generator=gen)
+    t1 = torch.full((1,), 0.5, device=dev, dtype=dtype)
+    t2 = t1.expand(2)
+    shapes = [(1, 64, 64)]
+    rope1 = qwen_rope(shapes, 128, params.axes_dims_rope).to(dev)
+    txt2, mask2 = text_batch([PromptEmbeds(cond), PromptEmbeds(uncond)], dtype)
+    x2 = x.expand(2, -1, -1)
+
+    rows: dict[str, dict] = {}
+
+    def measure(name: str, fn, warmup: int | None = None) -> None:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - started
+        times = time_ms(fn, args.warmup if warmup is None else warmup, args.repeats)
+        rows[name] = {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
+                      "first_call_s": round(first, 2),
+                      "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+        print(name, json.dumps(rows[name]), flush=True)
+
+    def d_fwd(txt, n):
+        return ref(hidden_states=x, encoder_hidden_states=txt, timestep=t1, img_shapes=[shapes],
+                   return_dict=False)[0]
+
+    def d_step():
+        return d_fwd(cond, 128), d_fwd(uncond, 8)
+
+    def q_fwd():
+        return ours(x, cond, t1, rope1)
+
+    def q_step():
+        return ours(x2, txt2, t2, rope2, mask2)
+
+    rope2 = qwen_rope(shapes, txt2.shape[1], params.axes_dims_rope).to(dev)
+    err: dict[str, float] = {}
+    with torch.inference_mode():
+        want = d_fwd(cond, 128).float()
+        want_u = d_fwd(uncond, 8).float()
+
+        def rel(name: str) -> None:
+            got = q_fwd().float()
+            err[name] = ((got - want).norm() / want.norm()).item()
+            pair = q_step().float()
+            err[name + " cfg-pair uncond"] = ((pair[1] - want_u).norm() / want_u.norm()).item()
+
+        measure("forward b1: diffusers eager", lambda: d_fwd(cond, 128))
+        measure("cfg step: diffusers eager (2 forwards)", d_step)
+        for backend in ("sdpa", "cudnn"):
+            use_attention(backend, dev)
+            rel(f"qimg eager {backend}")
+            measure(f"forward b1: qimg eager {backend}", q_fwd)
+            measure(f"cfg step: qimg eager {backend} (batch 2, mask)", q_step)
+        if not args.no_compile:
+            use_attention("cudnn", dev)
+            compile_blocks(ours)
+            rel("qimg compiled cudnn")
+            measure("forward b1: qimg compiled cudnn", q_fwd, warmup=2)
+            measure("cfg step: qimg compiled cudnn (batch 2, mask)", q_step, warmup=2)
+            ref.compile_repeated_blocks(fullgraph=True)
+            measure("forward b1: diffusers compiled", lambda: d_fwd(cond, 128), warmup=2)
+            measure("cfg step: diffusers compiled (2 forwards)", d_step, warmup=2)
+        if not args.no_fp8:
+            with torch.device("meta"):
+                ours = QwenMMDiT(params)  # fresh, uncompiled, still sharing the bf16 weights
+            ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+            ours.eval().requires_grad_(False)
+            n = apply_fp8(ours, qwen_mmdit_fp8_layers, compute=True)
+            print("fp8 linears", n, flush=True)
+            use_attention("cudnn", dev)
+            rel("qimg fp8 eager")
+            measure("forward b1: qimg fp8 eager", q_fwd)
+            measure("cfg step: qimg fp8 eager (batch 2, mask)", q_step)
+            if not args.no_compile:
+                compile_blocks(ours)
+                rel("qimg fp8 compiled")
+                measure("forward b1: qimg fp8 compiled", q_fwd, warmup=2)
+                measure("cfg step: qimg fp8 compiled (batch 2, mask)", q_step, warmup=2)
+
+    report = {
+        "benchmark": "qwen-image mmdit fast paths, 1024x1024, 128 + 8 text tokens",
+        "device": torch.cuda.get_device_name(dev),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "python": platform.python_version(),
+        "layers": args.layers,
+        "command": " ".join(["python", *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+        "rel_l2_vs_diffusers_bf16": err,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    for name, row in rows.items():
+        print(f"{name:<52}{row['median_ms']:>10} ms {row['peak_reserved_gib']:>7} GiB")
+    for name, e in err.items():
+        print(f"rel L2 {name:<45}{e:.4f}")
+
+
+if __name__ == "__main__":
+    main()

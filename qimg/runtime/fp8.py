@@ -1,0 +1,91 @@
+"""FP8 linears swapped in after loading: e4m3 weights with one scale per output channel, used two ways.
+
+- compute: activations quantised per token (dynamic scale) and multiplied on the FP8 tensor cores through
+  torch._scaled_mm with row-wise scales (Hopper / Ada); output and bias in bf16.
+- weights: FP8 storage only; each layer upcasts its weight to the compute dtype just before its matmul.
+
+Which linears are swapped is a predicate over module names. The default keeps every layer that users' black or
+NaN images come from in bf16: modulation, embeddings, norms, img_in / txt_in / proj_out / norm_out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+Predicate = Callable[[str, nn.Linear], bool]
+
+# Inside each transformer block: the attention projections and the MLPs (95% of the MMDiT's matmul FLOPs).
+_BLOCK_LINEARS = (
+    ".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj",
+    ".attn.to_out.0", ".attn.to_add_out", "_mlp.net.0.proj", "_mlp.net.2",
+)  # fmt: skip
+
+
+def qwen_mmdit_fp8_layers(name: str, module: nn.Linear) -> bool:
+    """The Qwen-Image MMDiT linears that tolerate FP8: attention projections and MLPs of the blocks."""
+    return name.startswith("transformer_blocks.") and name.endswith(_BLOCK_LINEARS)
+
+
+def quantize_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, K) -> (e4m3 values, fp32 scales (M, 1)) with x ~= values * scales; the scale maps each row's absmax
+    to the e4m3 maximum (a zero row gets scale 1 instead of dividing by zero)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_supported(device: torch.device | str) -> bool:
+    """FP8 tensor cores: compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class FP8Linear(nn.Module):
+    """A linear with e4m3 weights (per-output-channel scales) that computes in FP8 or only stores in FP8."""
+
+    def __init__(self, linear: nn.Linear, compute: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute = compute
+        self.out_dtype = linear.weight.dtype
+        w, scale = quantize_rowwise(linear.weight.detach())
+        self.register_buffer("weight_fp8", w)  # (N, K)
+        self.register_buffer("weight_scale", scale.reshape(1, -1))  # (1, N), fp32
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
+        return (self.weight_fp8.float() * self.weight_scale.t()).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.compute or x.device.type != "cuda":
+            # Storage mode, and CPU runs (no FP8 matmul there): upcast the weight; compute mode on CPU also
+            # quantises the activations so tests see the same rounding as the GPU path.
+            if self.compute:
+                q, s = quantize_rowwise(x.reshape(-1, self.in_features))
+                x = (q.float() * s).to(x.dtype).reshape(x.shape)
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        shape = x.shape
+        q, s = quantize_rowwise(x.reshape(-1, self.in_features))
+        out = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=s, scale_b=self.weight_scale, bias=self.bias,
+                               out_dtype=self.out_dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        mode = "compute" if self.compute else "weights"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8={mode}"
+
+
+def apply_fp8(model: nn.Module, predicate: Predicate, *, compute: bool) -> int:
+    """Replace every nn.Linear the predicate selects with an FP8Linear (freeing its bf16 weight); returns the count."""
+    chosen = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and predicate(name, m)]
+    for name, linear in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FP8Linear(linear, compute))
+        del linear
+    return len(chosen)
