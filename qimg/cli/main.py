@@ -19,6 +19,7 @@ import typer
 
 import qimg
 from qimg.cli.commands import edit, encode_prompt, generate, vae
+from qimg.cli.commands import info as info_command
 from qimg.cli.output import Output
 
 EXIT_OK = 0
@@ -128,6 +129,7 @@ app.command("encode-prompt", epilog=encode_prompt.EXAMPLES, no_args_is_help=True
     guarded(encode_prompt.encode_prompt)
 )
 app.add_typer(vae.build_app(guarded), name="vae")
+app.command("info", epilog=info_command.EXAMPLES, no_args_is_help=True)(guarded(info_command.info))
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 import qimg
+from qimg.cli.commands.batch import PromptsFormat, run_prompt_file
 from qimg.cli.options import MODEL_ENV, DType, TiledVAE, TileOverlap, TileSize, require_model, tiling_from
 from qimg.cli.options import check_device as _check_device
 from qimg.cli.output import Output
@@ -26,6 +27,10 @@ Examples:
   qimg generate "the same street at night" -o night.png --init-image street.png --strength 0.7
   qimg generate "a red door" -o door.png --init-image house.png --mask door-mask.png
   qimg generate -o fox.png --prompt-embeds fox.safetensors
+  qimg generate --from fox.png -o fox-50-steps.png --steps 50
+  qimg generate --prompts prompts.txt -o out/ --steps 30
+  qimg generate --prompts assets.jsonl -o assets/ --seed 100 --json > log.jsonl
+  grep -v draft ideas.txt | qimg generate --prompts - -o out/ --name-template "{index:03d}-{seed}.png"
 """
 
 def cfg_summary(request: qimg.GenerateRequest) -> str:
@@ -38,13 +43,17 @@ def cfg_summary(request: qimg.GenerateRequest) -> str:
 
 
 def generate(
-    ctx: typer.Context,  # unused here; the error mapping in main.py reads the root --debug from it
+    ctx: typer.Context,  # main.py's error mapping reads the root --debug; --from asks where --model came from
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", help="Where to write the PNG (must end in .png)."),
+        typer.Option(
+            "--output", "-o",
+            help="Where to write the PNG (must end in .png); with --prompts, the output folder (created if missing).",
+        ),
     ],
     prompt: Annotated[
-        str | None, typer.Argument(help="What to draw (omit it with --prompt-embeds).", show_default=False)
+        str | None,
+        typer.Argument(help="What to draw (omit it with --prompts, --prompt-embeds or --from).", show_default=False),
     ] = None,
     model: Annotated[
         str | None,
@@ -56,7 +65,9 @@ def generate(
         ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Random seed; random when omitted (and then printed).")
+        int | None,
+        typer.Option(help="Random seed; random when omitted (and then printed). With --prompts: a base, the "
+                     "prompt at index i (from 0) gets SEED + i."),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps. Default: the model's.")] = None,
     cfg: Annotated[
@@ -100,31 +111,114 @@ def generate(
             help="Embeddings from `qimg encode-prompt` instead of PROMPT; the text encoder is never loaded.",
         ),
     ] = None,
+    from_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--from", metavar="IMAGE",
+            help="Replay the parameters stored in a qimg PNG (prompt, negative, seed, steps, cfg, size, init image, "
+            "strength, mask, and the model unless --model is given); options given here win.",
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts", metavar="FILE",
+            help="One image per prompt of FILE (.txt, .jsonl, .csv; - reads stdin) into the folder -o.",
+        ),
+    ] = None,
+    prompts_format: Annotated[
+        PromptsFormat,
+        typer.Option(
+            "--prompts-format",
+            help="How to read --prompts. auto: by extension; stdin and other extensions are JSON Lines when the "
+            "first prompt line starts with {, else text (CSV is never guessed).",
+        ),
+    ] = PromptsFormat.auto,
+    name_template: Annotated[
+        str,
+        typer.Option(
+            "--name-template", metavar="TEMPLATE",
+            help="With --prompts: file names, Python format fields {index} (from 0), {line}, {name}, {slug}, "
+            "{seed}, {steps}, {cfg}, {width}, {height}. {name} is the line's name, else {index:04d}-{slug}.",
+        ),
+    ] = qimg.DEFAULT_NAME_TEMPLATE,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="With --prompts: stop at the first image that fails.")
+    ] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON object per image (written, skipped or failed) on stdout."),
+    ] = False,
     tiled_vae: TiledVAE = False,
     tile_size: TileSize = None,
     tile_overlap: TileOverlap = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace OUTPUT if it exists; with --prompts, regenerate even unchanged "
+                     "images."),
+    ] = False,
     # Read by the error mapping in main.py (guarded), not here.
     debug: Annotated[
         bool,
         typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
     ] = False,
 ) -> None:
-    """Generate an image from a text prompt.
+    """Generate an image from a text prompt, or one image per prompt of a file.
 
-    Writes one PNG with every parameter (prompt, seed, steps, cfg, size, model) in its text chunks,
-    so that `qimg` or any PNG reader can tell how it was made.
+    Every PNG carries its parameters (prompt, seed, steps, cfg, size, model) in text chunks, readable with
+    `qimg info`, replayable with --from, and shown by other tools through an A1111-style `parameters` chunk.
+
+    With --prompts FILE, -o is a folder. FILE is .txt (a prompt a line; blank lines and # comments skipped),
+    .jsonl (objects with "prompt" and optional "negative", "seed", "width", "height", "steps", "cfg", "name")
+    or .csv (a header row naming those columns). A line's values win over the options. The whole file is
+    checked before the model loads (a bad line: exit 2, nothing written). Seeds: the line's, else --seed + index,
+    else derived from the prompt text, so reruns give the same images. An existing image whose stored prompt,
+    negative, seed, steps, cfg, size and model match is skipped; one that differs is regenerated. Each image
+    written adds a line to FOLDER/manifest.jsonl. Ctrl-C or SIGTERM stops without half-written files (exit
+    130); the same command then finishes the rest. Exit 1 if any image failed.
     """
     out = Output(quiet=quiet)
+    check_sources(prompt, prompts, prompt_embeds, from_image, init_image, strength, mask)
+    tiling = tiling_from(tiled_vae, tile_size, tile_overlap)
+    if prompts is not None:
+        run_prompt_file(
+            out, prompts=prompts, prompts_format=prompts_format, folder=output, model=require_model(model),
+            name_template=name_template, seed=seed,
+            defaults={"negative": negative, "steps": steps, "cfg": cfg, "width": width, "height": height},
+            overwrite=overwrite, fail_fast=fail_fast, json_out=json_out, device=device,
+            dtype=dtype.value if dtype else None, tiling=tiling,
+        )
+        return
+    max_sequence_length = None
+    no_negative = False  # replaying an image made without a negative prompt (saved embeddings without one)
+    if from_image is not None:
+        stored = qimg.read_params(from_image)
+        if not stored:
+            raise qimg.QimgError(f"{from_image} carries no qimg parameters", hint="only PNGs written by qimg replay")
+        if prompt is None and prompt_embeds is None and not stored.get("prompt"):
+            raise qimg.QimgError(f"{from_image} holds no prompt to replay", hint="it was not made by qimg generate")
+        if not _on_command_line(ctx, "model") and stored.get("model"):
+            model = str(stored["model"])  # the stored model beats QIMG_MODEL: a replay should be the same image
+        if prompt is None and prompt_embeds is None:
+            prompt = stored.get("prompt")
+        if negative is None and prompt_embeds is None:
+            negative = stored.get("negative")
+            no_negative = "negative" in stored and stored["negative"] is None
+        seed = stored.get("seed") if seed is None else seed
+        steps = stored.get("steps") if steps is None else steps
+        cfg = stored.get("cfg") if cfg is None else cfg
+        width = stored.get("width") if width is None else width
+        height = stored.get("height") if height is None else height
+        max_sequence_length = stored.get("max_sequence_length")
+        init_image = Path(stored["init_image"]) if init_image is None and stored.get("init_image") else init_image
+        mask = Path(stored["mask"]) if mask is None and stored.get("mask") else mask
+        strength = stored.get("strength") if strength is None and init_image is not None else strength
     model = require_model(model)
     check_prompt_source(prompt, prompt_embeds, negative)
-    if init_image is None and (strength is not None or mask is not None):
-        raise qimg.UsageError("--strength and --mask need --init-image", hint="add --init-image PICTURE")
     # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
     path = qimg.check_output_path(output, overwrite=overwrite)
-    tiling = tiling_from(tiled_vae, tile_size, tile_overlap)
-    ref = qimg.resolve_model(model)
+    ref = _resolve(model, from_image if not _on_command_line(ctx, "model") else None)
     if ref.spec.task != "t2i":
         raise qimg.UsageError(f"{model} is an edit model", hint="use: qimg edit PROMPT -i IMAGE -o OUT.png")
     inputs: dict = {}
@@ -141,14 +235,56 @@ def generate(
     request, notes = qimg.make_request(
         ref.spec, prompt or "", negative=negative, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
         strength=strength, init_size=inputs["init_image"].size if init_image is not None else None,
+        max_sequence_length=max_sequence_length,
     )
-    if prompt_embeds is not None and inputs["embeddings"].uncond is None:
+    if no_negative or (prompt_embeds is not None and inputs["embeddings"].uncond is None):
         request = dataclasses.replace(request, negative=None)  # saved without a negative: CFG cannot run
     if init_image is not None and (request.width, request.height) != inputs["init_image"].size:
         w, h = inputs["init_image"].size
         notes.append(f"init image is {w}x{h}; generating {request.width}x{request.height}")
     run_and_save(out, ref, request, notes, "generate", inputs, extra, path, device=device, dtype=dtype,
-                 tiling=tiling, overwrite=overwrite)
+                 tiling=tiling, overwrite=overwrite, json_out=json_out)
+
+
+def check_sources(
+    prompt: str | None,
+    prompts: Path | None,
+    prompt_embeds: Path | None,
+    from_image: Path | None,
+    init_image: Path | None,
+    strength: float | None,
+    mask: Path | None,
+) -> None:
+    """PROMPT, --prompts and --prompt-embeds exclude each other; --from fills in what is missing."""
+    if prompt is None and prompts is None and prompt_embeds is None and from_image is None:
+        raise qimg.UsageError("give PROMPT, --prompts FILE, --prompt-embeds FILE or --from IMAGE",
+                              hint='e.g. qimg generate "a red fox" -o fox.png')
+    if prompts is not None:
+        others = [name for name, value in (("PROMPT", prompt), ("--prompt-embeds", prompt_embeds),
+                                           ("--from", from_image), ("--init-image", init_image),
+                                           ("--strength", strength), ("--mask", mask)) if value is not None]
+        if others:
+            raise qimg.UsageError(f"--prompts cannot be combined with {others[0]}",
+                                  hint="per-line values go into the prompt file (negative, seed, steps, cfg, size)")
+    elif init_image is None and from_image is None and (strength is not None or mask is not None):
+        raise qimg.UsageError("--strength and --mask need --init-image", hint="add --init-image PICTURE")
+
+
+def _on_command_line(ctx: Any, name: str) -> bool:
+    """Whether option `name` was typed (not taken from the environment or its default)."""
+    source = ctx.get_parameter_source(name) if hasattr(ctx, "get_parameter_source") else None
+    return getattr(source, "name", "") == "COMMANDLINE"
+
+
+def _resolve(model: str, replayed_from: Path | None) -> qimg.ModelRef:
+    """resolve_model, saying where the model came from when --from chose it (a path from another machine)."""
+    try:
+        return qimg.resolve_model(model)
+    except qimg.QimgError as e:
+        if replayed_from is None:
+            raise
+        raise type(e)(f"{e.message} (the model recorded in {replayed_from})",
+                      hint="pass --model to replay it with another copy of the model") from None
 
 
 def check_prompt_source(prompt: str | None, prompt_embeds: Path | None, negative: str | None) -> None:
@@ -183,6 +319,7 @@ def run_and_save(
     dtype: DType | None,
     tiling: Any,
     overwrite: bool,
+    json_out: bool = False,
 ) -> None:
     """The part every image command shares: say what will run, load, denoise with a bar, write the PNG."""
     for note in notes:
@@ -190,11 +327,16 @@ def run_and_save(
     out.info(f"seed: {request.seed}")  # always: a random seed is otherwise lost with the terminal
     out.info(cfg_summary(request))
     started = time.perf_counter()
-    with out.status(f"loading {ref.name}"):
-        pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None, vae_tiling=tiling)
-    out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
-    with out.steps("denoising") as progress:
-        images = getattr(pipe, method)(request=request, progress=progress, **inputs)
-    images[0].info.setdefault("qimg", {}).update(extra)
-    qimg.save_png(images[0], path, overwrite=overwrite)
+    # SIGTERM as Ctrl-C: save_png's cleanup then runs, so a killed run leaves no temporary file.
+    with qimg.catch_signals():
+        with out.status(f"loading {ref.name}"):
+            pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None, vae_tiling=tiling)
+        out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
+        with out.steps("denoising") as progress:
+            images = getattr(pipe, method)(request=request, progress=progress, **inputs)
+        params = images[0].info.setdefault("qimg", {})
+        params.update(extra)
+        qimg.save_png(images[0], path, overwrite=overwrite)
     out.info(f"wrote {path} (seed {request.seed}, {time.perf_counter() - started:.1f} s)")
+    if json_out:
+        typer.echo(json.dumps({"event": "written", "path": str(path), **params}, ensure_ascii=False))

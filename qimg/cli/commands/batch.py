@@ -1,0 +1,96 @@
+"""qimg generate --prompts: the prompt-file half of generate. A thin layer over qimg.read_prompts, plan_batch and
+run_batch: it renders their events as lines for people (stderr) and, with --json, one object per image (stdout)."""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+import qimg
+from qimg.cli.output import Output
+
+
+class PromptsFormat(str, Enum):
+    """How --prompts is read; auto: by extension, else sniffed (JSON Lines if the first line starts with {)."""
+
+    auto = "auto"
+    txt = "txt"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+def run_prompt_file(
+    out: Output,
+    *,
+    prompts: Path,
+    prompts_format: PromptsFormat,
+    folder: Path,
+    model: str,
+    name_template: str,
+    seed: int | None,
+    defaults: dict[str, Any],
+    overwrite: bool,
+    fail_fast: bool,
+    json_out: bool,
+    device: str | None,
+    dtype: str | None,
+    tiling: Any,
+) -> None:
+    """Check the whole file and plan every output, load the model once (only if something is left to do), run."""
+    if folder.suffix.lower() == ".png":
+        raise qimg.UsageError(f"with --prompts, -o names a folder (got {folder})", hint="e.g. -o out/")
+    lines = qimg.read_prompts(prompts, prompts_format.value)
+    ref = qimg.resolve_model(model)
+    if ref.spec.task != "t2i":
+        raise qimg.UsageError(f"{model} is an edit model", hint="prompt files run with text-to-image models")
+    source = "<stdin>" if str(prompts) == "-" else str(prompts)
+    plan = qimg.plan_batch(
+        ref, lines, folder, source=source, name_template=name_template, seed=seed, overwrite=overwrite,
+        defaults=defaults, dtype=dtype,
+    )
+    for item in plan.items:
+        for note in item.notes:
+            out.warn(f"{source}:{item.line}: {note}")
+    out.info(f"{len(plan.items)} prompts from {source}: {len(plan.todo)} to generate, "
+             f"{len(plan.skipped)} already done")
+    started = time.perf_counter()
+
+    def load() -> Any:
+        load_started = time.perf_counter()
+        with out.status(f"loading {ref.name}"):
+            pipe = qimg.load(ref, device=device, dtype=dtype, vae_tiling=tiling)
+        out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - load_started:.1f} s")
+        return pipe
+
+    def steps(item: qimg.BatchItem) -> Any:
+        return out.steps(f"[{item.index + 1}/{len(plan.items)}] {item.name}")
+
+    def on_event(event: qimg.BatchEvent) -> None:
+        item, tag = event.item, f"[{event.position}/{event.total}]"
+        if event.kind == "skipped":
+            out.info(f"{tag} skipped {item.path} (seed {item.request.seed}, {item.reason})")
+        elif event.kind == "start" and item.action != "new":
+            out.info(f"{tag} regenerating {item.path} ({item.reason})")
+        elif event.kind == "written":
+            out.info(f"{tag} wrote {item.path} (seed {item.request.seed}, {event.seconds:.1f} s)")
+        elif event.kind == "failed" and event.error is not None:
+            out.error(f"{source}:{item.line}: {event.error.message}", event.error.hint)
+        if json_out and event.kind != "start":
+            typer.echo(json.dumps(event.as_dict(), ensure_ascii=False))  # echo flushes: consumers see it now
+
+    result = qimg.run_batch(plan, load, steps=steps, on_event=on_event, fail_fast=fail_fast)
+    counts = f"{len(result.written)} written, {len(result.skipped)} skipped, {len(result.failed)} failed"
+    manifest = f"; manifest {plan.manifest}" if result.written else ""
+    out.info(f"done: {counts} in {time.perf_counter() - started:.1f} s{manifest}")
+    if result.failed:
+        stopped = len(plan.todo) - len(result.written) - len(result.failed)
+        raise qimg.QimgError(
+            f"{len(result.failed)} of {len(plan.items)} images failed"
+            + (f"; stopped with {stopped} not run (--fail-fast)" if stopped else ""),
+            hint="rerun the same command to retry: finished images are skipped",
+        )
