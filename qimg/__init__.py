@@ -96,15 +96,27 @@ __all__ = [
 
 
 def load(
-    model: str | ModelRef, *, device: str | None = None, dtype: str | None = None, vae_tiling: Tiling | None = None
+    model: str | ModelRef,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    vae_tiling: Tiling | None = None,
+    attention: str = "auto",
+    compile: bool = False,
+    fp8: str | None = None,
 ) -> QwenImagePipeline:
     """Load a model folder (diffusers layout) onto `device` (default: cuda if present, else cpu) in `dtype`
     (default: bfloat16 on CUDA, float32 on CPU). Returns a pipeline whose .generate() (text-to-image models) or
-    .edit() (edit models) returns PIL images. vae_tiling=qimg.Tiling(512, 64) encodes and decodes by tiles."""
+    .edit() (edit models) returns PIL images.
+
+    vae_tiling=qimg.Tiling(512, 64) encodes and decodes by tiles; attention picks the kernel (auto, sdpa, cudnn,
+    flash, sage; process-wide); compile=True compiles the repeated blocks (slow first call, cached on disk);
+    fp8="compute" runs the block linears on FP8 tensor cores (Ada/Hopper), fp8="weights" only stores them in FP8."""
     from qimg.pipelines import load_pipeline
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
-    return load_pipeline(ref, device=device, dtype=dtype, vae_tiling=vae_tiling)
+    return load_pipeline(ref, device=device, dtype=dtype, vae_tiling=vae_tiling, attention=attention,
+                         compile=compile, fp8=fp8)
 
 
 def generate(model: str, prompt: str, *, device: str | None = None, dtype: str | None = None, **options: Any) -> list:

@@ -30,6 +30,10 @@ from qimg.pipelines.common import (
 )
 from qimg.pipelines.prompts import QwenPromptEncoder
 from qimg.request import GenerateRequest, calculate_dimensions, img2img_start, make_request
+from qimg.runtime.attention import resolve as resolve_attention
+from qimg.runtime.attention import use_attention
+from qimg.runtime.compile import compile_blocks
+from qimg.runtime.fp8 import apply_fp8, fp8_supported, qwen_mmdit_fp8_layers
 from qimg.runtime.tiling import Tiling, decode_tiled, encode_tiled
 from qimg.sampling import (
     FlowSchedule,
@@ -325,23 +329,54 @@ def run_qwen_edit(
     return _check_finite(denoise(velocity, x, sigmas, progress))
 
 
+FP8_MODES = ("compute", "weights")
+
+
+def check_runtime_options(device: torch.device, attention: str, fp8: str | None) -> None:
+    """Refuse, before any weight is read, what this machine cannot run (one line each, exit 1)."""
+    if fp8 is not None:
+        if fp8 not in FP8_MODES:
+            raise InputError(f"unknown FP8 mode {fp8!r}", hint=f"use one of {', '.join(FP8_MODES)}")
+        if fp8 == "compute" and not fp8_supported(device):
+            raise InputError(
+                f"--fp8 compute needs an FP8 GPU (Ada or Hopper, compute capability 8.9+); {device} has none",
+                hint="use --fp8 weights (FP8 storage, bf16 compute) or leave FP8 off",
+            )
+    try:
+        resolve_attention(attention, device)
+    except (ValueError, ImportError) as e:
+        raise InputError(str(e), hint="--attention sdpa works everywhere") from e
+
+
 def load_pipeline(
     ref: ModelRef,
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     vae_tiling: Tiling | None = None,
+    attention: str = "auto",
+    compile: bool = False,
+    fp8: str | None = None,
 ) -> QwenImagePipeline:
-    """Load a Qwen-Image model folder onto one device (the text encoder follows on first use)."""
+    """Load a Qwen-Image model folder onto one device (the text encoder follows on first use), then apply the
+    runtime features asked for: the attention kernel (process-wide), FP8 linears, regional compile."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    check_runtime_options(dev, attention, fp8)
     root = ref.path
     vae = components.load_qwen_vae(root / "vae", device=dev, dtype=dt)
     # channels-last convs: 1.3x faster VAE decode with less memory on an H100 (bench/results/vae_h100.json).
     vae = vae.to(memory_format=torch.channels_last)
+    transformer = components.load_qwen_mmdit(root / "transformer", device=dev, dtype=dt)
+    use_attention(attention, dev)
+    if fp8 is not None:
+        apply_fp8(transformer, qwen_mmdit_fp8_layers, compute=fp8 == "compute")
+    if compile:
+        compile_blocks(transformer)
+        vae.decoder.compile()
     return QwenImagePipeline(
         ref=ref,
-        transformer=components.load_qwen_mmdit(root / "transformer", device=dev, dtype=dt),
+        transformer=transformer,
         vae=vae,
         schedule=components.load_schedule(root / "scheduler"),
         prompts=QwenPromptEncoder(ref, dev, dt),

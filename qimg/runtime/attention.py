@@ -56,9 +56,16 @@ def _sage_impl() -> layers.AttentionFn:
     return sage
 
 
+_IMPLS = {"sdpa": lambda: layers.sdpa, "cudnn": lambda: _sdpa_cudnn, "flash": _flash_impl, "sage": _sage_impl}
+
+
 def resolve(name: str, device: torch.device) -> str:
-    """The backend `auto` means on this device: flash-attn when installed, else cuDNN SDPA on CUDA, else SDPA."""
+    """The backend a name means on this device (`auto`: flash-attn when installed, else cuDNN SDPA on CUDA,
+    else SDPA); raises ValueError for an unknown name and ImportError when an optional kernel is missing."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name != "auto":
+        _IMPLS[name]()  # imports the optional package now, so a missing one fails before any loading
         return name
     if device.type != "cuda":
         return "sdpa"
@@ -71,9 +78,6 @@ def resolve(name: str, device: torch.device) -> str:
 
 def use_attention(name: str, device: torch.device | str = "cpu") -> str:
     """Install the named attention kernel for the whole engine; returns the backend actually used."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
     chosen = resolve(name, torch.device(device))
-    impl = {"sdpa": lambda: layers.sdpa, "cudnn": lambda: _sdpa_cudnn, "flash": _flash_impl, "sage": _sage_impl}
-    layers.set_attention_impl(impl[chosen]())
+    layers.set_attention_impl(_IMPLS[chosen]())
     return chosen

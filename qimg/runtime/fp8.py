@@ -19,7 +19,8 @@ from torch import Tensor, nn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 Predicate = Callable[[str, nn.Linear], bool]
 
-# Inside each transformer block: the attention projections and the MLPs (95% of the MMDiT's matmul FLOPs).
+# Inside each transformer block: the attention projections and the MLPs (all the matmul FLOPs that grow with
+# the token count; the modulation linears see one row per sample).
 _BLOCK_LINEARS = (
     ".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj",
     ".attn.to_out.0", ".attn.to_add_out", "_mlp.net.0.proj", "_mlp.net.2",
