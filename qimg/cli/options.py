@@ -60,3 +60,54 @@ def tiling_from(tiled_vae: bool, tile_size: int | None, tile_overlap: int | None
     if not (tiled_vae or tile_size is not None or tile_overlap is not None):
         return None
     return qimg.make_tiling(512 if tile_size is None else tile_size, 64 if tile_overlap is None else tile_overlap)
+
+
+class AttentionKernel(str, Enum):
+    """Attention kernels (qimg.runtime.attention)."""
+
+    auto = "auto"
+    sdpa = "sdpa"
+    cudnn = "cudnn"
+    flash = "flash"
+    sage = "sage"
+
+
+class FP8Mode(str, Enum):
+    """FP8 linears in the transformer blocks (qimg.runtime.fp8)."""
+
+    compute = "compute"
+    weights = "weights"
+
+
+Attention = Annotated[
+    AttentionKernel,
+    typer.Option(help="Attention kernel: auto (flash-attn if installed, else cuDNN on CUDA), sdpa, cudnn, "
+                 "flash (needs flash-attn), sage (needs sageattention)."),
+]
+Compile = Annotated[
+    bool,
+    typer.Option("--compile", help="torch.compile the repeated transformer block (first run compiles for a "
+                 "minute; later runs reuse the cached kernels)."),
+]
+FP8 = Annotated[
+    FP8Mode | None,
+    typer.Option("--fp8", help="compute: run the block linears on FP8 tensor cores (Ada/Hopper GPUs); "
+                 "weights: store them in FP8, compute in bf16. Default: off."),
+]
+
+
+def runtime_options(
+    tiled_vae: bool,
+    tile_size: int | None,
+    tile_overlap: int | None,
+    attention: AttentionKernel,
+    compile: bool,
+    fp8: FP8Mode | None,
+) -> dict[str, Any]:
+    """qimg.load keyword arguments for the features applied after loading; bad tile sizes fail here."""
+    return {
+        "vae_tiling": tiling_from(tiled_vae, tile_size, tile_overlap),
+        "attention": attention.value,
+        "compile": compile,
+        "fp8": fp8.value if fp8 else None,
+    }

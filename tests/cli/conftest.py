@@ -80,9 +80,10 @@ def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[FakePipeline]:
     """Replace qimg.load with one that returns FakePipelines; the list collects them for inspection."""
     made: list[FakePipeline] = []
 
-    def load(model: Any, *, device: str | None = None, dtype: str | None = None, vae_tiling: Any = None) -> Any:
+    def load(model: Any, *, device: str | None = None, dtype: str | None = None, **options: Any) -> Any:
         made.append(FakePipeline(model, device, dtype))
-        made[-1].vae_tiling = vae_tiling
+        made[-1].options = options  # vae_tiling, attention, compile, fp8: the runtime features asked for
+        made[-1].vae_tiling = options.get("vae_tiling")
         return made[-1]
 
     monkeypatch.setattr(qimg, "load", load)

@@ -55,6 +55,17 @@ def test_tiled_vae_options_reach_the_loader(runner: CliRunner, fake_model: Path,
     assert (tilings[1].tile, tilings[1].overlap) == (512, 64) and (tilings[2].tile, tilings[2].overlap) == (256, 64)
 
 
+def test_runtime_options_reach_the_loader(runner: CliRunner, fake_model: Path, out_dir: Path, fake_load: list):
+    assert _run(runner, fake_model, out_dir / "a.png").exit_code == 0
+    result = _run(runner, fake_model, out_dir / "b.png", "--attention", "sdpa", "--compile", "--fp8", "compute")
+    assert result.exit_code == 0, result.output
+    assert fake_load[0].options == {"vae_tiling": None, "attention": "auto", "compile": False, "fp8": None}
+    assert {k: fake_load[1].options[k] for k in ("attention", "compile", "fp8")} == {
+        "attention": "sdpa", "compile": True, "fp8": "compute"}
+    bad = _run(runner, fake_model, out_dir / "c.png", "--fp8", "int4")
+    assert bad.exit_code == 2 and len(fake_load) == 2
+
+
 def test_random_seed_is_printed_and_stored(
     runner: CliRunner, fake_model: Path, out_dir: Path, fake_load
 ) -> None:

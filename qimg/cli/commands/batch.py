@@ -39,7 +39,7 @@ def run_prompt_file(
     json_out: bool,
     device: str | None,
     dtype: str | None,
-    tiling: Any,
+    runtime: dict[str, Any],
 ) -> None:
     """Check the whole file and plan every output, load the model once (only if something is left to do), run."""
     if folder.suffix.lower() == ".png":
@@ -63,7 +63,7 @@ def run_prompt_file(
     def load() -> Any:
         load_started = time.perf_counter()
         with out.status(f"loading {ref.name}"):
-            pipe = qimg.load(ref, device=device, dtype=dtype, vae_tiling=tiling)
+            pipe = qimg.load(ref, device=device, dtype=dtype, **runtime)
         out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - load_started:.1f} s")
         return pipe
 

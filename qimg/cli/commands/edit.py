@@ -10,7 +10,20 @@ import typer
 
 import qimg
 from qimg.cli.commands.generate import check_prompt_source, read_prompt_embeds, run_and_save
-from qimg.cli.options import MODEL_ENV, DType, TiledVAE, TileOverlap, TileSize, check_device, require_model, tiling_from
+from qimg.cli.options import (
+    FP8,
+    MODEL_ENV,
+    Attention,
+    AttentionKernel,
+    Compile,
+    DType,
+    TiledVAE,
+    TileOverlap,
+    TileSize,
+    check_device,
+    require_model,
+    runtime_options,
+)
 from qimg.cli.output import Output
 
 EXAMPLES = """\
@@ -61,6 +74,9 @@ def edit(
     tiled_vae: TiledVAE = False,
     tile_size: TileSize = None,
     tile_overlap: TileOverlap = None,
+    attention: Attention = AttentionKernel.auto,
+    compile: Compile = False,
+    fp8: FP8 = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     debug: Annotated[
@@ -78,7 +94,7 @@ def edit(
     model = require_model(model)
     check_prompt_source(prompt, prompt_embeds, negative)
     path = qimg.check_output_path(output, overwrite=overwrite)
-    tiling = tiling_from(tiled_vae, tile_size, tile_overlap)
+    runtime = runtime_options(tiled_vae, tile_size, tile_overlap, attention, compile, fp8)
     ref = qimg.resolve_model(model)
     if ref.spec.task != "edit":
         raise qimg.UsageError(f"{model} is a text-to-image model", hint="use qimg generate, or an edit model here")
@@ -98,4 +114,4 @@ def edit(
         notes.append(f"generating {size[0]}x{size[1]}, resampled to the input's {first[0]}x{first[1]}" if keep_size
                      else f"output is {size[0]}x{size[1]}, input is {first[0]}x{first[1]} (--keep-size to match)")
     run_and_save(out, ref, request, notes, "edit", inputs, extra, path, device=device, dtype=dtype,
-                 tiling=tiling, overwrite=overwrite)
+                 runtime=runtime, overwrite=overwrite)

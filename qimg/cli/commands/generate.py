@@ -12,7 +12,19 @@ import typer
 
 import qimg
 from qimg.cli.commands.batch import PromptsFormat, run_prompt_file
-from qimg.cli.options import MODEL_ENV, DType, TiledVAE, TileOverlap, TileSize, require_model, tiling_from
+from qimg.cli.options import (
+    FP8,
+    MODEL_ENV,
+    Attention,
+    AttentionKernel,
+    Compile,
+    DType,
+    TiledVAE,
+    TileOverlap,
+    TileSize,
+    require_model,
+    runtime_options,
+)
 from qimg.cli.options import check_device as _check_device
 from qimg.cli.output import Output
 
@@ -152,6 +164,9 @@ def generate(
     tiled_vae: TiledVAE = False,
     tile_size: TileSize = None,
     tile_overlap: TileOverlap = None,
+    attention: Attention = AttentionKernel.auto,
+    compile: Compile = False,
+    fp8: FP8 = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     overwrite: Annotated[
         bool,
@@ -180,14 +195,14 @@ def generate(
     """
     out = Output(quiet=quiet)
     check_sources(prompt, prompts, prompt_embeds, from_image, init_image, strength, mask)
-    tiling = tiling_from(tiled_vae, tile_size, tile_overlap)
+    runtime = runtime_options(tiled_vae, tile_size, tile_overlap, attention, compile, fp8)
     if prompts is not None:
         run_prompt_file(
             out, prompts=prompts, prompts_format=prompts_format, folder=output, model=require_model(model),
             name_template=name_template, seed=seed,
             defaults={"negative": negative, "steps": steps, "cfg": cfg, "width": width, "height": height},
             overwrite=overwrite, fail_fast=fail_fast, json_out=json_out, device=device,
-            dtype=dtype.value if dtype else None, tiling=tiling,
+            dtype=dtype.value if dtype else None, runtime=runtime,
         )
         return
     max_sequence_length = None
@@ -243,7 +258,7 @@ def generate(
         w, h = inputs["init_image"].size
         notes.append(f"init image is {w}x{h}; generating {request.width}x{request.height}")
     run_and_save(out, ref, request, notes, "generate", inputs, extra, path, device=device, dtype=dtype,
-                 tiling=tiling, overwrite=overwrite, json_out=json_out)
+                 runtime=runtime, overwrite=overwrite, json_out=json_out)
 
 
 def check_sources(
@@ -317,7 +332,7 @@ def run_and_save(
     *,
     device: str | None,
     dtype: DType | None,
-    tiling: Any,
+    runtime: dict[str, Any],
     overwrite: bool,
     json_out: bool = False,
 ) -> None:
@@ -330,7 +345,7 @@ def run_and_save(
     # SIGTERM as Ctrl-C: save_png's cleanup then runs, so a killed run leaves no temporary file.
     with qimg.catch_signals():
         with out.status(f"loading {ref.name}"):
-            pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None, vae_tiling=tiling)
+            pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None, **runtime)
         out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
         with out.steps("denoising") as progress:
             images = getattr(pipe, method)(request=request, progress=progress, **inputs)
