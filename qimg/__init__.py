@@ -27,7 +27,8 @@ from qimg.batch import (
     run_batch,
 )
 from qimg.errors import QimgError, UsageError
-from qimg.loading.hub import ModelRef, resolve_model
+from qimg.loading.download import DownloadPlan, download, plan_download
+from qimg.loading.hub import ModelRef, list_models, resolve_model
 from qimg.png import check_output_path, open_image, read_params, save_png
 from qimg.request import GenerateRequest, make_request
 from qimg.safety import catch_signals, deferred_signals
@@ -76,17 +77,21 @@ __all__ = [
     "plan_batch",
     "read_prompts",
     "run_batch",
+    "DownloadPlan",
     "GenerateRequest",
     "ModelRef",
     "QimgError",
     "UsageError",
     "check_output_path",
+    "download",
     "encode_prompt",
     "generate",
+    "list_models",
     "load",
     "load_embeddings",
     "make_request",
     "open_image",
+    "plan_download",
     "read_params",
     "resolve_model",
     "save_embeddings",

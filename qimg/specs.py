@@ -151,3 +151,18 @@ SPEC_BY_PIPELINE_CLASS: dict[str, str] = {
     "QwenImageEditPipeline": "qwen-image-edit",
     "QwenImageEditPlusPipeline": "qwen-image-edit-2509",
 }
+
+# What `qimg download` fetches for each component folder, as glob patterns (fnmatch, the syntax of huggingface_hub's
+# and ModelScope's allow_patterns). Weights are safetensors only: .bin/.pt/.ckpt copies are never fetched (qimg never
+# unpickles), nor READMEs, example images or LICENSE files. Which components a model needs depends on its task
+# (COMPONENTS_BY_TASK in qimg/loading/hub.py); model_index.json is always fetched.
+MODEL_INDEX_FILE = "model_index.json"
+DOWNLOAD_PATTERNS: dict[str, tuple[str, ...]] = {
+    "transformer": ("transformer/*.json", "transformer/*.safetensors"),
+    "vae": ("vae/*.json", "vae/*.safetensors"),
+    "text_encoder": ("text_encoder/*.json", "text_encoder/*.safetensors"),
+    "tokenizer": ("tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.jinja"),
+    "scheduler": ("scheduler/*.json",),
+    # Edit models: the Qwen2-VL image processor (its settings, and a copy of the tokenizer with its chat template).
+    "processor": ("processor/*.json", "processor/*.txt", "processor/*.jinja"),
+}
