@@ -17,7 +17,7 @@ from pathlib import Path
 SHELLS = ("bash", "zsh", "fish")
 COMMANDS: tuple[tuple[str, ...], ...] = (
     (), ("generate",), ("edit",), ("encode-prompt",), ("vae",), ("vae", "roundtrip"),
-    ("info",),
+    ("info",), ("download",), ("models",),
 )  # every registered command, in help order
 
 # Variables that change help or completion output: colour forcing, terminal size, defaults from env.

@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 import qimg
-from qimg.cli.commands import edit, encode_prompt, generate, vae
+from qimg.cli.commands import download, edit, encode_prompt, generate, models, vae
 from qimg.cli.commands import info as info_command
 from qimg.cli.output import Output
 
@@ -129,6 +129,8 @@ app.command("encode-prompt", epilog=encode_prompt.EXAMPLES, no_args_is_help=True
     guarded(encode_prompt.encode_prompt)
 )
 app.add_typer(vae.build_app(guarded), name="vae")
+app.command("download", epilog=download.EXAMPLES, no_args_is_help=True)(guarded(download.download))
+app.command("models", epilog=models.EXAMPLES)(guarded(models.models))
 app.command("info", epilog=info_command.EXAMPLES, no_args_is_help=True)(guarded(info_command.info))
 
 
