@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speed import time_ms  # noqa: E402
+from bench.common import time_ms  # noqa: E402
 from qimg.embeddings import PromptEmbeds  # noqa: E402
 from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope  # noqa: E402
 from qimg.pipelines.qwen import text_batch  # noqa: E402

@@ -26,28 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import random_diffusers_mmdit, sharing_qimg_mmdit, time_ms  # noqa: E402
 from qimg.embeddings import PromptEmbeds  # noqa: E402
-from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope  # noqa: E402
+from qimg.nets.qwen_mmdit import qwen_rope  # noqa: E402
 from qimg.pipelines.qwen import text_batch  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
 from qimg.runtime.fp8 import apply_fp8, qwen_mmdit_fp8_layers  # noqa: E402
 from qimg.specs import QwenMMDiTParams  # noqa: E402
-
-
-def time_ms(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def main() -> None:
@@ -60,23 +46,10 @@ def main() -> None:
     ap.add_argument("--no-fp8", action="store_true")
     args = ap.parse_args()
 
-    from diffusers import QwenImageTransformer2DModel
-
     dev, dtype = torch.device("cuda"), torch.bfloat16
     params = QwenMMDiTParams(num_layers=args.layers)
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(dev):
-        ref = QwenImageTransformer2DModel(num_layers=args.layers)
-    torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.02)
-    ref.eval().requires_grad_(False)
-    with torch.device("meta"):
-        ours = QwenMMDiT(params)
-    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    ours.eval().requires_grad_(False)
+    ref = random_diffusers_mmdit(args.layers, dev, dtype)
+    ours = sharing_qimg_mmdit(ref, args.layers)  # shared storage, no copy
 
     gen = torch.Generator(dev).manual_seed(1)
     x = torch.randn(1, 4096, 64, device=dev, dtype=dtype, generator=gen)
@@ -146,10 +119,7 @@ def main() -> None:
             measure("forward b1: diffusers compiled", lambda: d_fwd(cond, 128), warmup=2)
             measure("cfg step: diffusers compiled (2 forwards)", d_step, warmup=2)
         if not args.no_fp8:
-            with torch.device("meta"):
-                ours = QwenMMDiT(params)  # fresh, uncompiled, still sharing the bf16 weights
-            ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
-            ours.eval().requires_grad_(False)
+            ours = sharing_qimg_mmdit(ref, args.layers)  # fresh, uncompiled, still sharing the bf16 weights
             n = apply_fp8(ours, qwen_mmdit_fp8_layers, compute=True)
             print("fp8 linears", n, flush=True)
             use_attention("cudnn", dev)

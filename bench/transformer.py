@@ -24,23 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope  # noqa: E402
+from bench.common import random_diffusers_mmdit, sharing_qimg_mmdit, time_ms  # noqa: E402
+from qimg.nets.qwen_mmdit import qwen_rope  # noqa: E402
 from qimg.specs import QwenMMDiTParams  # noqa: E402
-
-
-def time_ms(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def main() -> None:
@@ -51,23 +37,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
 
-    from diffusers import QwenImageTransformer2DModel
-
     dev, dtype = torch.device("cuda"), torch.bfloat16
     params = QwenMMDiTParams(num_layers=args.layers)
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)  # build in bf16 directly: 20B params in fp32 would not fit next to anything
-    with torch.device(dev):
-        ref = QwenImageTransformer2DModel(num_layers=args.layers)
-    torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in ref.parameters():  # random everywhere: diffusers zero-initialises some layers
-            p.normal_(0.0, 0.02)
-    ref.eval().requires_grad_(False)
-    with torch.device("meta"):
-        ours = QwenMMDiT(params)
-    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # shared storage, no copy
-    ours.eval().requires_grad_(False)
+    ref = random_diffusers_mmdit(args.layers, dev, dtype)
+    ours = sharing_qimg_mmdit(ref, args.layers)  # shared storage, no copy
     n_params = sum(p.numel() for p in ours.parameters())
 
     results = []

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import time_ms  # noqa: E402
 from qimg.loading.checkpoint import params_from_config  # noqa: E402
 from qimg.loading.keymaps import QWEN_VAE_CONFIG, QWEN_VAE_CONFIG_IGNORED, qwen_vae_tensor  # noqa: E402
 from qimg.nets.qwen_vae import QwenVAE  # noqa: E402
@@ -43,34 +44,12 @@ TINY = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn
             temperal_downsample=[False, True, True])  # tests/fixtures.py TINY_VAE
 
 
-def time_ms(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool) -> list[float]:
-    """Wall times of fn() in ms: CUDA events on the GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1000)
-    return times
-
-
 def measure(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times = time_ms(fn, warmup, repeats, cuda)
+    times = time_ms(fn, warmup, repeats)
     row = {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2), "repeats": repeats}
     if cuda:
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)

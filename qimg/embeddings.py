@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +43,9 @@ def _dense(p: PromptEmbeds) -> tuple[Tensor, Tensor]:
 
 def save_embeddings(path: str | Path, data: EmbeddingsFile, *, overwrite: bool = False) -> Path:
     """Write the embeddings as safetensors with string metadata, atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from qimg.png import check_output_path
+    from qimg.png import check_output_path, write_atomic
 
     out = check_output_path(path, overwrite=overwrite, suffix=".safetensors")
     tensors = {}
@@ -55,15 +53,8 @@ def save_embeddings(path: str | Path, data: EmbeddingsFile, *, overwrite: bool =
     if data.uncond is not None:
         tensors["negative_embeds"], tensors["negative_mask"] = _dense(data.uncond)
     meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in data.meta.items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    data = save(tensors, metadata=meta)
+    return write_atomic(out, lambda f: f.write(data), overwrite=overwrite)
 
 
 def _meta_value(raw: str) -> Any:

@@ -7,8 +7,9 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from qimg.errors import InputError, OutputError
 
@@ -34,7 +35,7 @@ def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str 
             f"output folder {parent} is not writable ({e.strerror})", hint="choose another -o path"
         ) from e
     if out.is_dir():
-        raise OutputError(f"{out} is a folder", hint="give a file name ending in .png")
+        raise OutputError(f"{out} is a folder", hint=f"give a file name ending in {suffix}")
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another -o path")
     return out
@@ -55,14 +56,20 @@ def save_png(image: Any, path: str | Path, params: dict[str, Any] | None = None,
     info.add_itxt(PARAMS_KEY, json.dumps(params, ensure_ascii=False, sort_keys=True))
     if "prompt" in params and A1111_KEY not in params:
         info.add_text(A1111_KEY, a1111_parameters(params))  # tEXt when Latin-1, else iTXt (as A1111 does)
+    return write_atomic(out, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
+
+
+def write_atomic(out: Path, write: Callable[[BinaryIO], Any], *, overwrite: bool = False) -> Path:
+    """Write a file whole or not at all: `write` fills a temporary file beside `out`, which is synced and then
+    renamed over `out`; any failure or interrupt removes the temporary and leaves `out` as it was."""
     fd, tmp = _open_temporary(out)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if not overwrite and out.exists():
-            raise OutputError(f"{out} appeared while generating", hint="pass --overwrite to replace it")
+            raise OutputError(f"{out} appeared while qimg was working", hint="pass --overwrite to replace it")
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,8 +9,6 @@ decoded; metrics compare the cropped input with the decoded image as written (8-
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from qimg.errors import InputError, OutputError
+from qimg.errors import InputError
 from qimg.loading.hub import ModelRef
 from qimg.metrics import psnr, ssim
 from qimg.nets.qwen_vae import QwenVAE
+from qimg.png import check_output_path, write_atomic
 from qimg.runtime.tiling import Tiling, decode_tiled, encode_tiled
 from qimg.specs import QwenVAEParams
 
@@ -217,23 +216,7 @@ def vae_roundtrip(
 
 def check_latents_path(path: str | Path, *, overwrite: bool = False) -> Path:
     """Fail early, before any work, if a latents file cannot be written at `path`."""
-    out = Path(path).expanduser()
-    if out.suffix.lower() != ".safetensors":
-        raise OutputError(f"{out} does not end in .safetensors", hint="name the latents file *.safetensors")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output folder {parent} does not exist", hint=f"create it first: mkdir -p {parent}")
-    if out.is_dir():
-        raise OutputError(f"{out} is a folder", hint="give a file name ending in .safetensors")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another path")
-    try:  # a real probe: permission bits do not tell about read-only filesystems or root
-        fd, probe = tempfile.mkstemp(prefix=".qimg-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"output folder {parent} is not writable ({e.strerror})", hint="choose another path") from e
-    return out
+    return check_output_path(path, overwrite=overwrite, suffix=".safetensors")
 
 
 def save_latents(result: RoundtripResult, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -258,16 +241,4 @@ def save_latents(result: RoundtripResult, path: str | Path, *, overwrite: bool =
         meta["latents_mean"] = json.dumps(list(result.vae_params.latents_mean))
         meta["latents_std"] = json.dumps(list(result.vae_params.latents_std))
     data = save({LATENTS_KEY: result.latents.contiguous()}, metadata=meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not overwrite and out.exists():
-            raise OutputError(f"{out} appeared while the round trip ran", hint="pass --overwrite to replace it")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomic(out, lambda f: f.write(data), overwrite=overwrite)
