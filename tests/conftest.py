@@ -20,6 +20,8 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf" / "hub"))
     monkeypatch.setenv("MODELSCOPE_CACHE", str(home / "modelscope"))
     monkeypatch.setenv("QIMG_HOME", str(home / "qimg"))
+    monkeypatch.setenv("MODELSCOPE_HOME", str(home / "modelscope-home"))  # modelscope writes credentials there
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.delenv("QIMG_MODEL", raising=False)

@@ -33,10 +33,11 @@ ROOT_EXAMPLES = """\
 Examples:
 
 \b
-  qimg generate "a lighthouse at dusk, oil painting" -o lighthouse.png --model ~/models/Qwen-Image
-  QIMG_MODEL=~/models/Qwen-Image qimg generate "a red fox in snow" -o fox.png --seed 7
-  qimg edit "make the sky purple" -i street.png -o purple.png --model ~/models/Qwen-Image-Edit-2511
-  qimg vae roundtrip photo.png -o back.png --model ~/models/Qwen-Image --tiled-vae
+  qimg download qwen-image
+  qimg generate "a lighthouse at dusk, oil painting" -o lighthouse.png --model qwen-image
+  QIMG_MODEL=qwen-image qimg generate --prompts prompts.txt -o out/ --seed 100
+  qimg edit "make the sky purple" -i street.png -o purple.png --model qwen-image-edit-2511
+  qimg info lighthouse.png
   qimg generate --help
 """
 

@@ -33,7 +33,8 @@ def require_model(model: str | None) -> str:
     """The --model value, or a usage error naming both ways to give one."""
     if not model:
         raise qimg.UsageError(
-            "no model given", hint=f"pass --model /path/to/Qwen-Image or set {MODEL_ENV}=/path/to/Qwen-Image"
+            "no model given",
+            hint=f"pass --model qwen-image (see: qimg models), a repo id or a folder, or set {MODEL_ENV}",
         )
     return model
 

@@ -49,7 +49,8 @@ def edit(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", envvar=MODEL_ENV, help="Local edit-model folder in the diffusers layout."),
+        typer.Option("--model", "-m", envvar=MODEL_ENV,
+                     help="An edit model: a name (qwen-image-edit, -2509, -2511), a repo id, or a local folder."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; random when omitted (and then printed).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps. Default: the model's (50).")] = None,

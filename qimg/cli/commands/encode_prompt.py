@@ -40,7 +40,8 @@ def encode_prompt(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", envvar=MODEL_ENV, help="Local model folder in the diffusers layout."),
+        typer.Option("--model", "-m", envvar=MODEL_ENV,
+                     help="A model name (see: qimg models), a repo id, or a local folder in the diffusers layout."),
     ] = None,
     max_sequence_length: Annotated[
         int | None, typer.Option(help="Keep at most this many prompt tokens (1-1024). Default: 512.")

@@ -73,7 +73,7 @@ def generate(
             "--model",
             "-m",
             envvar=MODEL_ENV,
-            help="Local model folder in the diffusers layout (with model_index.json).",
+            help="A model name (see: qimg models), a repo id, or a local folder in the diffusers layout.",
         ),
     ] = None,
     seed: Annotated[

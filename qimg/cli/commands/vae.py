@@ -38,7 +38,7 @@ def roundtrip(
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", envvar=MODEL_ENV,
-                     help="Local model folder in the diffusers layout; only its vae/ is loaded."),
+                     help="A model name (see: qimg models), a repo id, or a local folder; only its vae/ is loaded."),
     ] = None,
     device: Annotated[
         str | None,
