@@ -30,9 +30,9 @@ EXAMPLES = """\
 Examples:
 
 \b
-  qimg edit "make the sky purple" -i street.png -o purple.png --model ~/models/Qwen-Image-Edit
+  qimg edit "make the sky purple" -i street.png -o purple.png --model qwen-image-edit
   qimg edit "the cat from Picture 1 on the sofa of Picture 2" -i cat.png -i sofa.png -o out.png \\
-      --model ~/models/Qwen-Image-Edit-2509 --seed 7
+      --model qwen-image-edit-2509 --seed 7
   qimg edit "remove the car" -i photo.jpg -o clean.png --keep-size
 """
 

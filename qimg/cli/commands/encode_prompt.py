@@ -16,10 +16,10 @@ EXAMPLES = """\
 Examples:
 
 \b
-  qimg encode-prompt "a red fox in fresh snow" -o fox.safetensors --model ~/models/Qwen-Image
+  qimg encode-prompt "a red fox in fresh snow" -o fox.safetensors --model qwen-image
   qimg encode-prompt "a red fox" -o fox.safetensors --negative "blurry, low quality"
   qimg generate -o fox.png --prompt-embeds fox.safetensors --seed 7
-  qimg encode-prompt "make it snow" -i street.png -o snow.safetensors --model ~/models/Qwen-Image-Edit
+  qimg encode-prompt "make it snow" -i street.png -o snow.safetensors --model qwen-image-edit
   qimg edit -i street.png -o snow.png --prompt-embeds snow.safetensors
 """
 

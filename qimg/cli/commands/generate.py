@@ -32,8 +32,8 @@ EXAMPLES = """\
 Examples:
 
 \b
-  qimg generate "a lighthouse at dusk, oil painting" -o lighthouse.png --model ~/models/Qwen-Image
-  QIMG_MODEL=~/models/Qwen-Image qimg generate "a red fox in snow" -o fox.png --seed 7 --steps 30
+  qimg generate "a lighthouse at dusk, oil painting" -o lighthouse.png --model qwen-image
+  QIMG_MODEL=qwen-image qimg generate "a red fox in snow" -o fox.png --seed 7 --steps 30
   qimg generate "a poster that says hello" -o poster.png --width 1664 --height 928 --cfg 1
   qimg generate "a cat" -o cat.png --device cuda:1 --dtype bfloat16 --quiet --overwrite
   qimg generate "the same street at night" -o night.png --init-image street.png --strength 0.7

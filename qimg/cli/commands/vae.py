@@ -24,8 +24,8 @@ ROUNDTRIP_EXAMPLES = """\
 Examples:
 
 \b
-  qimg vae roundtrip photo.jpg -o photo-vae.png --model ~/models/Qwen-Image
-  QIMG_MODEL=~/models/Qwen-Image qimg vae roundtrip photo.jpg -o rt.png --latents photo.safetensors
+  qimg vae roundtrip photo.jpg -o photo-vae.png --model qwen-image
+  QIMG_MODEL=qwen-image qimg vae roundtrip photo.jpg -o rt.png --latents photo.safetensors
   qimg vae roundtrip big-scan.png -o rt.png --tiled-vae --tile-size 512 --tile-overlap 64
   qimg vae roundtrip photo.jpg -o rt.png --device cpu --dtype float32 --quiet --overwrite
 """
