@@ -112,3 +112,14 @@ def runtime_options(
         "compile": compile,
         "fp8": fp8.value if fp8 else None,
     }
+
+
+# Options every command spells the same way.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+Debug = Annotated[
+    bool, typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails.")
+]  # read by the error mapping in main.py (guarded), not by the command
+Device = Annotated[
+    str | None,
+    typer.Option(callback=check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
+]

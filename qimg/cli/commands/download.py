@@ -13,6 +13,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 import qimg
+from qimg.cli.options import Debug
 from qimg.cli.output import Output
 
 EXAMPLES = """\
@@ -65,11 +66,7 @@ def download(
         bool, typer.Option("--dry-run", help="List the files that would be fetched, with sizes; fetch nothing.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and the folder).")] = False,
-    # Read by the error mapping in main.py (guarded), not here.
-    debug: Annotated[
-        bool,
-        typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
-    ] = False,
+    debug: Debug = False,
 ) -> None:
     """Download the files a model needs, and only those (safetensors weights, configs, tokenizer).
 

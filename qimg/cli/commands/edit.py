@@ -16,11 +16,13 @@ from qimg.cli.options import (
     Attention,
     AttentionKernel,
     Compile,
+    Debug,
+    Device,
     DType,
+    Quiet,
     TiledVAE,
     TileOverlap,
     TileSize,
-    check_device,
     require_model,
     runtime_options,
 )
@@ -67,10 +69,7 @@ def edit(
         Path | None,
         typer.Option("--prompt-embeds", help="Embeddings from `qimg encode-prompt -i ...` made with these images."),
     ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(callback=check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
-    ] = None,
+    device: Device = None,
     dtype: Annotated[DType | None, typer.Option(help="Default: bfloat16 on CUDA, float32 on CPU.")] = None,
     tiled_vae: TiledVAE = False,
     tile_size: TileSize = None,
@@ -78,12 +77,9 @@ def edit(
     attention: Attention = AttentionKernel.auto,
     compile: Compile = False,
     fp8: FP8 = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    quiet: Quiet = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
-    debug: Annotated[
-        bool,
-        typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
-    ] = False,
+    debug: Debug = False,
 ) -> None:
     """Edit one or more pictures as the prompt says.
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 import qimg
-from qimg.cli.options import MODEL_ENV, DType, check_device, require_model
+from qimg.cli.options import MODEL_ENV, Debug, Device, DType, Quiet, require_model
 from qimg.cli.output import Output
 
 EXAMPLES = """\
@@ -46,17 +46,11 @@ def encode_prompt(
     max_sequence_length: Annotated[
         int | None, typer.Option(help="Keep at most this many prompt tokens (1-1024). Default: 512.")
     ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(callback=check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
-    ] = None,
+    device: Device = None,
     dtype: Annotated[DType | None, typer.Option(help="Default: bfloat16 on CUDA, float32 on CPU.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    quiet: Quiet = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
-    debug: Annotated[
-        bool,
-        typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
-    ] = False,
+    debug: Debug = False,
 ) -> None:
     """Encode a prompt with the model's text encoder and save it.
 

@@ -18,14 +18,16 @@ from qimg.cli.options import (
     Attention,
     AttentionKernel,
     Compile,
+    Debug,
+    Device,
     DType,
+    Quiet,
     TiledVAE,
     TileOverlap,
     TileSize,
     require_model,
     runtime_options,
 )
-from qimg.cli.options import check_device as _check_device
 from qimg.cli.output import Output
 
 EXAMPLES = """\
@@ -96,10 +98,7 @@ def generate(
     height: Annotated[
         int | None, typer.Option(help="Image height in pixels, snapped down to a multiple of 16.")
     ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(callback=_check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
-    ] = None,
+    device: Device = None,
     dtype: Annotated[
         DType | None,
         typer.Option(help="Compute dtype. Default: bfloat16 on CUDA, float32 on CPU."),
@@ -167,17 +166,13 @@ def generate(
     attention: Attention = AttentionKernel.auto,
     compile: Compile = False,
     fp8: FP8 = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    quiet: Quiet = False,
     overwrite: Annotated[
         bool,
         typer.Option("--overwrite", help="Replace OUTPUT if it exists; with --prompts, regenerate even unchanged "
                      "images."),
     ] = False,
-    # Read by the error mapping in main.py (guarded), not here.
-    debug: Annotated[
-        bool,
-        typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
-    ] = False,
+    debug: Debug = False,
 ) -> None:
     """Generate an image from a text prompt, or one image per prompt of a file.
 

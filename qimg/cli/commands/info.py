@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 import qimg
+from qimg.cli.options import Debug
 
 EXAMPLES = """\
 Examples:
@@ -29,10 +30,7 @@ def info(
     ctx: typer.Context,  # read by the error mapping in main.py (root --debug)
     image: Annotated[Path, typer.Argument(help="A PNG written by qimg.", show_default=False)],
     json_out: Annotated[bool, typer.Option("--json", help="Print the parameters as one JSON object.")] = False,
-    debug: Annotated[
-        bool,
-        typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
-    ] = False,
+    debug: Debug = False,
 ) -> None:
     """Show the parameters stored in a PNG that qimg wrote.
 

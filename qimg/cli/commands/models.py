@@ -9,6 +9,7 @@ import typer
 
 import qimg
 from qimg.cli.commands.download import format_size
+from qimg.cli.options import Debug
 
 EXAMPLES = """\
 Examples:
@@ -28,11 +29,7 @@ def models(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON list (one object per alias) instead of text.")
     ] = False,
-    # Read by the error mapping in main.py (guarded), not here.
-    debug: Annotated[
-        bool,
-        typer.Option("--debug", envvar="QIMG_DEBUG", help="Print the full traceback when something fails."),
-    ] = False,
+    debug: Debug = False,
 ) -> None:
     """List the model names --model accepts, their repos, and which are downloaded.
 

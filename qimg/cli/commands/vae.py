@@ -14,7 +14,17 @@ from typing import Annotated, Any
 import typer
 
 import qimg
-from qimg.cli.options import MODEL_ENV, DType, TiledVAE, TileOverlap, TileSize, check_device, require_model, tiling_from
+from qimg.cli.options import (
+    MODEL_ENV,
+    Device,
+    DType,
+    Quiet,
+    TiledVAE,
+    TileOverlap,
+    TileSize,
+    require_model,
+    tiling_from,
+)
 from qimg.cli.output import Output
 
 HELP = "Work with the VAE alone: round-trip an image through it to see what it keeps."
@@ -40,10 +50,7 @@ def roundtrip(
         typer.Option("--model", "-m", envvar=MODEL_ENV,
                      help="A model name (see: qimg models), a repo id, or a local folder; only its vae/ is loaded."),
     ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(callback=check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
-    ] = None,
+    device: Device = None,
     dtype: Annotated[
         DType | None, typer.Option(help="Compute dtype. Default: bfloat16 on CUDA, float32 on CPU.")
     ] = None,
@@ -55,7 +62,7 @@ def roundtrip(
         typer.Option("--latents", metavar="FILE.safetensors",
                      help="Also save the latents: the raw posterior mean, not normalised (see the file's metadata)."),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    quiet: Quiet = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT and --latents if they exist.")] = False,
     # Read by the error mapping in main.py (guarded), not here.
     debug: Annotated[
