@@ -70,12 +70,24 @@ def report(exc: BaseException, *, debug: bool = False) -> int:
     if isinstance(exc, qimg.QimgError):
         out.error(exc.message, exc.hint)
         return exc.exit_code
+    if _is_cuda_oom(exc):
+        out.error("the GPU ran out of memory", OOM_HINT)
+        return EXIT_ERROR
     detail = str(exc)
     out.error(
         f"internal error: {type(exc).__name__}" + (f": {detail}" if detail else ""),
         None if debug else "rerun with --debug for the traceback and report it",
     )
     return EXIT_ERROR
+
+
+OOM_HINT = ("large images: --tiled-vae; less weight memory: --fp8 weights; or a smaller --width/--height; "
+            "other programs on the GPU count too (nvidia-smi)")
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, recognised without importing torch (the CLI never does)."""
+    return any(c.__name__ == "OutOfMemoryError" and c.__module__.startswith("torch") for c in type(exc).__mro__)
 
 
 def _debug_requested(kwargs: dict[str, Any]) -> bool:

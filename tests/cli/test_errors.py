@@ -246,3 +246,18 @@ def test_bad_strength_is_an_input_error(runner, fake_model: Path, out_dir: Path,
                        "--strength", "1.5")
     (line,) = _assert_one_error(result)
     assert "--strength" in line and fake_load == []
+
+
+def test_cuda_out_of_memory_is_one_line_with_what_to_try(runner, monkeypatch, fake_model: Path, out_dir: Path):
+    # The real class lives in torch; a stand-in with its name and module is what report() recognises.
+    oom = type("OutOfMemoryError", (RuntimeError,), {"__module__": "torch.cuda"})
+
+    def load(*args, **kwargs):
+        raise oom("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(qimg, "load", load)
+    result = _generate(runner, "-o", str(out_dir / "a.png"), "--model", str(fake_model))
+    (line,) = _assert_one_error(result)
+    assert line == "error: the GPU ran out of memory"
+    assert "--tiled-vae" in result.stderr and "--fp8 weights" in result.stderr
+    assert list(out_dir.iterdir()) == []
