@@ -28,6 +28,18 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("QIMG_DEBUG", raising=False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convs on a busy 2-core machine: one thread avoids OpenMP spin-waits (several times faster). Module
+    scope, so references that module fixtures compute use the same thread count (and summation order) as tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen_tokenizer")

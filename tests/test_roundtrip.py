@@ -31,14 +31,7 @@ from tests.fixtures import TINY_VAE, randomize_
 # differences can flip a value that sits at a rounding boundary by one level, so at most 1 and rarely.
 RTOL = 2e-5
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convs: one thread avoids OpenMP spin-waits on a busy 2-core box (several times faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """qimg vae roundtrip through Typer's CliRunner, on a tiny random VAE on the CPU: output, metadata, latents file,
 quiet mode, and bad input failing with one line, exit 1 and no file written.
-
-The sub-app is mounted on a local root app with main.py's own error mapping (`guarded`), as main.py mounts it.
 """
 
 from __future__ import annotations
@@ -15,51 +13,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import qimg
-import qimg.metrics
-import qimg.roundtrip
-from qimg.cli.commands import vae as vae_cli
-from qimg.cli.main import guarded
+from qimg.cli.main import app as main_app
 from qimg.loading.hub import QWEN_IMAGE_COMPONENTS
 from tests.fixtures import TINY_VAE, randomize_
 
-# What main.py's wiring exports from qimg/__init__; set here only while it is not there yet.
-PUBLIC = {
-    "load_vae": qimg.roundtrip.load_vae,
-    "vae_roundtrip": qimg.roundtrip.vae_roundtrip,
-    "make_tiling": qimg.roundtrip.make_tiling,
-    "save_latents": qimg.roundtrip.save_latents,
-    "check_latents_path": qimg.roundtrip.check_latents_path,
-}
-
-
-@pytest.fixture(autouse=True)
-def _public_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in PUBLIC.items():
-        if not hasattr(qimg, name):
-            monkeypatch.setattr(qimg, name, value, raising=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convs: one thread avoids OpenMP spin-waits on a busy 2-core box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    root = typer.Typer(name="qimg", no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False)
-
-    @root.callback()
-    def _root(debug: bool = typer.Option(False, "--debug")) -> None:
-        """qimg (test root)."""
-
-    root.add_typer(vae_cli.build_app(guarded), name="vae")
-    return root
+    return main_app
 
 
 @pytest.fixture(scope="module")

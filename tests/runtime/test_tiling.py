@@ -32,15 +32,7 @@ ENCODE_MEAN, ENCODE_MAX = 0.1, 0.8
 GRIDS = [Tiling(64, 32), Tiling(80, 24), Tiling(64, 40), Tiling(128, 32)]
 SEAM_RATIO = 3.0  # boundary jumps / typical jumps; blended grids measure <= 1.8, the hard cut 27
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These convs are tiny: with 2 threads on a busy 2-core box OpenMP's spin-waits made the module ~7x slower
-    (38 s vs 5.4 s measured). Restored afterwards, so other modules keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
