@@ -80,6 +80,28 @@ def _short(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
+def open_checkpoint(files: list[Path]) -> dict[str, Any]:
+    """Tensor name -> open safetensors handle (memory-mapped; nothing is read until a tensor is asked for)."""
+    where: dict[str, Any] = {}
+    for path in files:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})", hint="re-download it") from e
+        for name in handle.keys():
+            where[name] = handle
+    return where
+
+
+def tensor_headers(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype such as "BF16", shape), from the file headers alone."""
+    out = {}
+    for name, handle in open_checkpoint(files).items():
+        view = handle.get_slice(name)
+        out[name] = (view.get_dtype(), tuple(view.get_shape()))
+    return out
+
+
 def load_module(
     build: Callable[[], M],
     files: list[Path],
@@ -89,41 +111,66 @@ def load_module(
     transform: Callable[[str, Tensor], Tensor] | None = None,
     known_unused: Iterable[str] = (),
     what: str = "checkpoint",
+    group: Callable[[str], str | None] | None = None,
+    on_group: Callable[[str, nn.Module], None] | None = None,
 ) -> M:
     """Build a module on the meta device and fill it from safetensors files, strictly.
 
     Every tensor the module needs must be present with the right shape, and every tensor in the files must be
     used, unless it matches a `known_unused` glob. `transform(name, tensor)` adapts stored tensors (for example
     3-D conv kernels to the 2-D ones an image-only network runs). Floating tensors are cast to `dtype`.
+
+    With `group(name)` -> prefix (or None), tensors load one group at a time (memory-mapped reads, so the host
+    holds one group, not the checkpoint) and `on_group(prefix, module)` runs right after each group is in place: FP8
+    quantisation or packing into host memory then happens block by block. Names and (untransformed) shapes are
+    checked from the headers before anything is read.
     """
     with torch.device("meta"):
         module = build()
     expected = module.state_dict()
     unused = tuple(known_unused)
-    state: dict[str, Tensor] = {}
-    unexpected: list[str] = []
+    where = open_checkpoint(files)
+    unexpected = [n for n in where if n not in expected and not any(fnmatch.fnmatchcase(n, p) for p in unused)]
     misshapen: list[str] = []
-    for path in files:
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})", hint="re-download it") from e
-        with handle:
-            for name in handle.keys():
-                if name not in expected:
-                    if not any(fnmatch.fnmatchcase(name, pat) for pat in unused):
-                        unexpected.append(name)
-                    continue
-                tensor = handle.get_tensor(name)
-                if transform is not None:
-                    tensor = transform(name, tensor)
+    if transform is None:
+        for name in expected:
+            if name in where:
+                shape = tuple(where[name].get_slice(name).get_shape())
+                if shape != tuple(expected[name].shape):
+                    misshapen.append(f"{name} {shape} != {tuple(expected[name].shape)}")
+    missing = sorted(set(expected) - set(where))
+    _check(what, missing, unexpected, misshapen)
+
+    def read(names: list[str]) -> dict[str, Tensor]:
+        state = {}
+        for name in names:
+            tensor = where[name].get_tensor(name)
+            if transform is not None:
+                tensor = transform(name, tensor)
                 if tuple(tensor.shape) != tuple(expected[name].shape):
                     misshapen.append(f"{name} {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
                     continue
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                state[name] = tensor.to(device)
-    missing = sorted(set(expected) - set(state) - {m.split(" ")[0] for m in misshapen})
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state[name] = tensor.to(device)
+        return state
+
+    groups: dict[str | None, list[str]] = {}
+    for name in expected:
+        groups.setdefault(group(name) if group else None, []).append(name)
+    for prefix, names in groups.items():
+        if prefix is None:
+            continue
+        module.load_state_dict(read(names), strict=False, assign=True)
+        if on_group is not None:
+            on_group(prefix, module)
+    state = read(groups.get(None, []))
+    _check(what, [], [], misshapen)
+    module.load_state_dict(state, strict=False, assign=True)
+    return module
+
+
+def _check(what: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:
     if missing or unexpected or misshapen:
         parts = []
         if missing:
@@ -136,5 +183,3 @@ def load_module(
             f"{what} does not match the network: " + "; ".join(parts),
             hint="the files belong to another model or are incomplete; re-download the model",
         )
-    module.load_state_dict(state, strict=True, assign=True)
-    return module

@@ -32,18 +32,23 @@ def qwen_mmdit_params(folder: Path) -> QwenMMDiTParams:
     return params_from_config(QwenMMDiTParams, config, keymaps.QWEN_MMDIT_CONFIG, ignored, where=where)
 
 
-def load_qwen_mmdit(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> QwenMMDiT:
-    """transformer/: config.json and diffusion_pytorch_model(.safetensors | -NNNNN-of-NNNNN + index)."""
+def load_qwen_mmdit(folder: Path, *, device: torch.device | str, dtype: torch.dtype, **grouping: Any) -> QwenMMDiT:
+    """transformer/: config.json and diffusion_pytorch_model(.safetensors | -NNNNN-of-NNNNN + index).
+    grouping: load_module's group / on_group (block-by-block loading)."""
     params = qwen_mmdit_params(folder)
     model = load_module(lambda: QwenMMDiT(params), safetensors_files(folder), device=device, dtype=dtype,
-                        what=f"{folder.name}/ weights")
+                        what=f"{folder.name}/ weights", **grouping)
     return model.eval().requires_grad_(False)
+
+
+def qwen_vae_params(folder: Path) -> QwenVAEParams:
+    return params_from_config(QwenVAEParams, read_json(folder / "config.json"), keymaps.QWEN_VAE_CONFIG,
+                              keymaps.QWEN_VAE_CONFIG_IGNORED, where=f"{folder}/config.json")
 
 
 def load_qwen_vae(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> QwenVAE:
     """vae/: AutoencoderKLQwenImage's config.json and 3-D weights, loaded into the 2-D single-image net."""
-    params = params_from_config(QwenVAEParams, read_json(folder / "config.json"), keymaps.QWEN_VAE_CONFIG,
-                                keymaps.QWEN_VAE_CONFIG_IGNORED, where=f"{folder}/config.json")
+    params = qwen_vae_params(folder)
     model = load_module(lambda: QwenVAE(params), safetensors_files(folder), device=device, dtype=dtype,
                         transform=keymaps.qwen_vae_tensor, known_unused=keymaps.QWEN_VAE_KNOWN_UNUSED,
                         what=f"{folder.name}/ weights")
