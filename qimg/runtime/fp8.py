@@ -60,7 +60,9 @@ class FP8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
-        return (self.weight_fp8.float() * self.weight_scale.t()).to(dtype)
+        # e4m3 -> bf16 is exact; scaling in the compute dtype adds a rounding of 2^-9 at most (e4m3 itself: 2^-4)
+        # and reads/writes 7 bytes per weight instead of 19 through fp32 (measured: ~100 ms per CFG step, eager).
+        return self.weight_fp8.to(dtype) * self.weight_scale.t().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.compute or x.device.type != "cuda":

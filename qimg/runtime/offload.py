@@ -1,0 +1,312 @@
+"""Weights that live in host memory and visit the GPU, applied from outside the nets.
+
+- HostCopy packs a module's tensors into one pinned host buffer and rebinds them (`tensor.data = view`) to it.
+  Weights never change during inference, so taking a component off the GPU is free: its tensors are rebound to
+  their host views and the device copy is dropped; putting it back is one host-to-device copy.
+- Offloaded is one component (the transformer, the text encoder) under that scheme: `to_device()` uploads its
+  resident part, `off_device()` drops it. When it has repeated blocks that do not all fit, the chosen ones stay
+  resident and the others stream through a few device slots: while one block computes, the next streamed block
+  copies into a free slot on a side CUDA stream, so the transfer hides behind compute.
+- Residency switches components between the phases of a run (encode, denoise, decode) as a plan says.
+
+Tensor identity is kept (only `.data` moves), so FP8 linears, compiled blocks and hooks see the same objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+_ALIGN = 256  # byte alignment of each tensor inside a packed buffer (any dtype's view stays aligned)
+
+
+def module_tensors(module: nn.Module, skip: Iterable[nn.Module] = ()) -> list[Tensor]:
+    """A module's parameters and buffers, each once (tied weights share), leaving out the `skip` submodules."""
+    skipped = {id(t) for m in skip for t in (*m.parameters(), *m.buffers())}
+    seen: set[int] = set()
+    out = []
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) not in seen and id(t) not in skipped:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+class HostCopy:
+    """A group of tensors packed into one host buffer (pinned when a GPU is present), rebound to views of it."""
+
+    @torch.inference_mode(False)
+    def __init__(self, tensors: Sequence[Tensor], *, pin: bool | None = None) -> None:
+        self.tensors = list(tensors)
+        self.offsets, offset = [], 0
+        for t in self.tensors:
+            self.offsets.append(offset)
+            offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        self.nbytes = offset
+        pin = torch.cuda.is_available() if pin is None else pin
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.host_views = self.views(self.host)
+        for t, view in zip(self.tensors, self.host_views, strict=True):
+            view.copy_(t.detach())
+            t.data = view  # the old storage (device or pageable) is released with its last reference
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Views of a flat byte buffer laid out like this copy, one per tensor, with its dtype and shape."""
+        out = []
+        for t, offset in zip(self.tensors, self.offsets, strict=True):
+            n = t.numel() * t.element_size()
+            out.append(flat[offset : offset + n].view(t.dtype).view(t.shape))
+        return out
+
+    def bind(self, views: Sequence[Tensor]) -> None:
+        for t, view in zip(self.tensors, views, strict=True):
+            t.data = view
+
+    def upload(self, device: torch.device, flat: Tensor | None = None) -> Tensor:
+        """Copy to `device` (into `flat` if given) and rebind the tensors there; returns the device buffer."""
+        if flat is None:
+            flat = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        flat[: self.nbytes].copy_(self.host, non_blocking=True)
+        self.bind(self.views(flat))
+        return flat
+
+    def release(self) -> None:
+        """Point the tensors back at the host copy (the device buffer goes with its last reference)."""
+        self.bind(self.host_views)
+
+
+class _Copier:
+    """Host-to-device copies on a side CUDA stream, ordered against compute with events; plain copies on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.device = device
+
+    def event(self) -> torch.cuda.Event | None:
+        return torch.cuda.Event() if self.cuda else None
+
+    def copy(self, copy: HostCopy, flat: Tensor, after: torch.cuda.Event | None, done: torch.cuda.Event | None) -> None:
+        if not self.cuda:
+            flat[: copy.nbytes].copy_(copy.host)
+            return
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            flat[: copy.nbytes].copy_(copy.host, non_blocking=True)
+            done.record(self.stream)
+
+    def wait(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def mark(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.record(torch.cuda.current_stream(self.device))
+
+
+@dataclass
+class StreamLog:
+    """What the streamer did, in order (tests read it; kept short)."""
+
+    events: list[tuple[str, int, int]] = field(default_factory=list)
+    enabled: bool = False
+
+    def add(self, what: str, block: int, slot: int) -> None:
+        if self.enabled:
+            self.events.append((what, block, slot))
+
+
+class Offloaded:
+    """One component kept in host memory; `to_device()` brings its resident part to the GPU.
+
+    blocks: the component's repeated blocks (an nn.ModuleList), of which `streamed` (indices) run through `slots`
+    device buffers instead of staying resident. Without blocks the whole component moves as one piece.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        device: torch.device,
+        blocks: nn.ModuleList | None = None,
+        *,
+        block_copies: dict[int, HostCopy] | None = None,
+        slots: int = 2,
+    ) -> None:
+        self.module, self.device = module, torch.device(device)
+        self.blocks = list(blocks) if blocks is not None else []
+        copies = dict(block_copies or {})
+        self.block_copies = [copies.get(i) or HostCopy(module_tensors(b)) for i, b in enumerate(self.blocks)]
+        self.rest = HostCopy(module_tensors(module, skip=self.blocks))
+        self.slots_wanted = slots
+        self.streamed: list[int] = []
+        self.on_device = False
+        self.log = StreamLog()
+        self._flats: list[Tensor] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def nbytes(self) -> int:
+        return self.rest.nbytes + sum(c.nbytes for c in self.block_copies)
+
+    def stream(self, streamed: Sequence[int]) -> None:
+        """Stream these blocks (indices) through the slots; the others stay resident while on the device."""
+        was_on = self.on_device
+        self.off_device()
+        self.streamed = sorted(set(streamed))
+        if was_on:
+            self.to_device()
+
+    @torch.inference_mode(False)  # device buffers must be normal tensors: parameters get rebound to them
+    def to_device(self) -> None:
+        if self.on_device:
+            return
+        streamed = set(self.streamed)
+        # One buffer for the rest and the resident blocks: a single allocation, then one copy per piece.
+        pieces = [self.rest] + [c for i, c in enumerate(self.block_copies) if i not in streamed]
+        flat = torch.empty(sum(p.nbytes for p in pieces), dtype=torch.uint8, device=self.device)
+        offset = 0
+        for piece in pieces:
+            piece.upload(self.device, flat[offset : offset + piece.nbytes])
+            offset += piece.nbytes
+        self._flats = [flat]
+        if self.streamed:
+            self._start_streaming()
+        self.on_device = True
+
+    def off_device(self) -> None:
+        if not self.on_device:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # no kernel may still read a buffer we drop
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.rest.release()
+        for copy in self.block_copies:
+            copy.release()
+        self._flats.clear()
+        self._slots: list[Tensor] = []
+        self.on_device = False
+
+    # -- block streaming --------------------------------------------------------------------------------------
+
+    def _start_streaming(self) -> None:
+        n_slots = min(self.slots_wanted, len(self.streamed))
+        size = max(self.block_copies[i].nbytes for i in self.streamed)
+        self._slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+        self._views = {
+            (s, i): self.block_copies[i].views(self._slots[s]) for s in range(n_slots) for i in self.streamed
+        }
+        self._copier = _Copier(self.device)
+        self._ready = [self._copier.event() for _ in range(n_slots)]  # slot filled
+        self._free = [self._copier.event() for _ in range(n_slots)]  # slot's last reader finished
+        self._rank = {block: r for r, block in enumerate(self.streamed)}
+        self._restart()
+        self._hooks.append(self.module.register_forward_pre_hook(self._on_forward))
+        for i in self.streamed:
+            block = self.blocks[i]
+            self._hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
+            self._hooks.append(block.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
+
+    def _restart(self) -> None:
+        # Copies and runs both go round the slots in one order (FIFO), counted across forwards: with a streamed
+        # count that the slot count does not divide, the wrapped-around prefetch still lands in the slot that
+        # the next run reads.
+        n_slots = len(self._slots)
+        self._next = 0  # rank the next block to run should have
+        self._issued = self._ran = 0
+        self._filled: list[int | None] = [None] * n_slots  # rank whose copy was issued into each slot
+        self._free_recorded = [False] * n_slots
+        for r in range(n_slots):
+            self._issue(r)
+
+    def _issue(self, rank: int) -> None:
+        slot = self._issued % len(self._slots)
+        self._issued += 1
+        block = self.streamed[rank]
+        after = self._free[slot] if self._free_recorded[slot] else None
+        self._copier.copy(self.block_copies[block], self._slots[slot], after, self._ready[slot])
+        self._filled[slot] = rank
+        self.log.add("copy", block, slot)
+
+    def _on_forward(self, module: nn.Module, args: tuple) -> None:
+        if self._next != 0:
+            # The last forward stopped part way (an exception, Ctrl-C): start the pipeline over.
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._restart()
+
+    def _before(self, block: int) -> None:
+        rank = self._rank[block]
+        slot = self._ran % len(self._slots)
+        if rank != self._next or self._filled[slot] != rank:
+            raise RuntimeError(f"block {block} ran out of the streaming order (expected rank {self._next})")
+        self._copier.wait(self._ready[slot])
+        self.block_copies[block].bind(self._views[(slot, block)])
+        self.log.add("run", block, slot)
+
+    def _after(self, block: int) -> None:
+        rank = self._rank[block]
+        slot = self._ran % len(self._slots)
+        self._ran += 1
+        self._copier.mark(self._free[slot])
+        self._free_recorded[slot] = True
+        self.block_copies[block].release()
+        n = len(self.streamed)
+        self._next = (rank + 1) % n
+        # Refill this slot with the block that comes `slots` later, wrapping into the next forward, so the first
+        # streamed blocks of the next step are already on their way while the sampler does its arithmetic.
+        self._issue((rank + len(self._slots)) % n)
+
+
+class Residency:
+    """Which offloaded components are on the device in each phase of a run ("encode", "denoise", "decode")."""
+
+    def __init__(self, components: dict[str, Offloaded], phases: dict[str, set[str]]) -> None:
+        self.components, self.phases = dict(components), phases
+        self.phase: str | None = None
+
+    def enter(self, phase: str) -> None:
+        wanted = self.phases.get(phase, set(self.components))
+        # Off first, then on: the peak never holds both the leaving and the arriving component.
+        for name, comp in self.components.items():
+            if name not in wanted:
+                comp.off_device()
+        if any(c.device.type == "cuda" for c in self.components.values()):
+            torch.cuda.empty_cache()
+        for name in wanted:
+            if name in self.components:
+                self.components[name].to_device()
+        self.phase = phase
+
+    def add(self, name: str, component: Offloaded) -> None:
+        self.components[name] = component
+
+    def drop(self, name: str) -> None:
+        comp = self.components.pop(name, None)
+        if comp is not None:
+            comp.off_device()
+
+
+def prepare_blocks(
+    blocks: nn.ModuleList,
+    work_device: torch.device,
+    prepare: Callable[[str, nn.Module], None],
+    *,
+    keep: Callable[[int], bool],
+    prefix: str = "",
+) -> dict[int, HostCopy]:
+    """Run `prepare` (FP8 quantisation, say) on each block on `work_device`, one block at a time, then keep the
+    block there (`keep(i)`) or pack it into host memory; returns the host copies made. Peak device memory is one
+    block beyond what is kept."""
+    copies = {}
+    for i, block in enumerate(blocks):
+        block.to(work_device)
+        prepare(f"{prefix}{i}.", block)
+        if not keep(i):
+            copies[i] = HostCopy(module_tensors(block))
+    return copies

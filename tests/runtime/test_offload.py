@@ -1,0 +1,161 @@
+"""Offload mechanics on the CPU: packed host copies, block streaming (prefetch order, wrap-around, restart after
+an interrupted forward), component residency per phase. The CUDA side (streams, pinned memory) runs in
+bench/offload_parity.py on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope
+from qimg.runtime.fp8 import apply_fp8, qwen_mmdit_fp8_layers
+from qimg.runtime.offload import HostCopy, Offloaded, Residency, module_tensors, prepare_blocks
+from qimg.specs import QwenMMDiTParams
+from tests.fixtures import randomize_
+
+TINY = QwenMMDiTParams(num_layers=4, head_dim=16, num_heads=2, txt_dim=32, axes_dims_rope=(4, 6, 6))
+CPU = torch.device("cpu")
+
+
+def _model(fp8: str | None = None) -> QwenMMDiT:
+    model = randomize_(QwenMMDiT(TINY), 5).eval().requires_grad_(False)
+    if fp8 is not None:
+        apply_fp8(model, qwen_mmdit_fp8_layers, compute=fp8 == "compute")
+    return model
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(1)
+    x, txt = torch.randn(2, 12, 64, generator=gen), torch.randn(2, 5, 32, generator=gen)
+    rope = qwen_rope([(1, 3, 4)], 5, TINY.axes_dims_rope, TINY.rope_theta)
+    return x, txt, torch.tensor([0.7, 0.7]), rope
+
+
+def _forward(model: QwenMMDiT) -> torch.Tensor:
+    x, txt, t, rope = _inputs()
+    with torch.inference_mode():
+        return model(x, txt, t, rope)
+
+
+def test_host_copy_keeps_tensor_identity_and_values():
+    lin = nn.Linear(5, 3)
+    weight, before = lin.weight, lin.weight.detach().clone()
+    copy = HostCopy(module_tensors(lin), pin=False)
+    assert lin.weight is weight and torch.equal(lin.weight, before)
+    assert copy.nbytes >= 3 * 5 * 4 + 3 * 4 and lin.weight.data_ptr() == copy.host.data_ptr()
+    flat = copy.upload(CPU)
+    assert lin.weight is weight and torch.equal(lin.weight, before)
+    assert lin.weight.data_ptr() == flat.data_ptr()  # now a view of the "device" buffer
+    copy.release()
+    assert lin.weight.data_ptr() == copy.host.data_ptr()
+
+
+def test_module_tensors_counts_tied_weights_once_and_skips_submodules():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    parent = nn.Sequential(a, b)
+    assert len(module_tensors(parent)) == 3  # shared weight, two biases
+    assert len(module_tensors(parent, skip=[b])) == 1  # a.bias (the weight belongs to b too)
+
+
+@pytest.mark.parametrize("fp8", [None, "weights", "compute"])
+@pytest.mark.parametrize("streamed", [[0, 1, 2, 3], [0, 1, 3], [1, 3], [2]])
+def test_streamed_blocks_give_exactly_the_resident_output(fp8, streamed):
+    model = _model(fp8)
+    expected = _forward(model)
+    off = Offloaded(model, CPU, model.transformer_blocks)
+    off.stream(streamed)
+    off.to_device()
+    for _ in range(3):  # later forwards start from the prefetch that wrapped around from the one before
+        assert torch.equal(_forward(model), expected)
+    off.off_device()
+    assert not off.on_device and torch.equal(_forward(model), expected)  # runs from host memory as well
+
+
+def test_prefetch_runs_ahead_by_the_slots_and_wraps_into_the_next_forward():
+    model = _model()
+    off = Offloaded(model, CPU, model.transformer_blocks, slots=2)
+    off.log.enabled = True
+    off.stream([0, 1, 2, 3])
+    off.to_device()
+    _forward(model)
+    assert off.log.events == [
+        ("copy", 0, 0), ("copy", 1, 1),  # primed when the component comes on the device
+        ("run", 0, 0), ("copy", 2, 0),  # a slot is refilled as soon as its block has run
+        ("run", 1, 1), ("copy", 3, 1),
+        ("run", 2, 0), ("copy", 0, 0),  # wrap-around: the next forward's first blocks
+        ("run", 3, 1), ("copy", 1, 1),
+    ]
+
+
+def test_an_odd_streamed_count_keeps_the_slot_order_across_forwards():
+    model = _model()
+    off = Offloaded(model, CPU, model.transformer_blocks, slots=2)
+    off.log.enabled = True
+    off.stream([0, 2, 3])
+    off.to_device()
+    for _ in range(2):
+        _forward(model)
+    runs = [(block, slot) for what, block, slot in off.log.events if what == "run"]
+    copies = [(block, slot) for what, block, slot in off.log.events if what == "copy"]
+    assert runs == [(0, 0), (2, 1), (3, 0), (0, 1), (2, 0), (3, 1)]
+    assert copies[: len(runs)] == runs  # each block runs from the slot its copy went into, in copy order
+
+
+def test_a_forward_interrupted_part_way_restarts_the_stream():
+    model = _model()
+    expected = _forward(model)
+    off = Offloaded(model, CPU, model.transformer_blocks)
+    off.stream([0, 1, 2, 3])
+    off.to_device()
+
+    def boom(module, args):
+        raise KeyboardInterrupt
+
+    handle = model.transformer_blocks[2].register_forward_pre_hook(boom)
+    with pytest.raises(KeyboardInterrupt):
+        _forward(model)
+    handle.remove()
+    assert torch.equal(_forward(model), expected)
+
+
+def test_changing_the_streamed_set_on_the_device_keeps_the_output():
+    model = _model("weights")
+    expected = _forward(model)
+    off = Offloaded(model, CPU, model.transformer_blocks)
+    off.to_device()
+    assert torch.equal(_forward(model), expected)
+    off.stream([0, 3])
+    assert off.on_device and torch.equal(_forward(model), expected)
+    off.stream([])
+    assert torch.equal(_forward(model), expected)
+
+
+def test_residency_holds_only_the_components_of_each_phase():
+    first, second = _model(), _model()
+    comps = {"transformer": Offloaded(first, CPU), "text_encoder": Offloaded(second, CPU)}
+    residency = Residency(comps, {"text": {"text_encoder", "vae"}, "denoise": {"transformer", "vae"}})
+    residency.enter("text")
+    assert comps["text_encoder"].on_device and not comps["transformer"].on_device
+    residency.enter("denoise")
+    assert comps["transformer"].on_device and not comps["text_encoder"].on_device
+    residency.drop("transformer")
+    assert "transformer" not in residency.components and not comps["transformer"].on_device
+
+
+def test_prepare_blocks_runs_per_block_and_packs_what_is_not_kept():
+    model = _model()
+    seen = []
+
+    def prepare(prefix: str, block: nn.Module) -> None:
+        seen.append(prefix)
+        apply_fp8(block, lambda name, lin: qwen_mmdit_fp8_layers(f"transformer_blocks.{prefix}{name}", lin),
+                  compute=False)
+
+    copies = prepare_blocks(model.transformer_blocks, CPU, prepare, keep=lambda i: i < 2)
+    assert seen == ["0.", "1.", "2.", "3."] and sorted(copies) == [2, 3]
+    assert all(b.attn.to_q.extra_repr().endswith("fp8=weights") for b in model.transformer_blocks)
+    packed = {t.data_ptr() for t in module_tensors(model.transformer_blocks[2])}
+    host = copies[2].host
+    assert all(host.data_ptr() <= p < host.data_ptr() + copies[2].nbytes for p in packed)
