@@ -109,6 +109,10 @@ def load(
     attention: str = "auto",
     compile: bool = False,
     fp8: str | None = None,
+    offload: str = "auto",
+    vram_budget: float | None = None,
+    text_encoder_device: str | None = None,
+    plan_for: dict[str, Any] | None = None,
 ) -> QwenImagePipeline:
     """Load a model folder (diffusers layout) onto `device` (default: cuda if present, else cpu) in `dtype`
     (default: bfloat16 on CUDA, float32 on CPU). Returns a pipeline whose .generate() (text-to-image models) or
@@ -116,12 +120,15 @@ def load(
 
     vae_tiling=qimg.Tiling(512, 64) encodes and decodes by tiles; attention picks the kernel (auto, sdpa, cudnn,
     flash, sage; process-wide); compile=True compiles the repeated blocks (slow first call, cached on disk);
-    fp8="compute" runs the block linears on FP8 tensor cores (Ada/Hopper), fp8="weights" only stores them in FP8."""
+    fp8="compute" runs the block linears on FP8 tensor cores (Ada/Hopper), fp8="weights" only stores them in FP8.
+    offload (auto, none, model, layer), vram_budget (GiB) and text_encoder_device (cpu, cuda) place the weights
+    by a memory plan made before loading (pipe.plan); plan_for gives the request shape it plans for."""
     from qimg.pipelines import load_pipeline
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
     return load_pipeline(ref, device=device, dtype=dtype, vae_tiling=vae_tiling, attention=attention,
-                         compile=compile, fp8=fp8)
+                         compile=compile, fp8=fp8, offload=offload, vram_budget=vram_budget,
+                         text_encoder_device=text_encoder_device, plan_for=plan_for)
 
 
 def generate(model: str, prompt: str, *, device: str | None = None, dtype: str | None = None, **options: Any) -> list:

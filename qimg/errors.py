@@ -45,3 +45,7 @@ class OutputError(QimgError):
 
 class NumericsError(QimgError):
     """The computation produced NaN or infinite values."""
+
+
+class GPUMemoryError(QimgError):
+    """The GPU ran out of memory; the hint names the flags that would fit."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,8 +15,11 @@ from qimg.errors import InputError
 from qimg.loading import components
 from qimg.loading.hub import ModelRef
 from qimg.nets.text_encoders import TEMPLATES, encode_qwen_prompt, encode_qwen_prompt_with_images
+from qimg.pipelines import memory
 from qimg.pipelines.common import _version, resize_to_area
 from qimg.request import GenerateRequest
+from qimg.runtime.offload import Residency
+from qimg.runtime.planner import MemoryPlan
 
 
 def image_fingerprint(image: Any) -> str:
@@ -31,6 +35,9 @@ class QwenPromptEncoder:
     ref: ModelRef
     torch_device: torch.device
     torch_dtype: torch.dtype
+    fp8: str | None = None  # FP8 storage for the language model's linears
+    plan: MemoryPlan | None = None  # where the encoder runs and whether it visits the GPU only to encode
+    residency: Residency | None = None
     _model: Any = None
     _tokenizer: Any = None
     _image_processor: Any = None
@@ -38,10 +45,24 @@ class QwenPromptEncoder:
     @property
     def model(self) -> Any:
         if self._model is None:
-            self._model = components.load_text_encoder(
-                self.ref.path / "text_encoder", device=self.torch_device, dtype=self.torch_dtype
+            self._model, offloaded = memory.load_text_encoder(
+                self.ref.path / "text_encoder", self.torch_device, self.torch_dtype, self.fp8, self.plan,
+                self.ref.spec.task,
             )
+            if offloaded is not None and self.residency is not None:
+                self.residency.add("text_encoder", offloaded)
         return self._model
+
+    def release(self) -> None:
+        """Free the text encoder (a later prompt loads it again)."""
+        if self._model is None:
+            return
+        if self.residency is not None:
+            self.residency.drop("text_encoder")
+        self._model = None
+        gc.collect()
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def tokenizer(self) -> Any:
@@ -81,13 +102,16 @@ class QwenPromptEncoder:
         Edit models see the images too, each resized to the spec's vision-encoder area at its own aspect.
         """
         template = TEMPLATES[self.template_name]
+        model = self.model
+        if self.residency is not None:
+            self.residency.enter("text")
         if self.ref.spec.task == "edit":
             vl_images = [resize_to_area(im.convert("RGB"), self.ref.spec.vl_image_area) for im in images]
             embeds, mask = encode_qwen_prompt_with_images(
-                self.model, self.tokenizer, self.image_processor, prompt, vl_images, template
+                model, self.tokenizer, self.image_processor, prompt, vl_images, template
             )
         else:
-            embeds, mask = encode_qwen_prompt(self.model, self.tokenizer, prompt, template, max_sequence_length)
+            embeds, mask = encode_qwen_prompt(model, self.tokenizer, prompt, template, max_sequence_length)
         return PromptEmbeds(embeds.to(self.torch_device), None if bool(mask.all()) else mask.to(self.torch_device))
 
     def encode_request(

@@ -3,9 +3,11 @@ denoise -> decode, for text to image, image to image, inpainting and the edit mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qimg.embeddings import EmbeddingsFile, PromptEmbeds
-from qimg.errors import InputError, NumericsError
+from qimg.errors import GPUMemoryError, InputError, NumericsError
 from qimg.loading import components
 from qimg.loading.hub import ModelRef
 from qimg.nets.qwen_mmdit import QwenMMDiT, TextPadding, qwen_rope
 from qimg.nets.qwen_vae import QwenVAE, denormalize_latents, normalize_latents
+from qimg.pipelines import memory
 from qimg.pipelines.common import (
     Progress,
     _version,
@@ -33,7 +36,9 @@ from qimg.request import GenerateRequest, calculate_dimensions, img2img_start, m
 from qimg.runtime.attention import resolve as resolve_attention
 from qimg.runtime.attention import use_attention
 from qimg.runtime.compile import compile_blocks
-from qimg.runtime.fp8 import apply_fp8, fp8_supported, qwen_mmdit_fp8_layers
+from qimg.runtime.fp8 import fp8_supported
+from qimg.runtime.offload import Offloaded, Residency
+from qimg.runtime.planner import MODES, GiB, MemoryPlan, Needs, PlanError, suggest
 from qimg.runtime.tiling import Tiling, decode_tiled, encode_tiled
 from qimg.sampling import (
     FlowSchedule,
@@ -117,6 +122,12 @@ class QwenImagePipeline:
     torch_device: torch.device
     torch_dtype: torch.dtype
     vae_tiling: Tiling | None = None  # encode/decode by blended tiles (large images in little memory)
+    plan: MemoryPlan | None = None  # what stays on the GPU, what visits it per phase, what streams
+    needs: Needs | None = None
+    residency: Residency | None = None
+    transformer_offload: Offloaded | None = None
+    keep_text_encoder: bool = True  # False: free it once a request's prompts are encoded (single runs)
+    fp8: str | None = None
 
     @property
     def device(self) -> str:
@@ -136,16 +147,56 @@ class QwenImagePipeline:
         """The positive and (if asked and given) negative embeddings of a request, with their provenance."""
         return self.prompts.encode_request(request, with_negative=with_negative, images=images)
 
+    @property
+    def tiling(self) -> Tiling | None:
+        """The VAE tiling asked for, or the default tiles when the memory plan needs them."""
+        if self.vae_tiling is None and self.plan is not None and self.plan.vae_tiling:
+            return Tiling()
+        return self.vae_tiling
+
+    def phase(self, name: str) -> None:
+        """Enter a run phase (text, vae, denoise): under an offload plan, move components on and off the GPU."""
+        if self.residency is not None:
+            self.residency.enter(name)
+
     def encode_image(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Pixels (B, 3, H, W) in [-1, 1] -> VAE posterior (mean, logvar) in the VAE's latent space."""
+        self.phase("vae")
         x = x.to(self.torch_device, self.torch_dtype)
-        return self.vae.encode(x) if self.vae_tiling is None else encode_tiled(self.vae, x, self.vae_tiling)
+        return self.vae.encode(x) if self.tiling is None else encode_tiled(self.vae, x, self.tiling)
 
     def decode(self, x: Tensor, height: int, width: int) -> Tensor:
         """Packed latent tokens (B, L, 64) -> images (B, 3, H, W) in [-1, 1]."""
+        self.phase("vae")
         z = unpack(x, 2 * (height // 16), 2 * (width // 16)).to(self.torch_dtype)
         z = denormalize_latents(z, self.vae.params)
-        return self.vae.decode(z) if self.vae_tiling is None else decode_tiled(self.vae, z, self.vae_tiling)
+        return self.vae.decode(z) if self.tiling is None else decode_tiled(self.vae, z, self.tiling)
+
+    def fit(self, request: GenerateRequest, ref_pixels: int = 0) -> None:
+        """Re-plan the streamed blocks for this request's size (the load-time plan assumed 1024x1024 with CFG);
+        the offload mode chosen at load stays."""
+        if self.plan is None or self.plan.mode == "none" or self.needs is None:
+            return
+        shape = dict(width=request.width, height=request.height, cfg=request.cfg_enabled, ref_pixels=ref_pixels)
+        plan, needs = memory.make_plan(
+            self.ref.path, self.torch_device, self.torch_dtype, self.fp8, task=self.ref.spec.task,
+            offload=self.plan.mode, budget_gib=None if self.plan.budget is None else self.plan.budget / GiB,
+            text_encoder_device=self.plan.text_encoder_device, vae_tiling=self.vae_tiling is not None,
+            text_encoder=self.needs.text_encoder is not None, **shape,
+        )
+        if self.transformer_offload is not None:
+            self.transformer_offload.stream(plan.streamed.get("transformer", ()))
+        self.plan, self.needs = plan, needs
+        if self.residency is not None:
+            self.residency.phases = plan.phases
+
+    @contextlib.contextmanager
+    def _oom_as_error(self) -> Iterator[None]:
+        """A CUDA out-of-memory error becomes one line naming the flags that would fit this GPU."""
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(self.ref, self.torch_device, self.torch_dtype, self.fp8) from e
 
     def _request(
         self, prompt: str | None, embeddings: EmbeddingsFile | None, init_size: Any, options: dict[str, Any]
@@ -162,6 +213,8 @@ class QwenImagePipeline:
         """Prompt embeddings from the text encoder, or from a saved file (checked against this model)."""
         if embeddings is None:
             data = self.encode_prompts(request, with_negative=request.cfg_enabled, images=images)
+            if not self.keep_text_encoder:
+                self.prompts.release()
             return request, data.cond, data.uncond
         self.prompts.check_embeddings(embeddings, images)
         if embeddings.cond.embeds.shape[-1] != self.transformer.params.txt_dim:
@@ -213,7 +266,8 @@ class QwenImagePipeline:
         if init_image is not None and request.strength is None:
             request = dataclasses.replace(request, strength=0.6)
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._oom_as_error():
+            self.fit(request)
             request, cond, uncond = self._conditioning(request, embeddings)
             x = run_qwen(self, request, cond, uncond, init_image, mask, progress)
             return self._finish(request, x, started)
@@ -239,7 +293,9 @@ class QwenImagePipeline:
         if request is None:
             request = self._request(prompt, embeddings, images[-1].size if images else None, options)
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._oom_as_error():
+            area = self.ref.spec.vae_image_area
+            self.fit(request, sum(area for _ in images))
             request, cond, uncond = self._conditioning(request, embeddings, images)
             x = run_qwen_edit(self, request, cond, uncond, images, progress)
             out = self._finish(request, x, started, keep_size=keep_size)
@@ -301,6 +357,7 @@ def run_qwen(
                 known = noise_to(x0, noise, sigmas[i + 1]) if i + 1 < len(sigmas) - 1 else x0
                 return keep * known + (1.0 - keep) * x
 
+    pipe.phase("denoise")
     velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, [(1, gh, gw)])
     return _check_finite(denoise(velocity, x, sigmas, progress, after_step))
 
@@ -325,6 +382,7 @@ def run_qwen_edit(
         shapes.append((1, h // 16, w // 16))
     x = _noise_tokens(torch.Generator("cpu").manual_seed(req.seed), gh, gw, cond.embeds.dtype).to(dev, torch.float32)
     sigmas = flow_sigmas(req.steps, pipe.schedule, gh * gw).to(dev)  # mu from the target tokens only
+    pipe.phase("denoise")
     velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, shapes, torch.cat(refs, 1))
     return _check_finite(denoise(velocity, x, sigmas, progress))
 
@@ -357,33 +415,97 @@ def load_pipeline(
     attention: str = "auto",
     compile: bool = False,
     fp8: str | None = None,
+    offload: str = "auto",
+    vram_budget: float | None = None,
+    text_encoder_device: str | None = None,
+    plan_for: dict[str, Any] | None = None,
 ) -> QwenImagePipeline:
-    """Load a Qwen-Image model folder onto one device (the text encoder follows on first use), then apply the
-    runtime features asked for: the attention kernel (process-wide), FP8 linears, regional compile."""
+    """Load a Qwen-Image model folder as a memory plan places it (the text encoder follows on first use), then
+    apply the runtime features asked for: the attention kernel (process-wide), FP8 linears, regional compile.
+
+    offload: none (all resident), model (one component on the GPU at a time), layer (also stream transformer /
+    text-encoder blocks that do not fit), auto (the first that fits). vram_budget (GiB) caps this process's
+    CUDA memory and is what the plan fits; without it the plan fits the memory free now. plan_for: the request
+    shape to plan for (width, height, cfg, ref_pixels; default 1024x1024 with CFG)."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     check_runtime_options(dev, attention, fp8)
+    check_memory_options(dev, offload, vram_budget, text_encoder_device)
     root = ref.path
-    vae = components.load_qwen_vae(root / "vae", device=dev, dtype=dt)
-    # channels-last convs: 1.3x faster VAE decode with less memory on an H100 (bench/results/vae_h100.json).
-    vae = vae.to(memory_format=torch.channels_last)
-    transformer = components.load_qwen_mmdit(root / "transformer", device=dev, dtype=dt)
+    try:
+        if vram_budget is not None and dev.type == "cuda":
+            index = memory.cuda_index(dev)
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, vram_budget * GiB / total), index)
+        plan, needs = memory.make_plan(
+            root, dev, dt, fp8, task=ref.spec.task, offload=offload, budget_gib=vram_budget,
+            text_encoder_device=text_encoder_device, vae_tiling=vae_tiling is not None, **(plan_for or {}),
+        )
+    except PlanError as e:
+        raise GPUMemoryError(str(e), hint=_fitting_flags(e, fp8)) from None
+    try:
+        vae = components.load_qwen_vae(root / "vae", device=dev, dtype=dt)
+        # channels-last convs: 1.3x faster VAE decode with less memory on an H100 (bench/results/vae_h100.json).
+        vae = vae.to(memory_format=torch.channels_last)
+        transformer, offloaded = memory.load_transformer(root / "transformer", dev, dt, fp8, plan)
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory(ref, dev, dt, fp8) from e
     use_attention(attention, dev)
-    if fp8 is not None:
-        apply_fp8(transformer, qwen_mmdit_fp8_layers, compute=fp8 == "compute")
     if compile:
         compile_blocks(transformer)
         vae.decoder.compile()
+    residency = None if offloaded is None else Residency({"transformer": offloaded}, plan.phases)
     return QwenImagePipeline(
         ref=ref,
         transformer=transformer,
         vae=vae,
         schedule=components.load_schedule(root / "scheduler"),
-        prompts=QwenPromptEncoder(ref, dev, dt),
+        prompts=QwenPromptEncoder(ref, dev, dt, fp8=fp8, plan=plan, residency=residency),
         torch_device=dev,
         torch_dtype=dt,
         vae_tiling=vae_tiling,
+        plan=plan,
+        needs=needs,
+        residency=residency,
+        transformer_offload=offloaded,
+        fp8=fp8,
     )
+
+
+def check_memory_options(
+    device: torch.device, offload: str, vram_budget: float | None, text_encoder_device: str | None
+) -> None:
+    if offload not in MODES:
+        raise InputError(f"unknown offload mode {offload!r}", hint=f"use one of {', '.join(MODES)}")
+    if text_encoder_device not in (None, "cpu", "cuda"):
+        raise InputError(f"unknown text encoder device {text_encoder_device!r}", hint="use cpu or cuda")
+    if vram_budget is not None and vram_budget <= 0:
+        raise InputError(f"--vram-budget {vram_budget} is not a positive number of GiB", hint="e.g. --vram-budget 12")
+    if device.type != "cuda" and (offload in ("model", "layer") or vram_budget is not None):
+        raise InputError(f"--offload {offload} and --vram-budget manage GPU memory; the device is {device}",
+                         hint="leave them off on the CPU, or pass --device cuda")
+    if device.type != "cuda" and text_encoder_device == "cuda":
+        raise InputError("--text-encoder-device cuda needs a CUDA device", hint="pass --device cuda")
+
+
+def _fitting_flags(error: PlanError, fp8: str | None) -> str:
+    hints = ["a larger --vram-budget", "--offload layer"]
+    if fp8 is None:
+        hints.insert(0, "--fp8 weights")
+    return "try " + ", ".join(hints) + " or a smaller --width/--height"
+
+
+def out_of_memory(ref: ModelRef, device: torch.device, dtype: torch.dtype, fp8: str | None) -> GPUMemoryError:
+    """The one-line error for a CUDA out-of-memory: the flags the planner says fit this GPU's memory."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(memory.cuda_index(device))
+    try:
+        needs = memory.qwen_needs(ref.path, dtype, fp8 or "weights", task=ref.spec.task)
+        hint = suggest(needs, free, fp8=fp8 is not None)
+    except Exception:  # the hint is a courtesy; never let it hide the real error
+        hint = "try --offload layer --fp8 weights, --tiled-vae, or a smaller --width/--height"
+    return GPUMemoryError(f"the GPU ran out of memory ({free / GiB:.1f} GiB free on {device})", hint=hint)
 
 
 def encode_prompt(
