@@ -93,8 +93,44 @@ Compile = Annotated[
 FP8 = Annotated[
     FP8Mode | None,
     typer.Option("--fp8", help="compute: run the block linears on FP8 tensor cores (Ada/Hopper GPUs); "
-                 "weights: store them in FP8, compute in bf16. Default: off."),
+                 "weights: store them in FP8, compute in bf16 (also the text encoder's language model). "
+                 "Default: off."),
 ]
+
+
+class OffloadMode(str, Enum):
+    """Where weights live between uses (qimg.runtime.offload, planned by qimg.runtime.planner)."""
+
+    auto = "auto"
+    none = "none"
+    model = "model"
+    layer = "layer"
+
+
+class TextEncoderDevice(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+Offload = Annotated[
+    OffloadMode,
+    typer.Option(help="none: everything on the GPU; model: one component (text encoder, transformer) on the GPU "
+                 "at a time, the rest in pinned host memory; layer: also stream the transformer blocks that do "
+                 "not fit, with prefetch; auto: the first that fits the free memory or --vram-budget."),
+]
+VramBudget = Annotated[
+    float | None,
+    typer.Option("--vram-budget", metavar="GIB", min=0.5,
+                 help="GPU memory this run may use, in GiB: the plan fits it and the process is capped to it. "
+                 "Default: the memory free when loading."),
+]
+TextEncoderPlace = Annotated[
+    TextEncoderDevice | None,
+    typer.Option("--text-encoder-device",
+                 help="Run the text encoder on the CPU (saves its GPU memory, slower prompts) or the GPU. "
+                 "Default: the GPU, within the memory plan."),
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the memory plan and load details.")]
 
 
 def runtime_options(
@@ -104,6 +140,9 @@ def runtime_options(
     attention: AttentionKernel,
     compile: bool,
     fp8: FP8Mode | None,
+    offload: OffloadMode = OffloadMode.auto,
+    vram_budget: float | None = None,
+    text_encoder_device: TextEncoderDevice | None = None,
 ) -> dict[str, Any]:
     """qimg.load keyword arguments for the features applied after loading; bad tile sizes fail here."""
     return {
@@ -111,6 +150,9 @@ def runtime_options(
         "attention": attention.value,
         "compile": compile,
         "fp8": fp8.value if fp8 else None,
+        "offload": offload.value,
+        "vram_budget": vram_budget,
+        "text_encoder_device": text_encoder_device.value if text_encoder_device else None,
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -117,3 +118,10 @@ class Output:
 
 def _ignore_steps(i: int, n: int) -> None:
     """The callback when no bar is drawn; the pipeline always gets a callable."""
+
+
+def show_plan(out: Output, pipe: Any) -> None:
+    """--verbose: the memory plan of a loaded pipeline, a line per component and phase."""
+    if pipe.plan is not None and pipe.needs is not None:
+        for line in pipe.plan.describe(pipe.needs):
+            out.info(line)

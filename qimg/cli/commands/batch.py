@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 import qimg
-from qimg.cli.output import Output
+from qimg.cli.output import Output, show_plan
 
 
 class PromptsFormat(str, Enum):
@@ -40,6 +40,7 @@ def run_prompt_file(
     device: str | None,
     dtype: str | None,
     runtime: dict[str, Any],
+    verbose: bool = False,
 ) -> None:
     """Check the whole file and plan every output, load the model once (only if something is left to do), run."""
     if folder.suffix.lower() == ".png":
@@ -60,11 +61,18 @@ def run_prompt_file(
              f"{len(plan.skipped)} already done")
     started = time.perf_counter()
 
+    todo = [item.request for item in plan.todo] or [item.request for item in plan.items]
+    # The memory plan fits the largest image of the batch (re-planned per image if one is larger).
+    plan_for = {"width": max(r.width for r in todo), "height": max(r.height for r in todo),
+                "cfg": any(r.cfg_enabled for r in todo)}
+
     def load() -> Any:
         load_started = time.perf_counter()
         with out.status(f"loading {ref.name}"):
-            pipe = qimg.load(ref, device=device, dtype=dtype, **runtime)
+            pipe = qimg.load(ref, device=device, dtype=dtype, plan_for=plan_for, **runtime)
         out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - load_started:.1f} s")
+        if verbose:
+            show_plan(out, pipe)
         return pipe
 
     def steps(item: qimg.BatchItem) -> Any:

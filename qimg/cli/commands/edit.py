@@ -19,10 +19,15 @@ from qimg.cli.options import (
     Debug,
     Device,
     DType,
+    Offload,
+    OffloadMode,
     Quiet,
+    TextEncoderPlace,
     TiledVAE,
     TileOverlap,
     TileSize,
+    Verbose,
+    VramBudget,
     require_model,
     runtime_options,
 )
@@ -77,6 +82,10 @@ def edit(
     attention: Attention = AttentionKernel.auto,
     compile: Compile = False,
     fp8: FP8 = None,
+    offload: Offload = OffloadMode.auto,
+    vram_budget: VramBudget = None,
+    text_encoder_device: TextEncoderPlace = None,
+    verbose: Verbose = False,
     quiet: Quiet = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     debug: Debug = False,
@@ -91,7 +100,8 @@ def edit(
     model = require_model(model)
     check_prompt_source(prompt, prompt_embeds, negative)
     path = qimg.check_output_path(output, overwrite=overwrite)
-    runtime = runtime_options(tiled_vae, tile_size, tile_overlap, attention, compile, fp8)
+    runtime = runtime_options(tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload, vram_budget,
+                              text_encoder_device)
     ref = qimg.resolve_model(model)
     if ref.spec.task != "edit":
         raise qimg.UsageError(f"{model} is a text-to-image model", hint="use qimg generate, or an edit model here")
@@ -111,4 +121,4 @@ def edit(
         notes.append(f"generating {size[0]}x{size[1]}, resampled to the input's {first[0]}x{first[1]}" if keep_size
                      else f"output is {size[0]}x{size[1]}, input is {first[0]}x{first[1]} (--keep-size to match)")
     run_and_save(out, ref, request, notes, "edit", inputs, extra, path, device=device, dtype=dtype,
-                 runtime=runtime, overwrite=overwrite)
+                 runtime=runtime, overwrite=overwrite, verbose=verbose)

@@ -21,14 +21,19 @@ from qimg.cli.options import (
     Debug,
     Device,
     DType,
+    Offload,
+    OffloadMode,
     Quiet,
+    TextEncoderPlace,
     TiledVAE,
     TileOverlap,
     TileSize,
+    Verbose,
+    VramBudget,
     require_model,
     runtime_options,
 )
-from qimg.cli.output import Output
+from qimg.cli.output import Output, show_plan
 
 EXAMPLES = """\
 Examples:
@@ -166,6 +171,10 @@ def generate(
     attention: Attention = AttentionKernel.auto,
     compile: Compile = False,
     fp8: FP8 = None,
+    offload: Offload = OffloadMode.auto,
+    vram_budget: VramBudget = None,
+    text_encoder_device: TextEncoderPlace = None,
+    verbose: Verbose = False,
     quiet: Quiet = False,
     overwrite: Annotated[
         bool,
@@ -190,14 +199,15 @@ def generate(
     """
     out = Output(quiet=quiet)
     check_sources(prompt, prompts, prompt_embeds, from_image, init_image, strength, mask)
-    runtime = runtime_options(tiled_vae, tile_size, tile_overlap, attention, compile, fp8)
+    runtime = runtime_options(tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload, vram_budget,
+                              text_encoder_device)
     if prompts is not None:
         run_prompt_file(
             out, prompts=prompts, prompts_format=prompts_format, folder=output, model=require_model(model),
             name_template=name_template, seed=seed,
             defaults={"negative": negative, "steps": steps, "cfg": cfg, "width": width, "height": height},
             overwrite=overwrite, fail_fast=fail_fast, json_out=json_out, device=device,
-            dtype=dtype.value if dtype else None, runtime=runtime,
+            dtype=dtype.value if dtype else None, runtime=runtime, verbose=verbose,
         )
         return
     max_sequence_length = None
@@ -253,7 +263,7 @@ def generate(
         w, h = inputs["init_image"].size
         notes.append(f"init image is {w}x{h}; generating {request.width}x{request.height}")
     run_and_save(out, ref, request, notes, "generate", inputs, extra, path, device=device, dtype=dtype,
-                 runtime=runtime, overwrite=overwrite, json_out=json_out)
+                 runtime=runtime, overwrite=overwrite, json_out=json_out, verbose=verbose)
 
 
 def check_sources(
@@ -330,6 +340,7 @@ def run_and_save(
     runtime: dict[str, Any],
     overwrite: bool,
     json_out: bool = False,
+    verbose: bool = False,
 ) -> None:
     """The part every image command shares: say what will run, load, denoise with a bar, write the PNG."""
     for note in notes:
@@ -339,9 +350,16 @@ def run_and_save(
     started = time.perf_counter()
     # SIGTERM as Ctrl-C: save_png's cleanup then runs, so a killed run leaves no temporary file.
     with qimg.catch_signals():
+        images = inputs.get("images", [])
+        plan_for = {"width": request.width, "height": request.height, "cfg": request.cfg_enabled,
+                    "ref_pixels": ref.spec.vae_image_area * len(images) if images else 0,
+                    "text_encoder": "embeddings" not in inputs}
         with out.status(f"loading {ref.name}"):
-            pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None, **runtime)
+            pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None, plan_for=plan_for, **runtime)
+        pipe.keep_text_encoder = False  # one image: its prompts are encoded once, then the memory is free
         out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
+        if verbose:
+            show_plan(out, pipe)
         with out.steps("denoising") as progress:
             images = getattr(pipe, method)(request=request, progress=progress, **inputs)
         params = images[0].info.setdefault("qimg", {})
@@ -350,3 +368,4 @@ def run_and_save(
     out.info(f"wrote {path} (seed {request.seed}, {time.perf_counter() - started:.1f} s)")
     if json_out:
         typer.echo(json.dumps({"event": "written", "path": str(path), **params}, ensure_ascii=False))
+
