@@ -114,3 +114,11 @@ def test_out_of_memory_names_flags_that_fit(tiny_qwen: Path, monkeypatch):
     assert isinstance(error, qimg.QimgError) and error.exit_code == 1
     assert "6.0 GiB free" in error.message
     assert "--offload model" in error.hint and "--fp8 weights" in error.hint and "--vram-budget 6" in error.hint
+
+
+def test_a_request_too_large_for_the_plan_is_a_one_line_error(tiny_qwen: Path, one_thread):
+    pipe = qimg.load(tiny_qwen, device="cpu")
+    needs = memory.qwen_needs(tiny_qwen, torch.float32, None, task="t2i")
+    pipe = dataclasses.replace(pipe, plan=MemoryPlan("layer", 64 * 1024, "cuda", False), needs=needs)
+    with pytest.raises(qimg.QimgError, match=r"64x48: --offload none needs about .* GiB, more than a 0\.0 GiB budget"):
+        pipe.generate("a fox", **OPTIONS)

@@ -178,12 +178,15 @@ class QwenImagePipeline:
         if self.plan is None or self.plan.mode == "none" or self.needs is None:
             return
         shape = dict(width=request.width, height=request.height, cfg=request.cfg_enabled, ref_pixels=ref_pixels)
-        plan, needs = memory.make_plan(
-            self.ref.path, self.torch_device, self.torch_dtype, self.fp8, task=self.ref.spec.task,
-            offload=self.plan.mode, budget_gib=None if self.plan.budget is None else self.plan.budget / GiB,
-            text_encoder_device=self.plan.text_encoder_device, vae_tiling=self.vae_tiling is not None,
-            text_encoder=self.needs.text_encoder is not None, **shape,
-        )
+        try:
+            plan, needs = memory.make_plan(
+                self.ref.path, self.torch_device, self.torch_dtype, self.fp8, task=self.ref.spec.task,
+                offload=self.plan.mode, budget_gib=None if self.plan.budget is None else self.plan.budget / GiB,
+                text_encoder_device=self.plan.text_encoder_device, vae_tiling=self.vae_tiling is not None,
+                text_encoder=self.needs.text_encoder is not None, **shape,
+            )
+        except PlanError as e:
+            raise GPUMemoryError(f"{request.width}x{request.height}: {e}", hint=_fitting_flags(e, self.fp8)) from None
         if self.transformer_offload is not None:
             self.transformer_offload.stream(plan.streamed.get("transformer", ()))
         self.plan, self.needs = plan, needs
