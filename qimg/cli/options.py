@@ -130,7 +130,11 @@ TextEncoderPlace = Annotated[
                  help="Run the text encoder on the CPU (saves its GPU memory, slower prompts) or the GPU. "
                  "Default: the GPU, within the memory plan."),
 ]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the memory plan and load details.")]
+Verbose = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="Also print the memory plan (what stays on the GPU, what streams, the "
+                 "expected peak)."),
+]
 
 
 def runtime_options(

@@ -186,7 +186,7 @@ class QwenImagePipeline:
                 text_encoder=self.needs.text_encoder is not None, **shape,
             )
         except PlanError as e:
-            raise GPUMemoryError(f"{request.width}x{request.height}: {e}", hint=_fitting_flags(e, self.fp8)) from None
+            raise GPUMemoryError(f"{request.width}x{request.height}: {e}", hint=_fitting_flags(self.fp8)) from None
         if self.transformer_offload is not None:
             self.transformer_offload.stream(plan.streamed.get("transformer", ()))
         self.plan, self.needs = plan, needs
@@ -445,7 +445,7 @@ def load_pipeline(
             text_encoder_device=text_encoder_device, vae_tiling=vae_tiling is not None, **(plan_for or {}),
         )
     except PlanError as e:
-        raise GPUMemoryError(str(e), hint=_fitting_flags(e, fp8)) from None
+        raise GPUMemoryError(str(e), hint=_fitting_flags(fp8)) from None
     try:
         vae = components.load_qwen_vae(root / "vae", device=dev, dtype=dt)
         # channels-last convs: 1.3x faster VAE decode with less memory on an H100 (bench/results/vae_h100.json).
@@ -491,7 +491,7 @@ def check_memory_options(
         raise InputError("--text-encoder-device cuda needs a CUDA device", hint="pass --device cuda")
 
 
-def _fitting_flags(error: PlanError, fp8: str | None) -> str:
+def _fitting_flags(fp8: str | None) -> str:
     hints = ["a larger --vram-budget", "--offload layer"]
     if fp8 is None:
         hints.insert(0, "--fp8 weights")
