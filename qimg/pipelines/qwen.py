@@ -128,6 +128,7 @@ class QwenImagePipeline:
     transformer_offload: Offloaded | None = None
     keep_text_encoder: bool = True  # False: free it once a request's prompts are encoded (single runs)
     fp8: str | None = None
+    planned_for: dict[str, Any] | None = None  # the request shape the plan was made for
 
     @property
     def device(self) -> str:
@@ -178,6 +179,8 @@ class QwenImagePipeline:
         if self.plan is None or self.plan.mode == "none" or self.needs is None:
             return
         shape = dict(width=request.width, height=request.height, cfg=request.cfg_enabled, ref_pixels=ref_pixels)
+        if self.planned_for is not None and all(self.planned_for.get(k) == v for k, v in shape.items()):
+            return  # batches of one size plan once
         try:
             plan, needs = memory.make_plan(
                 self.ref.path, self.torch_device, self.torch_dtype, self.fp8, task=self.ref.spec.task,
@@ -189,7 +192,7 @@ class QwenImagePipeline:
             raise GPUMemoryError(f"{request.width}x{request.height}: {e}", hint=_fitting_flags(self.fp8)) from None
         if self.transformer_offload is not None:
             self.transformer_offload.stream(plan.streamed.get("transformer", ()))
-        self.plan, self.needs = plan, needs
+        self.plan, self.needs, self.planned_for = plan, needs, shape
         if self.residency is not None:
             self.residency.phases = plan.phases
 
@@ -472,6 +475,7 @@ def load_pipeline(
         residency=residency,
         transformer_offload=offloaded,
         fp8=fp8,
+        planned_for=plan_for,
     )
 
 
