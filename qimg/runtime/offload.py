@@ -65,13 +65,10 @@ class HostCopy:
         for t, view in zip(self.tensors, views, strict=True):
             t.data = view
 
-    def upload(self, device: torch.device, flat: Tensor | None = None) -> Tensor:
-        """Copy to `device` (into `flat` if given) and rebind the tensors there; returns the device buffer."""
-        if flat is None:
-            flat = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+    def upload(self, flat: Tensor) -> None:
+        """Copy into a device buffer of at least nbytes and rebind the tensors to it."""
         flat[: self.nbytes].copy_(self.host, non_blocking=True)
         self.bind(self.views(flat))
-        return flat
 
     def release(self) -> None:
         """Point the tensors back at the host copy (the device buffer goes with its last reference)."""
@@ -148,10 +145,6 @@ class Offloaded:
         self._flats: list[Tensor] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
-    @property
-    def nbytes(self) -> int:
-        return self.rest.nbytes + sum(c.nbytes for c in self.block_copies)
-
     def stream(self, streamed: Sequence[int]) -> None:
         """Stream these blocks (indices) through the slots; the others stay resident while on the device."""
         was_on = self.on_device
@@ -170,7 +163,7 @@ class Offloaded:
         flat = torch.empty(sum(p.nbytes for p in pieces), dtype=torch.uint8, device=self.device)
         offset = 0
         for piece in pieces:
-            piece.upload(self.device, flat[offset : offset + piece.nbytes])
+            piece.upload(flat[offset : offset + piece.nbytes])
             offset += piece.nbytes
         self._flats = [flat]
         if self.streamed:

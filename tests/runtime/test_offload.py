@@ -44,7 +44,8 @@ def test_host_copy_keeps_tensor_identity_and_values():
     copy = HostCopy(module_tensors(lin), pin=False)
     assert lin.weight is weight and torch.equal(lin.weight, before)
     assert copy.nbytes >= 3 * 5 * 4 + 3 * 4 and lin.weight.data_ptr() == copy.host.data_ptr()
-    flat = copy.upload(CPU)
+    flat = torch.empty(copy.nbytes, dtype=torch.uint8)
+    copy.upload(flat)
     assert lin.weight is weight and torch.equal(lin.weight, before)
     assert lin.weight.data_ptr() == flat.data_ptr()  # now a view of the "device" buffer
     copy.release()
