@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qimg.families.qwen import QWEN_IMAGE  # noqa: E402
+from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers
 from qimg.loading import keymaps  # noqa: E402
 from qimg.loading.hub import ModelRef  # noqa: E402
 from qimg.nets.qwen_mmdit import QwenMMDiT  # noqa: E402
@@ -32,7 +34,8 @@ from qimg.pipelines.prompts import QwenPromptEncoder  # noqa: E402
 from qimg.pipelines.qwen import QwenImagePipeline  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
-from qimg.runtime.fp8 import apply_fp8, qwen_mmdit_fp8_layers  # noqa: E402
+from qimg.runtime.fp8 import apply_fp8  # noqa: E402
+from qimg.runtime.options import RuntimeOptions  # noqa: E402
 from qimg.sampling import FlowSchedule  # noqa: E402
 from qimg.specs import SPECS, QwenMMDiTParams, QwenVAEParams  # noqa: E402
 
@@ -104,9 +107,9 @@ def main() -> None:
     (folder / "text_encoder").mkdir(parents=True)
     te_config.save_pretrained(folder / "text_encoder")  # what the embeddings metadata fingerprints
     ref = ModelRef(folder, SPECS["qwen-image"], "random-full-size")
-    prompts = QwenPromptEncoder(ref, dev, dtype, _model=text_encoder, _tokenizer=tokenizer)
-    qpipe = QwenImagePipeline(ref, ours_t.eval().requires_grad_(False), ours_v, FlowSchedule(**QWEN_SCHEDULE),
-                              prompts, dev, dtype)
+    prompts = QwenPromptEncoder(ref, QWEN_IMAGE, dev, dtype, _model=text_encoder, _tokenizer=tokenizer)
+    qpipe = QwenImagePipeline(ref, QWEN_IMAGE, RuntimeOptions(device="cuda"), ours_t.eval().requires_grad_(False),
+                              ours_v, FlowSchedule(**QWEN_SCHEDULE), prompts, dev, dtype)
 
     rows: dict[str, dict] = {}
 
@@ -158,7 +161,7 @@ def main() -> None:
         if "q-eager" not in skip:
             run("qimg eager", qimg_call)
         if "q-compiled" not in skip:
-            compile_blocks(ours_t)
+            compile_blocks(ours_t.transformer_blocks)
             run("qimg compiled", qimg_call)
         if "d-compiled" not in skip:
             transformer.compile_repeated_blocks(fullgraph=True)
@@ -176,7 +179,7 @@ def main() -> None:
             gc.collect()
             apply_fp8(qpipe.transformer, qwen_mmdit_fp8_layers, compute=True)
             torch.cuda.empty_cache()
-            compile_blocks(qpipe.transformer)
+            compile_blocks(qpipe.transformer.transformer_blocks)
             run("qimg compiled fp8", qimg_call)
     save()
 

@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import time_ms  # noqa: E402
 from qimg.embeddings import PromptEmbeds  # noqa: E402
+from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers
 from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope  # noqa: E402
 from qimg.pipelines.qwen import text_batch  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
-from qimg.runtime.fp8 import apply_fp8, qwen_mmdit_fp8_layers  # noqa: E402
+from qimg.runtime.fp8 import apply_fp8  # noqa: E402
 from qimg.specs import QwenMMDiTParams  # noqa: E402
 
 D, LAYERS = 3072, 60
@@ -85,7 +86,7 @@ def main() -> None:
             p.normal_(0.0, 0.02)
     model.eval().requires_grad_(False)
     use_attention("cudnn", dev)
-    compile_blocks(model)
+    compile_blocks(model.transformer_blocks)
 
     gen = torch.Generator(dev).manual_seed(1)
     x = torch.randn(1, 4096, 64, device=dev, dtype=dtype, generator=gen)
@@ -124,7 +125,7 @@ def main() -> None:
     x2, t2 = x.expand(2, -1, -1), t1.expand(2)
     run("bf16 compiled cfg pair (TextPadding)", lambda: model(x2, txt2, t2, rope2, pad2), [(4224, 128), (4104, 8)])
     apply_fp8(model, qwen_mmdit_fp8_layers, compute=True)
-    compile_blocks(model)
+    compile_blocks(model.transformer_blocks)
     run("fp8 compiled b1", lambda: model(x, cond, t1, rope1), [(4224, 128)])
     run("fp8 compiled cfg pair (TextPadding)", lambda: model(x2, txt2, t2, rope2, pad2), [(4224, 128), (4104, 8)])
 

@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import random_diffusers_mmdit, sharing_qimg_mmdit, time_ms  # noqa: E402
 from qimg.embeddings import PromptEmbeds  # noqa: E402
+from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers
 from qimg.nets.qwen_mmdit import qwen_rope  # noqa: E402
 from qimg.pipelines.qwen import text_batch  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
-from qimg.runtime.fp8 import apply_fp8, qwen_mmdit_fp8_layers  # noqa: E402
+from qimg.runtime.fp8 import apply_fp8  # noqa: E402
 from qimg.specs import QwenMMDiTParams  # noqa: E402
 
 
@@ -111,7 +112,7 @@ def main() -> None:
             measure(f"cfg step: qimg eager {backend} (batch 2, TextPadding)", q_step)
         if not args.no_compile:
             use_attention("cudnn", dev)
-            compile_blocks(ours)
+            compile_blocks(ours.transformer_blocks)
             rel("qimg compiled cudnn")
             measure("forward b1: qimg compiled cudnn", q_fwd, warmup=2)
             measure("cfg step: qimg compiled cudnn (batch 2, TextPadding)", q_step, warmup=2)
@@ -127,7 +128,7 @@ def main() -> None:
             measure("forward b1: qimg fp8 eager", q_fwd)
             measure("cfg step: qimg fp8 eager (batch 2, TextPadding)", q_step)
             if not args.no_compile:
-                compile_blocks(ours)
+                compile_blocks(ours.transformer_blocks)
                 rel("qimg fp8 compiled")
                 measure("forward b1: qimg fp8 compiled", q_fwd, warmup=2)
                 measure("cfg step: qimg fp8 compiled (batch 2, TextPadding)", q_step, warmup=2)

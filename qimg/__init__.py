@@ -10,6 +10,7 @@ The public API. Importing qimg is cheap: torch and the nets load only when a mod
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,25 +28,29 @@ from qimg.batch import (
     run_batch,
 )
 from qimg.errors import QimgError, UsageError
+from qimg.jobs import Job, prepare_edit, prepare_generate, replay
 from qimg.loading.download import DownloadPlan, download, plan_download
 from qimg.loading.hub import ModelRef, list_models, resolve_model
 from qimg.png import check_output_path, open_image, read_params, save_png
 from qimg.request import GenerateRequest, make_request
+from qimg.runtime.options import RuntimeOptions, Tiling
+from qimg.runtime.planner import RequestShape
 from qimg.safety import catch_signals, deferred_signals
+from qimg.version import __version__
 
 if TYPE_CHECKING:
     from qimg.embeddings import EmbeddingsFile
-    from qimg.pipelines import QwenImagePipeline
-    from qimg.runtime.tiling import Tiling
+    from qimg.pipelines.base import Pipeline
+    from qimg.runtime.planner import RequestShape
 
 # Public names whose modules import torch: resolved on first use, so `import qimg` stays cheap.
 _LAZY = {
     "EmbeddingsFile": "qimg.embeddings",
     "PromptEmbeds": "qimg.embeddings",
-    "Tiling": "qimg.runtime.tiling",
+    "Pipeline": "qimg.pipelines.base",
+    "QwenImagePipeline": "qimg.pipelines.qwen",
     "RoundtripResult": "qimg.roundtrip",
     "check_latents_path": "qimg.roundtrip",
-    "load_vae": "qimg.roundtrip",
     "make_tiling": "qimg.roundtrip",
     "save_latents": "qimg.roundtrip",
     "vae_roundtrip": "qimg.roundtrip",
@@ -61,7 +66,6 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'qimg' has no attribute {name!r}")
 
-__version__ = "0.1.0"
 
 __all__ = [
     *_LAZY,
@@ -79,6 +83,15 @@ __all__ = [
     "run_batch",
     "DownloadPlan",
     "GenerateRequest",
+    "Job",
+    "RequestShape",
+    "RuntimeOptions",
+    "Tiling",
+    "edit",
+    "load_vae",
+    "prepare_edit",
+    "prepare_generate",
+    "replay",
     "ModelRef",
     "QimgError",
     "UsageError",
@@ -100,40 +113,53 @@ __all__ = [
 ]
 
 
+def _options(options: RuntimeOptions | None, overrides: dict[str, Any]) -> RuntimeOptions:
+    """RuntimeOptions from an object, keyword overrides (load(model, device="cuda")), or both."""
+    base = options if options is not None else RuntimeOptions()
+    return base.replace(**overrides) if overrides else base
+
+
 def load(
     model: str | ModelRef,
+    options: RuntimeOptions | None = None,
     *,
-    device: str | None = None,
-    dtype: str | None = None,
-    vae_tiling: Tiling | None = None,
-    attention: str = "auto",
-    compile: bool = False,
-    fp8: str | None = None,
-    offload: str = "auto",
-    vram_budget: float | None = None,
-    text_encoder_device: str | None = None,
-    plan_for: dict[str, Any] | None = None,
-) -> QwenImagePipeline:
-    """Load a model folder (diffusers layout) onto `device` (default: cuda if present, else cpu) in `dtype`
-    (default: bfloat16 on CUDA, float32 on CPU). Returns a pipeline whose .generate() (text-to-image models) or
-    .edit() (edit models) returns PIL images.
+    shape: RequestShape | None = None,
+    **overrides: Any,
+) -> Pipeline:
+    """Load a model (a name, repo id or folder in the diffusers layout) as its family's pipeline, whose
+    .generate() (text-to-image models) or .edit() (edit models) returns PIL images.
 
-    vae_tiling=qimg.Tiling(512, 64) encodes and decodes by tiles; attention picks the kernel (auto, sdpa, cudnn,
-    flash, sage; process-wide); compile=True compiles the repeated blocks (slow first call, cached on disk);
-    fp8="compute" runs the block linears on FP8 tensor cores (Ada/Hopper), fp8="weights" only stores them in FP8.
-    offload (auto, none, model, layer), vram_budget (GiB) and text_encoder_device (cpu, cuda) place the weights
-    by a memory plan made before loading (pipe.plan); plan_for gives the request shape it plans for."""
-    from qimg.pipelines import load_pipeline
+    options (RuntimeOptions, or its fields as keywords: device, dtype, attention, compile, fp8, offload,
+    vram_budget, text_encoder_device, vae_tiling) say how it runs; shape (RequestShape: size, CFG, reference
+    pixels) is what the memory plan is made for, default 1024x1024 with CFG (pipe.plan)."""
+    from qimg import families
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
-    return load_pipeline(ref, device=device, dtype=dtype, vae_tiling=vae_tiling, attention=attention,
-                         compile=compile, fp8=fp8, offload=offload, vram_budget=vram_budget,
-                         text_encoder_device=text_encoder_device, plan_for=plan_for)
+    return families.load(ref, _options(options, overrides), shape)
 
 
-def generate(model: str, prompt: str, *, device: str | None = None, dtype: str | None = None, **options: Any) -> list:
-    """One-shot: load `model` and generate from `prompt` (options as QwenImagePipeline.generate)."""
-    return load(model, device=device, dtype=dtype).generate(prompt, **options)
+def _split(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the RuntimeOptions fields (device, dtype, fp8, ...) out of a one-shot call's keywords."""
+    fields = {f.name for f in dataclasses.fields(RuntimeOptions)}
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+
+
+def generate(model: str | ModelRef, prompt: str | None = None, options: RuntimeOptions | None = None,
+             **kwargs: Any) -> list:
+    """One-shot text to image: prepare, load (planned for this request) and run. kwargs: prepare_generate's,
+    and RuntimeOptions fields (device, dtype, fp8, ...) on top of `options`."""
+    runtime = _split(kwargs)
+    job = prepare_generate(model, prompt, **kwargs)
+    return load(job.ref, options, shape=job.shape, **runtime).run(job)
+
+
+def edit(model: str | ModelRef, prompt: str | None, images: Sequence[Any], options: RuntimeOptions | None = None,
+         **kwargs: Any) -> list:
+    """One-shot edit of `images` (paths or PIL): prepare, load and run. kwargs: prepare_edit's, and
+    RuntimeOptions fields on top of `options`."""
+    runtime = _split(kwargs)
+    job = prepare_edit(model, prompt, images, **kwargs)
+    return load(job.ref, options, shape=job.shape, **runtime).run(job)
 
 
 def encode_prompt(
@@ -143,17 +169,25 @@ def encode_prompt(
     negative: str | None = None,
     images: Sequence[Any] = (),
     max_sequence_length: int | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
+    options: RuntimeOptions | None = None,
+    **overrides: Any,
 ) -> EmbeddingsFile:
     """Encode a prompt (and a negative prompt: the model's default when None) with only the text encoder
     loaded; edit models take their input `images` (PIL) too. Save the result with save_embeddings and use it
     with generate(..., embeddings=...) or edit(..., embeddings=...)."""
-    from qimg.pipelines import encode_prompt as _encode
+    from qimg import families
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
     request, _ = make_request(ref.spec, prompt, negative=negative, max_sequence_length=max_sequence_length)
-    return _encode(ref, request, images=images, device=device, dtype=dtype)
+    return families.encode_prompt(ref, _options(options, overrides), request, images)
+
+
+def load_vae(model: str | ModelRef, options: RuntimeOptions | None = None, **overrides: Any) -> Any:
+    """Only the VAE of a model, as its family runs it (for vae_roundtrip)."""
+    from qimg import families
+
+    ref = model if isinstance(model, ModelRef) else resolve_model(model)
+    return families.load_vae(ref, _options(options, overrides))
 
 
 def load_embeddings(path: str | Path) -> EmbeddingsFile:

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 from qimg.errors import InputError, OutputError, QimgError, UsageError
 from qimg.png import check_output_path, read_params, save_png
 from qimg.request import GenerateRequest, make_request
+from qimg.runtime.planner import RequestShape
 from qimg.safety import append_manifest, catch_signals, deferred_signals, folder_lock, remove_stale_temporaries
 
 FORMATS = ("txt", "jsonl", "csv")
@@ -228,6 +229,16 @@ class BatchPlan:
     @property
     def manifest(self) -> Path:
         return self.folder / MANIFEST_NAME
+
+    @property
+    def shape(self) -> RequestShape:
+        """The memory shape to load for: the largest image left to make, with CFG if any line uses it (a
+        larger image re-plans when it comes)."""
+        requests = [item.request for item in self.todo] or [item.request for item in self.items]
+        if not requests:
+            return RequestShape()
+        return RequestShape(width=max(r.width for r in requests), height=max(r.height for r in requests),
+                            cfg=any(r.cfg_enabled for r in requests))
 
 
 def prompt_seed(prompt: str, occurrence: int = 0) -> int:

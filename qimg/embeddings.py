@@ -17,14 +17,17 @@ FORMAT = "qimg.prompt-embeds/1"
 
 @dataclass
 class PromptEmbeds:
-    """Text conditioning for one prompt: embeds (1, L, D) and a (1, L) mask, None when no token is padding."""
+    """Text conditioning for one prompt: embeds (1, L, D), a (1, L) mask (None when no token is padding) and,
+    for families that condition on one (FLUX.1: CLIP's), a pooled vector (1, P)."""
 
     embeds: Tensor
     mask: Tensor | None = None
+    pooled: Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
         mask = None if self.mask is None else self.mask.to(device)
-        return PromptEmbeds(self.embeds.to(device, dtype), mask)
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return PromptEmbeds(self.embeds.to(device, dtype), mask, pooled)
 
 
 @dataclass
@@ -49,9 +52,12 @@ def save_embeddings(path: str | Path, data: EmbeddingsFile, *, overwrite: bool =
 
     out = check_output_path(path, overwrite=overwrite, suffix=".safetensors")
     tensors = {}
-    tensors["prompt_embeds"], tensors["prompt_mask"] = _dense(data.cond)
-    if data.uncond is not None:
-        tensors["negative_embeds"], tensors["negative_mask"] = _dense(data.uncond)
+    for prefix, p in (("prompt", data.cond), ("negative", data.uncond)):
+        if p is None:
+            continue
+        tensors[f"{prefix}_embeds"], tensors[f"{prefix}_mask"] = _dense(p)
+        if p.pooled is not None:
+            tensors[f"{prefix}_pooled"] = p.pooled.detach().cpu().contiguous()
     meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in data.meta.items()}}
     data = save(tensors, metadata=meta)
     return write_atomic(out, lambda f: f.write(data), overwrite=overwrite)
@@ -80,13 +86,15 @@ def load_embeddings(path: str | Path) -> EmbeddingsFile:
     if meta.get("format") != FORMAT or "prompt_embeds" not in tensors:
         raise InputError(f"{p} was not written by qimg encode-prompt", hint="create it with: qimg encode-prompt")
 
-    def pair(embeds: str, mask: str) -> PromptEmbeds | None:
-        if embeds not in tensors:
+    def read(prefix: str) -> PromptEmbeds | None:
+        if f"{prefix}_embeds" not in tensors:
             return None
-        m = tensors[mask]
-        return PromptEmbeds(tensors[embeds], None if bool(m.all()) else m)
+        m = tensors.get(f"{prefix}_mask")
+        if m is None:
+            raise InputError(f"{p} lacks {prefix}_mask", hint="create it again with: qimg encode-prompt")
+        return PromptEmbeds(tensors[f"{prefix}_embeds"], None if bool(m.all()) else m, tensors.get(f"{prefix}_pooled"))
 
-    cond = pair("prompt_embeds", "prompt_mask")
+    cond = read("prompt")
     assert cond is not None
     meta.pop("format")
-    return EmbeddingsFile(cond, pair("negative_embeds", "negative_mask"), {k: _meta_value(v) for k, v in meta.items()})
+    return EmbeddingsFile(cond, read("negative"), {k: _meta_value(v) for k, v in meta.items()})

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
-from qimg.errors import InputError
+from qimg.errors import InputError, QimgError
+from qimg.runtime.planner import RequestShape
 from qimg.specs import ModelSpec
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_SEQUENCE_LENGTH = 1024  # the Qwen-Image text encoder window the pipelines allow
 MAX_SIDE = 8192
+MAX_GUIDANCE = 100.0
+DEFAULT_STRENGTH = 0.6  # img2img: keeps the layout, changes the look
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class GenerateRequest:
     height: int
     max_sequence_length: int
     strength: float | None = None  # img2img: how much of the schedule runs (None: text to image from noise)
+    guidance: float | None = None  # distilled guidance fed to the model (FLUX.1-dev); None: the family has none
 
     @property
     def cfg_enabled(self) -> bool:
@@ -35,6 +40,32 @@ class GenerateRequest:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def check_task(spec: ModelSpec, name: str, task: str, error: type[QimgError] = InputError) -> None:
+    """Refuse a call the model cannot serve: text to image on an edit model, or an edit on a text-to-image one.
+    The CLI's jobs raise it as a usage error (exit 2); a pipeline called directly, as an input error."""
+    if spec.task == task:
+        return
+    if task == "t2i":
+        raise error(f"{name} is an edit model", hint="use: qimg edit PROMPT -i IMAGE -o OUT.png")
+    raise error(f"{name} is a text-to-image model", hint="use: qimg generate PROMPT -o OUT.png, or an edit model")
+
+
+def without_negative(request: GenerateRequest, embeddings: Any = None, no_negative: bool = False) -> GenerateRequest:
+    """CFG off when there is nothing to guide against: saved prompt embeddings without a negative, or (no_negative)
+    a replayed image that was made without one."""
+    if no_negative or (embeddings is not None and embeddings.uncond is None):
+        return replace(request, negative=None)
+    return request
+
+
+def request_shape(spec: ModelSpec, request: GenerateRequest, n_images: int = 0, embeddings: bool = False
+                  ) -> RequestShape:
+    """The memory shape of a request: its size, CFG, its reference images' pixels (at the spec's VAE area) and
+    whether prompts are encoded (not from saved embeddings)."""
+    return RequestShape(width=request.width, height=request.height, cfg=request.cfg_enabled,
+                        ref_pixels=spec.vae_image_area * n_images, text_encoder=not embeddings)
 
 
 def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
@@ -58,6 +89,28 @@ def _snap(value: int, name: str, notes: list[str]) -> int:
     return snapped
 
 
+def _strength(strength: float | None, steps: int) -> float | None:
+    if strength is None:
+        return None
+    if not (math.isfinite(strength) and 0 < strength <= 1):
+        raise InputError(f"--strength must be in (0, 1] (got {strength})", hint="0.6 keeps the layout, 1.0 redraws")
+    if steps - img2img_start(steps, strength) < 1:
+        raise InputError(f"--strength {strength} with --steps {steps} leaves no step to run",
+                         hint="raise --strength or --steps")
+    return strength
+
+
+def _guidance(spec: ModelSpec, guidance: float | None) -> float | None:
+    """The distilled guidance of a request: the spec's default, refused for families that have none."""
+    if guidance is not None and spec.guidance is None:
+        raise InputError(f"{spec.name} has no distilled guidance", hint="leave --guidance off; --cfg sets true CFG")
+    guidance = spec.guidance if guidance is None else guidance
+    if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise InputError(f"--guidance must be between 0 and {MAX_GUIDANCE:g} (got {guidance})",
+                         hint=f"the model's default is {spec.guidance}")
+    return guidance
+
+
 def make_request(
     spec: ModelSpec,
     prompt: str,
@@ -71,11 +124,15 @@ def make_request(
     max_sequence_length: int | None = None,
     strength: float | None = None,
     init_size: tuple[int, int] | None = None,
+    img2img: bool = False,
+    guidance: float | None = None,
 ) -> tuple[GenerateRequest, list[str]]:
     """Fill defaults from the spec and validate; returns the request and human notes (snapping) to show.
 
-    init_size (width, height) of an img2img init image: without --width/--height the output keeps its aspect
-    at the model's default area (as the edit pipelines do), rather than being squashed to a square.
+    init_size (width, height) of an init image (img2img) or the last input image (edit): without
+    --width/--height the output keeps its aspect at the model's default area (as the edit pipelines do),
+    rather than being squashed to a square. img2img: the request starts from an init image, so strength
+    defaults to DEFAULT_STRENGTH. guidance: distilled guidance, for specs that have it (default: the spec's).
     """
     notes: list[str] = []
     if not prompt or not prompt.strip():
@@ -93,14 +150,8 @@ def make_request(
     msl = spec.max_sequence_length if max_sequence_length is None else max_sequence_length
     if not 1 <= msl <= MAX_SEQUENCE_LENGTH:
         raise InputError(f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} (got {msl})")
-    if strength is not None:
-        if not (math.isfinite(strength) and 0 < strength <= 1):
-            raise InputError(f"--strength must be in (0, 1] (got {strength})", hint="0.6 keeps the layout, 1.0 redraws")
-        if steps - img2img_start(steps, strength) < 1:
-            raise InputError(
-                f"--strength {strength} with --steps {steps} leaves no step to run",
-                hint="raise --strength or --steps",
-            )
+    strength = _strength(DEFAULT_STRENGTH if img2img and strength is None else strength, steps)
+    guidance = _guidance(spec, guidance)
     if init_size is not None and (width is None or height is None):
         fit_w, fit_h = calculate_dimensions(spec.width * spec.height, init_size[0] / init_size[1])
         width, height = width or fit_w, height or fit_h
@@ -114,5 +165,6 @@ def make_request(
         height=_snap(spec.height if height is None else height, "height", notes),
         max_sequence_length=msl,
         strength=strength,
+        guidance=guidance,
     )
     return request, notes

@@ -1,9 +1,11 @@
 """VAE round trip: image -> latents -> image, with PSNR/SSIM and timings; the library side of `qimg vae roundtrip`.
 
 The image is prepared as diffusers' VaeImageProcessor does for Qwen-Image (RGB, x / 127.5 - 1 in [-1, 1]),
-except that a size that is not a multiple of 16 is center-cropped by a few pixels instead of resampled, so the
-round trip measures the VAE alone. The encoder's posterior mean (its mode, what the edit pipelines use) is
-decoded; metrics compare the cropped input with the decoded image as written (8-bit), in [0, 1].
+except that a size that is not a multiple of 8 px (the VAE's spatial factor) is center-cropped by the few pixels
+over it instead of resampled, so the round trip measures the VAE alone: 200x200 goes through whole, 203x201 loses
+3 and 1 px. (The pipelines' multiple of 16 comes from the transformer's 2x2 patches, which no round trip uses.)
+The encoder's posterior mean (its mode, what the edit pipelines use) is decoded; metrics compare the cropped input
+with the decoded image as written (8-bit), in [0, 1].
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ import torch
 from torch import Tensor
 
 from qimg.errors import InputError
-from qimg.loading.hub import ModelRef
 from qimg.metrics import psnr, ssim
-from qimg.nets.qwen_vae import QwenVAE
 from qimg.png import check_output_path, write_atomic
-from qimg.runtime.tiling import Tiling, decode_tiled, encode_tiled
-from qimg.specs import QwenVAEParams
+from qimg.runtime.devices import pick_dtype
+from qimg.runtime.options import Tiling
+from qimg.runtime.tiling import decode_tiled, encode_tiled
+from qimg.version import __version__
 
 if TYPE_CHECKING:
     from PIL import Image
 
-MULTIPLE = 16  # Qwen-Image pipelines work on multiples of 16 px (8x VAE, then 2x2 patches)
+MULTIPLE = 8  # the VAE's spatial factor: it takes any multiple of 8 px (the pipelines' 16 is for the 2x2 patches)
 LATENTS_KEY = "latents"
 LATENTS_KIND = "raw_posterior_mean"  # what the file holds: VAE space, not the transformer's normalised space
 
@@ -45,7 +47,7 @@ class RoundtripResult:
     decode_seconds: float
     notes: tuple[str, ...] = ()  # one line each: how the input was changed (crop, alpha dropped)
     params: dict[str, Any] = field(default_factory=dict)
-    vae_params: QwenVAEParams | None = None  # holds latents_mean/std, stored with saved latents
+    vae_params: Any = None  # the VAE's params (Qwen: latents_mean/std, stored with saved latents)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -62,7 +64,7 @@ def make_tiling(tile: int, overlap: int) -> Tiling:
 
 
 def prepare_image(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
-    """Upright (EXIF orientation), RGB, center-cropped to multiples of 16 px; notes say what changed, one each."""
+    """Upright (EXIF orientation), RGB, center-cropped to multiples of 8 px; notes say what changed, one each."""
     from PIL import ImageOps
 
     notes = []
@@ -70,8 +72,10 @@ def prepare_image(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
         image = ImageOps.exif_transpose(image)
         notes.append("turned the image upright as its EXIF orientation asks")
     w, h = image.size
-    if w < MULTIPLE or h < MULTIPLE:
-        raise InputError(f"image is {w}x{h} px; the VAE round trip needs at least {MULTIPLE}x{MULTIPLE}")
+    # SSIM's 11 px window needs 11 px after the crop, and the first multiple of 8 from there is 16.
+    smallest = 2 * MULTIPLE
+    if w < smallest or h < smallest:
+        raise InputError(f"image is {w}x{h} px; the VAE round trip needs at least {smallest}x{smallest}")
     if image.mode != "RGB":
         if "A" in image.getbands() or "transparency" in image.info:
             notes.append(f"dropped the alpha channel ({image.mode} image read as RGB)")
@@ -92,25 +96,12 @@ def _to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].contiguous()
 
 
-def channels_last(vae: QwenVAE) -> QwenVAE:
+def channels_last(vae: Any) -> Any:
     """Store the VAE's conv weights channels-last (NHWC), in place; the convs then run cuDNN's/oneDNN's NHWC
     kernels and pass NHWC activations on. Measured (bench/results/vae_h100.json, H100, bf16, 1024x1024):
     decode 49.9 -> 37.8 ms, encode 35.2 -> 23.9 ms, peak reserved 3.0 -> 2.7 and 4.3 -> 1.9 GiB. Same math,
     another summation order."""
     return vae.to(memory_format=torch.channels_last)
-
-
-def load_vae(model: str | Path | ModelRef, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-             ) -> QwenVAE:
-    """Only the vae/ component of a model folder (diffusers layout), on device (default cuda if present, else
-    cpu) in dtype (default bf16 on CUDA, fp32 on CPU), channels-last."""
-    from qimg.loading.components import load_qwen_vae
-    from qimg.loading.hub import resolve_model
-    from qimg.pipelines import pick_device, pick_dtype
-
-    ref = model if isinstance(model, ModelRef) else resolve_model(model)
-    dev = pick_device(device)
-    return channels_last(load_qwen_vae(ref.path / "vae", device=dev, dtype=pick_dtype(dtype, dev)))
 
 
 def _timed(fn: Any, device: torch.device) -> tuple[Any, float]:
@@ -125,7 +116,7 @@ def _timed(fn: Any, device: torch.device) -> tuple[Any, float]:
 
 
 def vae_roundtrip(
-    vae: QwenVAE,
+    vae: Any,
     image: Image.Image | str | Path,
     *,
     device: str | torch.device | None = None,
@@ -142,7 +133,6 @@ def vae_roundtrip(
     """
     from PIL import Image
 
-    from qimg.pipelines import pick_dtype
     from qimg.png import open_image
 
     if isinstance(image, (str, Path)):
@@ -177,8 +167,6 @@ def vae_roundtrip(
         w, h = prepared.size
         raise InputError(f"a {w}x{h} image does not fit on {dev} in one piece",
                          hint="pass --tiled-vae (library: tiling=Tiling()) to encode and decode it in tiles") from e
-
-    from qimg import __version__
 
     w, h = prepared.size
     params = {
@@ -237,8 +225,8 @@ def save_latents(result: RoundtripResult, path: str | Path, *, overwrite: bool =
         "meaning": "the VAE encoder's posterior mean (mode) before any normalisation; the transformer's "
                    "latents are (z - latents_mean) / latents_std per channel",
     })  # fmt: skip
-    if result.vae_params is not None:
-        meta["latents_mean"] = json.dumps(list(result.vae_params.latents_mean))
-        meta["latents_std"] = json.dumps(list(result.vae_params.latents_std))
+    for key in ("latents_mean", "latents_std"):
+        if getattr(result.vae_params, key, None) is not None:
+            meta[key] = json.dumps(list(getattr(result.vae_params, key)))
     data = save({LATENTS_KEY: result.latents.contiguous()}, metadata=meta)
     return write_atomic(out, lambda f: f.write(data), overwrite=overwrite)

@@ -7,26 +7,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from qimg.specs import FlowSchedule
 
-@dataclass(frozen=True)
-class FlowSchedule:
-    """FlowMatchEulerDiscrete settings (scheduler/scheduler_config.json) that shape the sigmas."""
-
-    num_train_timesteps: int = 1000
-    shift: float = 1.0
-    use_dynamic_shifting: bool = False
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
-    shift_terminal: float | None = None
-    time_shift_type: str = "exponential"
+__all__ = ["FlowSchedule", "calculate_shift", "cfg", "denoise", "euler_step", "flow_sigmas", "noise_to", "pack",
+           "seeded_noise", "true_cfg", "unpack"]
 
 
 def calculate_shift(seq_len: int, s: FlowSchedule) -> float:
@@ -92,13 +81,20 @@ def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
     return x.reshape(b, c, h, w)
 
 
-def true_cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022) with Qwen-Image's per-token norm rescale, in fp32:
-    the guided velocity keeps the conditional velocity's norm over channels."""
+def cfg(cond: Tensor, uncond: Tensor, scale: float, *, norm_rescale: bool = False) -> Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) in fp32. With norm_rescale (Qwen-Image's true CFG) the
+    guided velocity keeps the conditional velocity's norm over channels, per token."""
     cond, uncond = cond.float(), uncond.float()
     comb = uncond + scale * (cond - uncond)
+    if not norm_rescale:
+        return comb
     return comb * (torch.linalg.vector_norm(cond, dim=-1, keepdim=True)
                    / torch.linalg.vector_norm(comb, dim=-1, keepdim=True))
+
+
+def true_cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Qwen-Image's true CFG: guidance with the per-token norm rescale."""
+    return cfg(cond, uncond, scale, norm_rescale=True)
 
 
 def euler_step(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:

@@ -55,15 +55,31 @@ class QwenVAEParams:
 
 
 @dataclass(frozen=True)
+class FlowSchedule:
+    """FlowMatchEulerDiscrete settings (scheduler/scheduler_config.json) that shape the sigmas."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift_terminal: float | None = None
+    time_shift_type: str = "exponential"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One released model: where it lives, how it is recognised, and its sampling defaults."""
 
     name: str
-    family: str  # "qwen-image" (text-to-image), "qwen-image-edit", "qwen-image-edit-plus"; later "flux"
+    family: str  # the families/ record that runs it: "qwen-image" (every Qwen model); later "flux"
     pipeline_class: str  # model_index.json _class_name that identifies the layout
     repos: dict[str, str] = field(default_factory=dict)  # source -> repo id
     steps: int = 50
     cfg: float = 4.0
+    guidance: float | None = None  # distilled guidance scale fed to the model (FLUX.1-dev: 3.5); None: none
     negative: str = " "
     width: int = 1024
     height: int = 1024
@@ -107,7 +123,7 @@ SPECS: dict[str, ModelSpec] = {
     ),
     "qwen-image-edit": ModelSpec(
         name="qwen-image-edit",
-        family="qwen-image-edit",
+        family="qwen-image",
         pipeline_class="QwenImageEditPipeline",
         repos={"hf": "Qwen/Qwen-Image-Edit", "modelscope": "Qwen/Qwen-Image-Edit"},
         task="edit",
@@ -119,7 +135,7 @@ SPECS: dict[str, ModelSpec] = {
     ),
     "qwen-image-edit-2509": ModelSpec(
         name="qwen-image-edit-2509",
-        family="qwen-image-edit-plus",
+        family="qwen-image",
         pipeline_class="QwenImageEditPlusPipeline",
         repos={"hf": "Qwen/Qwen-Image-Edit-2509", "modelscope": "Qwen/Qwen-Image-Edit-2509"},
         **_EDIT_PLUS,
@@ -127,7 +143,7 @@ SPECS: dict[str, ModelSpec] = {
     # Same pipeline and defaults as -2509; its transformer config sets zero_cond_t, which the loader reads.
     "qwen-image-edit-2511": ModelSpec(
         name="qwen-image-edit-2511",
-        family="qwen-image-edit-plus",
+        family="qwen-image",
         pipeline_class="QwenImageEditPlusPipeline",
         repos={"hf": "Qwen/Qwen-Image-Edit-2511", "modelscope": "Qwen/Qwen-Image-Edit-2511"},
         **_EDIT_PLUS,
@@ -143,13 +159,39 @@ ALIASES: dict[str, str] = {
     "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-2511",
 }
 
-# Which spec a local model folder in the diffusers layout gets, by its model_index.json _class_name.
-# Qwen-Image and -2512 share one pipeline class and one set of defaults; so do Edit-2509 and -2511, told apart
-# by their transformer config (zero_cond_t), not by the spec.
+# Which spec a local model folder in the diffusers layout gets, by its model_index.json _class_name, unless a
+# VARIANT_RULES entry below tells a later release apart by another of the folder's files.
 SPEC_BY_PIPELINE_CLASS: dict[str, str] = {
     "QwenImagePipeline": "qwen-image",
     "QwenImageEditPipeline": "qwen-image-edit",
     "QwenImageEditPlusPipeline": "qwen-image-edit-2509",
+}
+
+
+@dataclass(frozen=True)
+class VariantRule:
+    """A folder of `pipeline_class` whose `config` (a path inside the model folder) sets `key` to `value` is `spec`."""
+
+    pipeline_class: str
+    config: str
+    key: str
+    value: bool | int | float | str
+    spec: str
+
+
+# Tried in order, the first match wins. Edit-2509 and -2511 share a pipeline class; -2511's transformer config alone
+# sets zero_cond_t true (diffusers_facts.md §1.1, §5.2).
+VARIANT_RULES: tuple[VariantRule, ...] = (
+    VariantRule("QwenImageEditPlusPipeline", "transformer/config.json", "zero_cond_t", True, "qwen-image-edit-2511"),
+)
+
+# spec a local folder resolves to -> specs a folder of which resolves the same way, because no file tells them
+# apart: -2512 ships the same model_index.json class and the same transformer, VAE and scheduler configs as
+# Qwen-Image (diffusers_facts.md §1.1, §2.1, §3.1); only its weights differ, and a model is never guessed from a
+# folder name or a hash. Harmless while the specs differ only in name and repos (tests/loading/test_hub.py checks).
+# The alias qwen-image-2512 still names its repos; only the spec read from the files is qwen-image.
+INDISTINGUISHABLE_FROM: dict[str, tuple[str, ...]] = {
+    "qwen-image": ("qwen-image-2512",),
 }
 
 # What `qimg download` fetches for each component folder, as glob patterns (fnmatch, the syntax of huggingface_hub's

@@ -33,14 +33,67 @@ def test_no_module_imports_diffusers(path):
     assert not [m for m in _imports(path) if m == "diffusers" or m.startswith("diffusers.")]
 
 
-LOW_LEVEL = [p for p in MODULES if p.parent.name in ("nets", "runtime") or p.name == "sampling.py"]
+# The layers, lowest first: a module may import its own layer and the ones below, never one above.
+# data -> engine (nets, sampling, runtime) -> loading -> pipelines -> families -> the public API -> cli.
+LAYERS: list[tuple[str, ...]] = [
+    ("qimg.errors", "qimg.version", "qimg.specs"),
+    ("qimg.nets", "qimg.sampling", "qimg.runtime", "qimg.request", "qimg.png", "qimg.safety", "qimg.metrics",
+     "qimg.embeddings"),
+    ("qimg.loading",),
+    ("qimg.pipelines", "qimg.roundtrip"),
+    ("qimg.families", "qimg.jobs", "qimg.batch"),
+    ("qimg",),  # the package's __init__: the public API
+    ("qimg.cli", "qimg.__main__"),
+]
+# Some packages are narrower still (ARCHITECTURE.md): nets import only nets, runtime may import nets (the
+# attention call site), sampling neither; loading reads files into nets and knows nothing of sampling.
+NARROW = {
+    "qimg.loading": ("qimg.loading", "qimg.nets", "qimg.specs", "qimg.errors"),
+    "qimg.nets": ("qimg.nets", "qimg.specs", "qimg.errors"),
+    "qimg.sampling": ("qimg.sampling", "qimg.specs", "qimg.errors"),
+    "qimg.runtime": ("qimg.runtime", "qimg.nets", "qimg.specs", "qimg.errors"),
+}
 
 
-@pytest.mark.parametrize("path", LOW_LEVEL, ids=_rel)
-def test_nets_sampling_runtime_import_only_torch_and_downward(path):
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _layer(module: str) -> int:
+    """The layer of a module name (the longest matching prefix)."""
+    best, level = -1, -1
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best:
+                best, level = len(name), i
+    assert level >= 0, f"{module} is in no layer: add it to LAYERS"
+    return level
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_rel)
+def test_imports_point_down_the_layers(path):
+    me = _module_name(path)
+    mine = _layer(me)
+    upward = sorted(m for m in _imports(path) if (m == "qimg" or m.startswith("qimg.")) and _layer(m) > mine)
+    assert not upward, f"{me} (layer {mine}) imports from a higher layer: {upward}"
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if _module_name(p).startswith(tuple(NARROW))], ids=_rel)
+def test_nets_sampling_runtime_loading_import_only_downward(path):
+    me = _module_name(path)
+    allowed = next(v for k, v in NARROW.items() if me == k or me.startswith(k + "."))
     qimg_imports = {m for m in _imports(path) if m.startswith("qimg")}
-    allowed = ("qimg.nets", "qimg.specs", "qimg.runtime", "qimg.sampling")
     assert all(m.startswith(allowed) for m in qimg_imports), qimg_imports
+
+
+def test_the_layer_test_sees_an_upward_import(tmp_path):
+    """The checker itself: a pipelines module importing the public API is caught."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from qimg import __version__\nimport qimg.cli.main\n")
+    assert {m for m in _imports(bad) if _layer(m) > _layer("qimg.pipelines.qwen")} == {"qimg", "qimg.cli.main"}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=_rel)

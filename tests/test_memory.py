@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 import qimg
 from qimg.cli.main import app
-from qimg.pipelines import memory
-from qimg.pipelines.prompts import QwenPromptEncoder
+from qimg.families.qwen import QWEN_IMAGE, qwen_needs
+from qimg.pipelines import base, memory
+from qimg.pipelines.prompts import QwenPromptEncoder, text_encoder_layers
 from qimg.runtime.offload import Offloaded, Residency, module_tensors
-from qimg.runtime.planner import MemoryPlan
+from qimg.runtime.planner import MemoryPlan, RequestShape
 
 CPU = torch.device("cpu")
 OPTIONS = dict(steps=2, seed=3, width=64, height=48, negative="blurry", cfg=4.0)
@@ -30,14 +31,14 @@ def _bytes(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize("fp8", [None, "weights"])
 def test_header_byte_counts_match_the_loaded_components(tiny_qwen: Path, fp8, one_thread):
     pipe = qimg.load(tiny_qwen, device="cpu", fp8=fp8)
-    needs = memory.qwen_needs(tiny_qwen, torch.float32, fp8, task="t2i")
+    needs = qwen_needs(tiny_qwen, torch.float32, fp8, "t2i", RequestShape())
     assert needs.transformer.weights == _bytes(pipe.transformer)
     assert len(needs.transformer.blocks) == len(pipe.transformer.transformer_blocks)
     assert needs.transformer.blocks[0] == _bytes(pipe.transformer.transformer_blocks[0])
     te = pipe.prompts.model  # loaded as the pipeline keeps it: no LM head, no vision tower for text to image
     # The RoPE frequency table is a non-persistent buffer: built by the model, absent from the checkpoint.
     assert 0 <= _bytes(te) - needs.text_encoder.weights <= 4096
-    assert needs.text_encoder.blocks[0] == _bytes(memory.text_encoder_layers(te)[0])
+    assert needs.text_encoder.blocks[0] == _bytes(text_encoder_layers(te)[0])
     assert needs.vae.weights == _bytes(pipe.vae)
 
 
@@ -54,9 +55,9 @@ def _offloaded(tiny_qwen: Path, fp8: str | None, streamed_t: tuple, streamed_te:
     pipe = qimg.load(tiny_qwen, device="cpu", fp8=fp8)
     plan = MemoryPlan("layer", None, "cuda", False, {"transformer": streamed_t, "text_encoder": streamed_te},
                       {k: set(v) for k, v in PHASES.items()})
-    transformer, off = memory.load_transformer(tiny_qwen / "transformer", CPU, torch.float32, fp8, plan)
+    transformer, off = memory.load_denoiser(QWEN_IMAGE, tiny_qwen / "transformer", CPU, torch.float32, plan, fp8=fp8)
     residency = Residency({"transformer": off}, plan.phases)
-    prompts = QwenPromptEncoder(pipe.ref, CPU, torch.float32, fp8=fp8, plan=plan, residency=residency)
+    prompts = QwenPromptEncoder(pipe.ref, QWEN_IMAGE, CPU, torch.float32, fp8=fp8, plan=plan, residency=residency)
     return dataclasses.replace(pipe, transformer=transformer, plan=plan, needs=None, residency=residency,
                                transformer_offload=off, prompts=prompts)
 
@@ -102,15 +103,15 @@ def test_verbose_prints_the_memory_plan(tiny_qwen: Path, tmp_path: Path, one_thr
                                       "1", "--width", "64", "--height", "48", "-o", str(tmp_path / "a.png"), "-v"])
     assert result.exit_code == 0, result.output
     assert "memory plan: offload none" in result.output and "transformer:" in result.output
+    assert "runs as qwen-image, chosen by model_index.json QwenImagePipeline" in result.output
 
 
 def test_out_of_memory_names_flags_that_fit(tiny_qwen: Path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=None: (6 * 1024**3, 24 * 1024**3))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(memory, "cuda_index", lambda device: 0)
-    from qimg.pipelines.qwen import out_of_memory
-
-    error = out_of_memory(qimg.resolve_model(str(tiny_qwen)), torch.device("cuda"), torch.bfloat16, None)
+    monkeypatch.setattr(base, "cuda_index", lambda device: 0)
+    ref = qimg.resolve_model(str(tiny_qwen))
+    error = base.out_of_memory(QWEN_IMAGE, ref, torch.device("cuda"), torch.bfloat16, None)
     assert isinstance(error, qimg.QimgError) and error.exit_code == 1
     assert "6.0 GiB free" in error.message
     assert "--offload model" in error.hint and "--fp8 weights" in error.hint and "--vram-budget 6" in error.hint
@@ -118,7 +119,7 @@ def test_out_of_memory_names_flags_that_fit(tiny_qwen: Path, monkeypatch):
 
 def test_a_request_too_large_for_the_plan_is_a_one_line_error(tiny_qwen: Path, one_thread):
     pipe = qimg.load(tiny_qwen, device="cpu")
-    needs = memory.qwen_needs(tiny_qwen, torch.float32, None, task="t2i")
+    needs = qwen_needs(tiny_qwen, torch.float32, None, "t2i", RequestShape())
     pipe = dataclasses.replace(pipe, plan=MemoryPlan("layer", 64 * 1024, "cuda", False), needs=needs)
     with pytest.raises(qimg.QimgError, match=r"64x48: --offload none needs about .* GiB, more than a 0\.0 GiB budget"):
         pipe.generate("a fox", **OPTIONS)

@@ -17,7 +17,6 @@ from qimg.loading.components import load_qwen_vae
 from qimg.nets.qwen_vae import QwenVAE
 from qimg.roundtrip import (
     check_latents_path,
-    load_vae,
     make_tiling,
     prepare_image,
     save_latents,
@@ -56,7 +55,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def vae(model_dir) -> QwenVAE:
     """As `qimg vae roundtrip` loads it: through load_vae, channels-last."""
-    return load_vae(str(model_dir[0]), device="cpu", dtype="float32")
+    return qimg.load_vae(str(model_dir[0]), device="cpu", dtype="float32")
 
 
 def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
@@ -116,6 +115,26 @@ def test_odd_sizes_are_center_cropped_not_resampled() -> None:
     (note,) = notes
     assert note.startswith("cropped 100x70 to 96x64 (left 2, right 2, top 3, bottom 3 px)")
     assert prepare_image(photo(32, 48))[1] == ()
+
+
+def test_multiples_of_8_go_through_whole(vae: QwenVAE) -> None:
+    """The VAE needs multiples of 8 px (its spatial factor), not of 16: 200x200 comes back 200x200, uncropped,
+    untiled and tiled; 203x201 loses only the 3 and 1 px that are over."""
+    image = photo(200, 200)
+    plain = vae_roundtrip(vae, image)
+    assert plain.size == (200, 200) and plain.notes == () and plain.params["notes"] is None
+    assert plain.latents.shape == (1, 16, 25, 25)  # an odd latent grid
+    tiled = vae_roundtrip(vae, image, tiling=Tiling(128, 32))
+    assert tiled.size == (200, 200) and tiled.latents.shape == plain.latents.shape
+
+    odd = photo(203, 201)
+    result = vae_roundtrip(vae, odd)
+    assert result.size == (200, 200)
+    (note,) = result.notes
+    assert note.startswith("cropped 203x201 to 200x200 (left 1, right 2, top 0, bottom 1 px)")
+    assert "multiples of 8" in note
+    prepared, _ = prepare_image(odd)
+    assert np.array_equal(np.asarray(prepared), np.asarray(odd)[0:200, 1:201])
 
 
 def test_alpha_is_dropped_with_a_note_and_small_images_refused(vae: QwenVAE) -> None:
@@ -194,5 +213,5 @@ def test_load_vae_reads_only_the_vae(model_dir, vae: QwenVAE) -> None:
     assert weight.dtype == torch.float32 and weight.is_contiguous(memory_format=torch.channels_last)
     plain = load_qwen_vae(model_dir[0] / "vae", device="cpu", dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), vae.state_dict().values(), strict=True))
-    half = load_vae(str(model_dir[0]), device="cpu", dtype="bfloat16")
+    half = qimg.load_vae(str(model_dir[0]), device="cpu", dtype="bfloat16")
     assert next(half.parameters()).dtype == torch.bfloat16

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qimg.sampling import FlowSchedule, calculate_shift, denoise, flow_sigmas, pack, seeded_noise, true_cfg, unpack
+from qimg.sampling import (
+    FlowSchedule,
+    calculate_shift,
+    cfg,
+    denoise,
+    flow_sigmas,
+    pack,
+    seeded_noise,
+    true_cfg,
+    unpack,
+)
 from tests.fixtures import QWEN_SCHEDULER
 
 QWEN = FlowSchedule(**QWEN_SCHEDULER)
@@ -87,3 +97,13 @@ def test_denoise_integrates_a_constant_velocity_exactly_and_reports_progress():
     x = denoise(lambda x, s: torch.ones_like(x), torch.zeros(3), sigmas, lambda i, n: seen.append((i, n)))
     assert torch.allclose(x, torch.full((3,), -1.0))  # integral of dsigma from 1 to 0
     assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+
+def test_cfg_without_the_norm_rescale_is_the_plain_formula_and_qwen_keeps_it():
+    gen = torch.Generator().manual_seed(3)
+    cond, uncond = torch.randn(1, 5, 8, generator=gen), torch.randn(1, 5, 8, generator=gen)
+    assert torch.equal(cfg(cond, uncond, 3.0), uncond + 3.0 * (cond - uncond))
+    assert torch.equal(cfg(cond, uncond, 3.0, norm_rescale=True), true_cfg(cond, uncond, 3.0))
+    from qimg.families.qwen import QWEN_IMAGE
+
+    assert QWEN_IMAGE.cfg_norm_rescale  # Qwen-Image's pipelines rescale; a family without it gets plain CFG

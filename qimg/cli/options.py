@@ -60,7 +60,10 @@ def tiling_from(tiled_vae: bool, tile_size: int | None, tile_overlap: int | None
     """The requested qimg.Tiling, or None; a bad size is a one-line error before anything loads."""
     if not (tiled_vae or tile_size is not None or tile_overlap is not None):
         return None
-    return qimg.make_tiling(512 if tile_size is None else tile_size, 64 if tile_overlap is None else tile_overlap)
+    try:
+        return qimg.Tiling(512 if tile_size is None else tile_size, 64 if tile_overlap is None else tile_overlap)
+    except ValueError as e:
+        raise qimg.QimgError(str(e), hint="e.g. --tile-size 512 --tile-overlap 64 (multiples of 8 px)") from None
 
 
 class AttentionKernel(str, Enum):
@@ -120,7 +123,7 @@ Offload = Annotated[
 ]
 VramBudget = Annotated[
     float | None,
-    typer.Option("--vram-budget", metavar="GIB", min=0.5,
+    typer.Option("--vram-budget", metavar="GIB",
                  help="GPU memory this run may use, in GiB: the plan fits it and the process is capped to it. "
                  "Default: the memory free when loading."),
 ]
@@ -138,26 +141,30 @@ Verbose = Annotated[
 
 
 def runtime_options(
-    tiled_vae: bool,
-    tile_size: int | None,
-    tile_overlap: int | None,
-    attention: AttentionKernel,
-    compile: bool,
-    fp8: FP8Mode | None,
+    device: str | None,
+    dtype: DType | None,
+    tiled_vae: bool = False,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
+    attention: AttentionKernel = AttentionKernel.auto,
+    compile: bool = False,
+    fp8: FP8Mode | None = None,
     offload: OffloadMode = OffloadMode.auto,
     vram_budget: float | None = None,
     text_encoder_device: TextEncoderDevice | None = None,
-) -> dict[str, Any]:
-    """qimg.load keyword arguments for the features applied after loading; bad tile sizes fail here."""
-    return {
-        "vae_tiling": tiling_from(tiled_vae, tile_size, tile_overlap),
-        "attention": attention.value,
-        "compile": compile,
-        "fp8": fp8.value if fp8 else None,
-        "offload": offload.value,
-        "vram_budget": vram_budget,
-        "text_encoder_device": text_encoder_device.value if text_encoder_device else None,
-    }
+) -> qimg.RuntimeOptions:
+    """The one RuntimeOptions object of a run; its own checks (and the tile sizes) fail here, before loading."""
+    return qimg.RuntimeOptions(
+        device=device,
+        dtype=dtype.value if dtype else None,
+        vae_tiling=tiling_from(tiled_vae, tile_size, tile_overlap),
+        attention=attention.value,
+        compile=compile,
+        fp8=fp8.value if fp8 else None,
+        offload=offload.value,
+        vram_budget=vram_budget,
+        text_encoder_device=text_encoder_device.value if text_encoder_device else None,
+    )
 
 
 # Options every command spells the same way.

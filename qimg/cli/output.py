@@ -121,7 +121,11 @@ def _ignore_steps(i: int, n: int) -> None:
 
 
 def show_plan(out: Output, pipe: Any) -> None:
-    """--verbose: the memory plan of a loaded pipeline, a line per component and phase."""
+    """--verbose: which spec runs the model (and which files chose it), then the memory plan of a loaded
+    pipeline, a line per component and phase."""
+    ref = getattr(pipe, "ref", None)
+    if ref is not None and getattr(ref, "chosen_by", ""):
+        out.info(f"model: {ref.path} runs as {ref.spec.name}, chosen by {ref.chosen_by}")
     if pipe.plan is not None and pipe.needs is not None:
         for line in pipe.plan.describe(pipe.needs):
             out.info(line)

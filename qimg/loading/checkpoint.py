@@ -139,7 +139,7 @@ def load_module(
                 if shape != tuple(expected[name].shape):
                     misshapen.append(f"{name} {shape} != {tuple(expected[name].shape)}")
     missing = sorted(set(expected) - set(where))
-    _check(what, missing, unexpected, misshapen)
+    check_keys(what, missing, unexpected, misshapen)
 
     def read(names: list[str]) -> dict[str, Tensor]:
         state = {}
@@ -165,12 +165,13 @@ def load_module(
         if on_group is not None:
             on_group(prefix, module)
     state = read(groups.get(None, []))
-    _check(what, [], [], misshapen)
+    check_keys(what, [], [], misshapen)
     module.load_state_dict(state, strict=False, assign=True)
     return module
 
 
-def _check(what: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:
+def check_keys(what: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:
+    """One CheckpointError listing every missing, unexpected and misshapen tensor of a component, if any."""
     if missing or unexpected or misshapen:
         parts = []
         if missing:

@@ -10,11 +10,10 @@ import torch
 
 from qimg.errors import CheckpointError, ConfigError
 from qimg.loading import keymaps
-from qimg.loading.checkpoint import load_module, params_from_config, read_json, safetensors_files
+from qimg.loading.checkpoint import check_keys, load_module, params_from_config, read_json, safetensors_files
 from qimg.nets.qwen_mmdit import QwenMMDiT
 from qimg.nets.qwen_vae import QwenVAE
-from qimg.sampling import FlowSchedule
-from qimg.specs import QwenMMDiTParams, QwenVAEParams
+from qimg.specs import FlowSchedule, QwenMMDiTParams, QwenVAEParams
 
 # Scheduler options that change the sigmas in ways qimg's schedule does not implement.
 _UNSUPPORTED_SCHEDULER_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
@@ -69,27 +68,41 @@ def load_schedule(folder: Path) -> FlowSchedule:
 
 
 def load_text_encoder(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> Any:
-    """text_encoder/: Qwen2.5-VL through transformers, checked for missing weights (transformers would only warn)."""
+    """text_encoder/: Qwen2.5-VL through transformers, from safetensors only, checked for missing and unexpected
+    weights (transformers would only warn)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
+    # transformers falls back to pytorch_model.bin when no safetensors are there, and a pickle can run code: refuse
+    # the folder before transformers looks at it. use_safetensors=True below is the second lock on the same door.
+    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
+        pickles = sorted(p.name for ext in ("bin", "pt", "pth", "ckpt") for p in folder.glob(f"*.{ext}"))
+        only = f", only {', '.join(pickles[:2])}" if pickles else ""
+        raise CheckpointError(
+            f"no model.safetensors in {folder}{only}; qimg reads safetensors only and never unpickles",
+            hint="re-download the model's safetensors weights (qimg download fetches only those)",
+        )
+    safetensors_files(folder, stem="model")  # every shard its index names is there, or a one-line error
     # transformers draws its own tqdm bar while loading; qimg's CLI owns the terminal.
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, output_loading_info=True, low_cpu_mem_usage=True
+            folder, dtype=dtype, output_loading_info=True, low_cpu_mem_usage=True, use_safetensors=True
         )
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
-    # lm_head is unused for prompt encoding; older exports may tie or omit it.
-    missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k]
-    if missing:
-        raise CheckpointError(
-            f"text_encoder/ weights are incomplete: {len(missing)} missing ({', '.join(sorted(missing)[:3])})",
-            hint="re-download the model",
-        )
+    # Known unused: lm_head (prompt encoding stops at the hidden states; older exports tie, omit or keep it), and any
+    # key transformers lists only because it is tied to another: it is filled from that one, not from the file.
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # transformers 5.x: {target: source}
+
+    def used(key: str) -> bool:
+        return "lm_head" not in key and key not in tied
+
+    missing = sorted(k for k in info.get("missing_keys", []) if used(k))
+    unexpected = sorted(k for k in info.get("unexpected_keys", []) if used(k))
+    check_keys(f"{folder.name}/ weights", missing, unexpected, [])
     return model.to(device).eval().requires_grad_(False)
 
 

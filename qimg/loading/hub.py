@@ -23,7 +23,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qimg.errors import ConfigError, ModelNotFoundError
-from qimg.specs import ALIASES, MODEL_INDEX_FILE, SPEC_BY_PIPELINE_CLASS, SPECS, ModelSpec
+from qimg.specs import (
+    ALIASES,
+    INDISTINGUISHABLE_FROM,
+    MODEL_INDEX_FILE,
+    SPEC_BY_PIPELINE_CLASS,
+    SPECS,
+    VARIANT_RULES,
+    ModelSpec,
+)
 
 # Every component folder a text-to-image Qwen-Image model needs, and the file that marks each as present.
 QWEN_IMAGE_COMPONENTS = {
@@ -53,6 +61,8 @@ class ModelRef:
     path: Path
     spec: ModelSpec
     name: str  # what the user asked for, as recorded in image metadata
+    # Which of the folder's files chose the spec, as a sentence for --verbose ("" when built by hand).
+    chosen_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -158,7 +168,7 @@ def _from_folder(path: Path, name: str) -> ModelRef:
         )
     if not path.is_dir():
         raise ModelNotFoundError(f"{path} is not a folder", hint="pass the model folder, not a file inside it")
-    spec = read_spec(path)
+    spec, chosen_by = identify(path)
     for component, marker in COMPONENTS_BY_TASK[spec.task].items():
         if not (path / component / marker).is_file():
             why = " (edit models need the Qwen2-VL image processor)" if component == "processor" else ""
@@ -166,11 +176,17 @@ def _from_folder(path: Path, name: str) -> ModelRef:
                 f"{path} is missing its {component}/ component ({component}/{marker} not found){why}",
                 hint="the download is incomplete; fetch the whole model again",
             )
-    return ModelRef(path=path.resolve(), spec=spec, name=name)
+    return ModelRef(path=path.resolve(), spec=spec, name=name, chosen_by=chosen_by)
 
 
 def read_spec(path: Path) -> ModelSpec:
-    """The spec of the model in `path`, from its model_index.json _class_name alone (never from its name)."""
+    """The spec of the model in `path`, from its own files (never from its name); see identify."""
+    return identify(path)[0]
+
+
+def identify(path: Path) -> tuple[ModelSpec, str]:
+    """The spec of the model in `path` and a sentence naming the files that chose it: model_index.json's
+    _class_name, then the first VARIANT_RULES entry whose config value matches (qimg.specs)."""
     index_path = path / MODEL_INDEX_FILE
     if not index_path.is_file():
         raise ModelNotFoundError(
@@ -184,7 +200,31 @@ def read_spec(path: Path) -> ModelSpec:
     if cls not in SPEC_BY_PIPELINE_CLASS:
         known = ", ".join(sorted(SPEC_BY_PIPELINE_CLASS))
         raise ConfigError(f"{path} holds a {cls} model, which qimg cannot run", hint=f"supported: {known}")
-    return SPECS[SPEC_BY_PIPELINE_CLASS[cls]]
+    name, chosen_by = SPEC_BY_PIPELINE_CLASS[cls], f"{MODEL_INDEX_FILE} {cls}"
+    for rule in VARIANT_RULES:
+        if rule.pipeline_class != cls:
+            continue
+        value = _config_value(path / rule.config, rule.key)
+        # Same type too: JSON true must not match 1, nor 1 match true.
+        if type(value) is type(rule.value) and value == rule.value:
+            name, chosen_by = rule.spec, f"{chosen_by} + {rule.config} {rule.key}"
+            break
+    twins = INDISTINGUISHABLE_FROM.get(name, ())
+    if twins:
+        chosen_by += f" (a folder of {' or '.join(twins)} looks the same: no file tells them apart)"
+    return SPECS[name], chosen_by
+
+
+def _config_value(config: Path, key: str) -> object:
+    """config[key] of a component's JSON config; None when the file or the key is absent (the component check
+    reports a missing file)."""
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{config} is not readable JSON ({e})", hint="re-download the model") from e
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def missing_files(path: Path) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qimg.nets.layers import attention
+from qimg.nets.layers import sdpa
 from qimg.specs import QwenVAEParams
 
 
@@ -65,7 +65,9 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         qkv = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, 3C), channels ordered q | k | v
         q, k, v = (t.unflatten(-1, (1, c)) for t in qkv.chunk(3, dim=-1))  # (B, HW, 1, C)
-        out = attention(q, k, v).transpose(1, 2).reshape(b, c, h, w)
+        # PyTorch SDPA directly, not the engine's attention switch: this one head is C wide (384 in the release),
+        # past what flash-attn takes (256), and SDPA picks a kernel that fits any head dim.
+        out = sdpa(q, k, v).flatten(2).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj(out)
 
 
@@ -193,9 +195,26 @@ class QwenVAE(nn.Module):
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent along each axis."""
+        return self.params.scale_factor
+
+    def decode_unclamped(self, z: Tensor) -> Tensor:
+        """decode without the final clamp (tiled decoding blends tiles first, then clamps once)."""
+        return self.decoder(self.post_quant_conv(z))
+
     def decode(self, z: Tensor) -> Tensor:
         """z (B, z_dim, h, w) raw (denormalised) latents -> image (B, in_channels, 8h, 8w) in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z)).clamp(-1.0, 1.0)
+        return self.decode_unclamped(z).clamp(-1.0, 1.0)
+
+    def normalize(self, z: Tensor, *, reciprocal: bool = False) -> Tensor:
+        """VAE latents -> the transformer's latent space (see normalize_latents)."""
+        return normalize_latents(z, self.params, reciprocal=reciprocal)
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        """The transformer's latent space -> VAE latents, ready to decode (see denormalize_latents)."""
+        return denormalize_latents(z, self.params)
 
 
 def _latent_stats(z: Tensor, params: QwenVAEParams) -> tuple[Tensor, Tensor]:

@@ -1,15 +1,15 @@
-"""Per-family glue: prepare -> denoise -> decode. Qwen-Image (text to image, img2img, inpaint, edit) for now."""
+"""Per-family glue: prepare -> denoise -> decode, on the shared Pipeline (base.py). Qwen-Image for now."""
 
-from qimg.pipelines.common import DTYPES, pick_device, pick_dtype
+from qimg.pipelines.base import Pipeline
 from qimg.pipelines.prompts import QwenPromptEncoder
-from qimg.pipelines.qwen import QwenImagePipeline, encode_prompt, load_pipeline, run_qwen, run_qwen_edit
+from qimg.pipelines.qwen import QwenImagePipeline, run_qwen, run_qwen_edit
+from qimg.runtime.devices import DTYPES, pick_device, pick_dtype
 
 __all__ = [
     "DTYPES",
+    "Pipeline",
     "QwenImagePipeline",
     "QwenPromptEncoder",
-    "encode_prompt",
-    "load_pipeline",
     "pick_device",
     "pick_dtype",
     "run_qwen",

@@ -1,4 +1,4 @@
-"""Shared by every pipeline: device and dtype choice, and conversions between PIL images and tensors."""
+"""Shared by every pipeline: conversions between PIL images and tensors."""
 
 from __future__ import annotations
 
@@ -10,36 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qimg.errors import InputError
 from qimg.request import calculate_dimensions
 from qimg.sampling import pack
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 Progress = Callable[[int, int], None]
-
-
-def pick_device(device: str | None) -> torch.device:
-    """The requested device, or cuda when present, else cpu; a missing GPU is a clear error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: no CUDA GPU is visible", hint="use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
-    return dev
-
-
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA and fp32 on CPU unless asked otherwise."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def latents_to_images(x: Tensor) -> list[Any]:
@@ -80,9 +54,3 @@ def resize_to_area(image: Any, area: int) -> Any:
 
     size = calculate_dimensions(area, image.width / image.height)
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
-
-
-def _version() -> str:
-    from qimg import __version__
-
-    return __version__

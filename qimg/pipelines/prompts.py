@@ -6,20 +6,29 @@ import gc
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from qimg.embeddings import EmbeddingsFile, PromptEmbeds
 from qimg.errors import InputError
 from qimg.loading import components
 from qimg.loading.hub import ModelRef
 from qimg.nets.text_encoders import TEMPLATES, encode_qwen_prompt, encode_qwen_prompt_with_images
-from qimg.pipelines import memory
-from qimg.pipelines.common import _version, resize_to_area
+from qimg.pipelines.common import resize_to_area
+from qimg.pipelines.family import Family
 from qimg.request import GenerateRequest
-from qimg.runtime.offload import Residency
+from qimg.runtime.devices import pick_device, pick_dtype
+from qimg.runtime.fp8 import Predicate, apply_fp8
+from qimg.runtime.offload import Offloaded, Residency, prepare_blocks
+from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import MemoryPlan
+from qimg.version import __version__
+
+# Embeddings files written before every Qwen model shared one family record name.
+_LEGACY_FAMILIES = {"qwen-image-edit": "qwen-image", "qwen-image-edit-plus": "qwen-image"}
 
 
 def image_fingerprint(image: Any) -> str:
@@ -33,6 +42,7 @@ class QwenPromptEncoder:
     """The text encoder, tokenizer and (edit models) image processor of one model; each loads on first use."""
 
     ref: ModelRef
+    family: Family
     torch_device: torch.device
     torch_dtype: torch.dtype
     fp8: str | None = None  # FP8 storage for the language model's linears
@@ -45,9 +55,9 @@ class QwenPromptEncoder:
     @property
     def model(self) -> Any:
         if self._model is None:
-            self._model, offloaded = memory.load_text_encoder(
+            self._model, offloaded = load_text_encoder(
                 self.ref.path / "text_encoder", self.torch_device, self.torch_dtype, self.fp8, self.plan,
-                self.ref.spec.task,
+                self.ref.spec.task, self.family.text_encoder_fp8,
             )
             if offloaded is not None and self.residency is not None:
                 self.residency.add("text_encoder", offloaded)
@@ -133,7 +143,7 @@ class QwenPromptEncoder:
             "max_sequence_length": request.max_sequence_length,
             "images": [image_fingerprint(im) for im in images],
             "dtype": str(self.torch_dtype).removeprefix("torch."),
-            "qimg_version": _version(),
+            "qimg_version": __version__,
         }
         return EmbeddingsFile(cond, uncond, meta)
 
@@ -141,6 +151,7 @@ class QwenPromptEncoder:
         """Refuse embeddings made for another model family or template, or (edit) for other input images."""
         spec = self.ref.spec
         family, template = data.meta.get("family"), data.meta.get("template")
+        family = _LEGACY_FAMILIES.get(family, family)
         if family != spec.family or template != self.template_name:
             raise InputError(
                 f"these prompt embeddings were made for {family} ({template}), not for {spec.family}",
@@ -151,3 +162,53 @@ class QwenPromptEncoder:
                 "these prompt embeddings were made with other input images",
                 hint="pass the same -i images to encode-prompt and edit, in the same order",
             )
+
+
+def encode_prompt(ref: ModelRef, options: RuntimeOptions, request: GenerateRequest, images: Sequence[Any] = (),
+                  *, family: Family) -> EmbeddingsFile:
+    """Prompt embeddings for a request (and, for edit models, its input images), loading only the text encoder,
+    tokenizer and image processor of the model."""
+    dev = pick_device(options.device)
+    encoder = QwenPromptEncoder(ref, family, dev, pick_dtype(options.dtype, dev))
+    with torch.inference_mode():
+        return encoder.encode_request(request, with_negative=True, images=images)
+
+
+def text_encoder_layers(model: Any) -> nn.ModuleList:
+    """The language model's decoder layers of a transformers Qwen2.5-VL (4.5x and 5.x module layouts)."""
+    inner = model.model
+    lm = getattr(inner, "language_model", inner)
+    return lm.layers
+
+
+def load_text_encoder(
+    folder: Path, device: torch.device, dtype: torch.dtype, fp8: str | None, plan: MemoryPlan | None, task: str,
+    fp8_layers: Predicate,
+) -> tuple[Any, Offloaded | None]:
+    """The Qwen2.5-VL text encoder placed as planned: on the device, on the CPU, or in host memory visiting
+    the device for the text phase (its layers streamed when they do not fit). Unused parts are dropped: the LM
+    head always, the vision tower for text-to-image. FP8 storage covers the linears `fp8_layers` selects."""
+    # Normal tensors even when the first prompt arrives inside inference mode: offloading rebinds their storage.
+    with torch.inference_mode(False), torch.no_grad():
+        model = components.load_text_encoder(folder, device="cpu", dtype=dtype)
+        model.lm_head = nn.Identity()  # ~1 GiB of logits weights the prompt encoding never reads
+        if task != "edit":
+            model.model.visual = None  # text-only prompts never reach the vision tower (~1.3 GiB)
+        runs_on = torch.device("cpu") if plan is not None and plan.text_encoder_device == "cpu" else device
+        offloaded = plan is not None and plan.mode != "none" and plan.text_encoder_device != "cpu"
+        # Quantise on the GPU when there is one (seconds, against minutes on the CPU), a layer at a time.
+        work = device if device.type == "cuda" else torch.device("cpu")
+        layers = text_encoder_layers(model)
+
+        def prepare(prefix: str, layer: nn.Module) -> None:
+            if fp8 is not None:
+                apply_fp8(layer, lambda name, lin: fp8_layers(f"layers.{prefix}{name}", lin), compute=False)
+            if runs_on.type == "cpu":
+                layer.to("cpu")
+
+        copies = prepare_blocks(layers, work, prepare, keep=lambda i: not offloaded)
+        if not offloaded:
+            return model.to(runs_on), None
+        result = Offloaded(model, device, layers, block_copies=copies)
+        result.stream(plan.streamed.get("text_encoder", ()) if plan is not None else ())
+        return model, result

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from qimg.nets import layers
-
-BACKENDS = ("auto", "sdpa", "cudnn", "flash", "sage")
+from qimg.runtime.options import ATTENTION_BACKENDS as BACKENDS
 
 
 def _sdpa_cudnn(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

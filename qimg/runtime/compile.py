@@ -9,6 +9,7 @@ cache folder so they survive /tmp cleaning.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -22,8 +23,9 @@ def compile_cache_dir() -> Path:
     return base / "compile"
 
 
-def compile_blocks(model: nn.Module, blocks_attr: str = "transformer_blocks", *, dynamic: bool | None = None) -> int:
-    """torch.compile each repeated block in place (same code, so one compiled graph serves all); returns the count.
+def compile_blocks(blocks: Iterable[nn.Module], *, dynamic: bool | None = None) -> int:
+    """torch.compile each repeated block in place (blocks of one class share one compiled graph); returns the
+    count. Several block kinds (FLUX.1's double and single stream) are passed together.
 
     dynamic=None lets the compiler mark a dimension dynamic once it sees it change (a new prompt length), so a
     second prompt length costs one recompile, not one per length.
@@ -33,8 +35,9 @@ def compile_blocks(model: nn.Module, blocks_attr: str = "transformer_blocks", *,
     # Set only when compiling was asked for: no import-time environment changes.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
-    blocks = getattr(model, blocks_attr)
+    count = 0
     for block in blocks:
         block.compile(fullgraph=True, dynamic=dynamic)
+        count += 1
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return len(blocks)
+    return count

@@ -4,8 +4,9 @@
   torch._scaled_mm with row-wise scales (Hopper / Ada); output and bias in bf16.
 - weights: FP8 storage only; each layer upcasts its weight to the compute dtype just before its matmul.
 
-Which linears are swapped is a predicate over module names. The default keeps every layer that users' black or
-NaN images come from in bf16: modulation, embeddings, norms, img_in / txt_in / proj_out / norm_out.
+Which linears are swapped is a predicate over module names, given by the model's family record
+(qimg/families/): families keep every layer that users' black or NaN images come from in bf16 (modulation,
+embeddings, norms, input and output projections).
 """
 
 from __future__ import annotations
@@ -18,19 +19,6 @@ from torch import Tensor, nn
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 Predicate = Callable[[str, nn.Linear], bool]
-
-# Inside each transformer block: the attention projections and the MLPs (all the matmul FLOPs that grow with
-# the token count; the modulation linears see one row per sample).
-_BLOCK_LINEARS = (
-    ".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj",
-    ".attn.to_out.0", ".attn.to_add_out", "_mlp.net.0.proj", "_mlp.net.2",
-)  # fmt: skip
-
-
-def qwen_mmdit_fp8_layers(name: str, module: nn.Linear) -> bool:
-    """The Qwen-Image MMDiT linears that tolerate FP8: attention projections and MLPs of the blocks."""
-    return name.startswith("transformer_blocks.") and name.endswith(_BLOCK_LINEARS)
-
 
 def quantize_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
     """(M, K) -> (e4m3 values, fp32 scales (M, 1)) with x ~= values * scales; the scale maps each row's absmax

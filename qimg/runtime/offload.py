@@ -8,6 +8,7 @@
   resident and the others stream through a few device slots: while one block computes, the next streamed block
   copies into a free slot on a side CUDA stream, so the transfer hides behind compute.
 - Residency switches components between the phases of a run (encode, denoise, decode) as a plan says.
+- Weights that do change (a merged LoRA, a swapped-in module) are packed again with `Offloaded.repack`.
 
 Tensor identity is kept (only `.data` moves), so FP8 linears, compiled blocks and hooks see the same objects.
 """
@@ -120,15 +121,16 @@ class StreamLog:
 class Offloaded:
     """One component kept in host memory; `to_device()` brings its resident part to the GPU.
 
-    blocks: the component's repeated blocks (an nn.ModuleList), of which `streamed` (indices) run through `slots`
-    device buffers instead of staying resident. Without blocks the whole component moves as one piece.
+    blocks: the component's repeated blocks in run order (one nn.ModuleList, or several lists joined), of which
+    `streamed` (indices) run through `slots` device buffers instead of staying resident. Without blocks the
+    whole component moves as one piece.
     """
 
     def __init__(
         self,
         module: nn.Module,
         device: torch.device,
-        blocks: nn.ModuleList | None = None,
+        blocks: Sequence[nn.Module] | None = None,
         *,
         block_copies: dict[int, HostCopy] | None = None,
         slots: int = 2,
@@ -150,6 +152,25 @@ class Offloaded:
         was_on = self.on_device
         self.off_device()
         self.streamed = sorted(set(streamed))
+        if was_on:
+            self.to_device()
+
+    @torch.inference_mode(False)
+    def repack(self, blocks: Iterable[int] | None = None, *, rest: bool = False) -> None:
+        """Pack the given blocks (and, with rest=True, the non-block part) into host memory again from their
+        current tensors, after their weights or modules changed (a LoRA merged, FP8 linears re-quantised), on
+        or off the device. blocks=None repacks every block. The component comes back on the device if it was.
+        """
+        was_on = self.on_device
+        if was_on and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the values copied must be final
+        # New copies first: they read the tensors where they are now (device views included), so nothing
+        # changed on the device is lost when off_device() rebinds everything to host memory.
+        for i in range(len(self.blocks)) if blocks is None else blocks:
+            self.block_copies[i] = HostCopy(module_tensors(self.blocks[i]))
+        if rest:
+            self.rest = HostCopy(module_tensors(self.module, skip=self.blocks))
+        self.off_device()
         if was_on:
             self.to_device()
 

@@ -10,16 +10,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qimg.runtime.options import OFFLOAD_MODES as MODES
+
 GiB = 1024**3
 MiB = 1024**2
 # Kept free of the budget: the CUDA caching allocator's rounding and fragmentation, cuBLAS / cuDNN workspaces.
 HEADROOM = 640 * MiB
 SLOTS = 2  # device buffers a streamed component cycles its blocks through (double buffering)
-MODES = ("auto", "none", "model", "layer")
 
 
 class PlanError(ValueError):
     """No placement fits the budget; the message says what would."""
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """What a request asks of memory: its output size, whether CFG doubles the batch, the pixels of its
+    reference images (edit models) and whether the text encoder runs (not with saved prompt embeddings)."""
+
+    width: int = 1024
+    height: int = 1024
+    cfg: bool = True
+    ref_pixels: int = 0
+    text_encoder: bool = True
 
 
 @dataclass(frozen=True)

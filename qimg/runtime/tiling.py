@@ -1,6 +1,6 @@
 """Tiled VAE encode and decode: overlapping tiles, cross-faded with raised-cosine ramps, for images of any size.
 
-Applied from outside: pure functions that take the loaded QwenVAE (or any net with its encode/decode parts)
+Applied from outside: pure functions that take any loaded VAE with encode, decode_unclamped and scale_factor
 and store nothing on it. The tile grid covers the image exactly: tiles start every tile - overlap and the last
 one is moved back to end at the border, so a size that is not a multiple of the tile still uses full tiles.
 Each tile's weights ramp up across its overlap with the previous tile and down across the next, and are
@@ -16,37 +16,14 @@ these border pixels get almost no weight and the seams fade in instead of steppi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from qimg.nets.qwen_vae import QwenVAE
+from qimg.runtime.options import SCALE, Tiling
 
-SCALE = 8  # pixels per latent, each axis (spatial compression of the Qwen-Image VAE)
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """Tile size and overlap in pixels (multiples of 8, so that tiles fall on whole latents)."""
-
-    tile: int = 512
-    overlap: int = 64
-
-    def __post_init__(self) -> None:
-        # ValueError, not a QimgError: runtime/ imports only torch and the nets. qimg.roundtrip.make_tiling turns
-        # these into InputError for the CLI; the messages are written for people either way.
-        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < SCALE:
-            raise ValueError(f"tile size {self.tile!r} px is too small: use at least {SCALE} px (e.g. 512)")
-        if self.tile % SCALE:
-            raise ValueError(f"tile size {self.tile} px is not a multiple of {SCALE} (the VAE's latent grid); "
-                             f"try {self.tile // SCALE * SCALE or SCALE}")
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 0:
-            raise ValueError(f"tile overlap {self.overlap!r} px must be 0 or more")
-        if self.overlap % SCALE:
-            raise ValueError(f"tile overlap {self.overlap} px is not a multiple of {SCALE} (the VAE's latent grid)")
-        if self.overlap >= self.tile:
-            raise ValueError(f"tile overlap {self.overlap} px must be smaller than the tile size {self.tile} px")
+__all__ = ["SCALE", "Tiling", "axis_weights", "decode_tiled", "encode_tiled", "tile_spans"]
 
 
 def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
@@ -90,25 +67,34 @@ def _grid(h: int, w: int, tile: int, overlap: int, scale: int, device: torch.dev
     return ys, xs, axis_weights(ys, scale, device), axis_weights(xs, scale, device)
 
 
+def _factor(vae: Any, tiling: Tiling) -> int:
+    """The VAE's pixels per latent; tiles must fall on whole latents of it."""
+    f = int(vae.scale_factor)
+    if tiling.tile % f or tiling.overlap % f:
+        raise ValueError(f"tile size and overlap must be multiples of {f} px for this VAE")
+    return f
+
+
 @torch.no_grad()
-def decode_tiled(vae: QwenVAE, z: Tensor, tiling: Tiling) -> Tensor:
+def decode_tiled(vae: Any, z: Tensor, tiling: Tiling) -> Tensor:
     """Raw latents (B, z_dim, h, w) -> image (B, C, 8h, 8w) in [-1, 1], decoded one latent tile at a time.
 
     Peak memory is one tile's activations plus the fp32 output (12 bytes per pixel at batch 1).
     """
-    tile, overlap = tiling.tile // SCALE, tiling.overlap // SCALE  # latent units
+    f = _factor(vae, tiling)
+    tile, overlap = tiling.tile // f, tiling.overlap // f  # latent units
     b, _, h, w = z.shape
     if h <= tile and w <= tile:
         return vae.decode(z)
-    ys, xs, wy, wx = _grid(h, w, tile, overlap, SCALE, z.device)
+    ys, xs, wy, wx = _grid(h, w, tile, overlap, f, z.device)
     out = None
     for (y0, y1), wy_i in zip(ys, wy, strict=True):
         for (x0, x1), wx_j in zip(xs, wx, strict=True):
             # Unclamped tiles: the clamp is applied once to the blend, as the untiled decode clamps its output.
-            part = vae.decoder(vae.post_quant_conv(z[:, :, y0:y1, x0:x1]))  # (B, C, 8th, 8tw)
+            part = vae.decode_unclamped(z[:, :, y0:y1, x0:x1])  # (B, C, 8th, 8tw)
             if out is None:  # allocated once the channel count is known
-                out = torch.zeros(b, part.shape[1], h * SCALE, w * SCALE, device=z.device, dtype=torch.float32)
-            region = out[:, :, y0 * SCALE : y1 * SCALE, x0 * SCALE : x1 * SCALE]
+                out = torch.zeros(b, part.shape[1], h * f, w * f, device=z.device, dtype=torch.float32)
+            region = out[:, :, y0 * f : y1 * f, x0 * f : x1 * f]
             region.addcmul_(part.float(), wy_i[:, None] * wx_j[None, :])
             del part
     assert out is not None
@@ -116,24 +102,25 @@ def decode_tiled(vae: QwenVAE, z: Tensor, tiling: Tiling) -> Tensor:
 
 
 @torch.no_grad()
-def encode_tiled(vae: QwenVAE, x: Tensor, tiling: Tiling) -> tuple[Tensor, Tensor]:
+def encode_tiled(vae: Any, x: Tensor, tiling: Tiling) -> tuple[Tensor, Tensor]:
     """Image (B, C, H, W) in [-1, 1], H and W multiples of 8 -> (mean, logvar) (B, z_dim, H/8, W/8), by pixel tiles.
 
     Both moments are blended with the same weights (over tiling.overlap / 8 latents), as diffusers blends them.
     """
+    f = _factor(vae, tiling)
     b, _, h, w = x.shape
-    if h % SCALE or w % SCALE:
-        raise ValueError(f"tiled encode needs a height and width that are multiples of {SCALE}, got {h}x{w}")
+    if h % f or w % f:
+        raise ValueError(f"tiled encode needs a height and width that are multiples of {f}, got {h}x{w}")
     if h <= tiling.tile and w <= tiling.tile:
         return vae.encode(x)
     # Tile spans in latent units: tile, overlap and the image are multiples of 8, so every start is too.
-    ys, xs, wy, wx = _grid(h // SCALE, w // SCALE, tiling.tile // SCALE, tiling.overlap // SCALE, 1, x.device)
+    ys, xs, wy, wx = _grid(h // f, w // f, tiling.tile // f, tiling.overlap // f, 1, x.device)
     mean = logvar = None
     for (y0, y1), wy_i in zip(ys, wy, strict=True):
         for (x0, x1), wx_j in zip(xs, wx, strict=True):
-            m, lv = vae.encode(x[:, :, y0 * SCALE : y1 * SCALE, x0 * SCALE : x1 * SCALE])  # (B, z, th, tw)
+            m, lv = vae.encode(x[:, :, y0 * f : y1 * f, x0 * f : x1 * f])  # (B, z, th, tw)
             if mean is None or logvar is None:
-                shape = (b, m.shape[1], h // SCALE, w // SCALE)
+                shape = (b, m.shape[1], h // f, w // f)
                 mean = torch.zeros(shape, device=x.device, dtype=torch.float32)
                 logvar = torch.zeros(shape, device=x.device, dtype=torch.float32)
             weight = wy_i[:, None] * wx_j[None, :]

@@ -74,16 +74,23 @@ class FakePipeline:
         }
         return [image]
 
+    def run(self, job: qimg.Job, progress: Any = None, **_: Any) -> list[Any]:
+        images = self.generate(request=job.request, progress=progress, **job.inputs)
+        images[0].info["qimg"].update(job.extra)
+        return images
+
 
 @pytest.fixture
 def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[FakePipeline]:
     """Replace qimg.load with one that returns FakePipelines; the list collects them for inspection."""
     made: list[FakePipeline] = []
 
-    def load(model: Any, *, device: str | None = None, dtype: str | None = None, **options: Any) -> Any:
-        made.append(FakePipeline(model, device, dtype))
+    def load(model: Any, options: qimg.RuntimeOptions | None = None, *, shape: Any = None, **overrides: Any) -> Any:
+        options = (options or qimg.RuntimeOptions()).replace(**overrides)
+        made.append(FakePipeline(model, options.device, options.dtype))
         made[-1].options = options  # vae_tiling, attention, compile, fp8: the runtime features asked for
-        made[-1].vae_tiling = options.get("vae_tiling")
+        made[-1].shape = shape
+        made[-1].vae_tiling = options.vae_tiling
         return made[-1]
 
     monkeypatch.setattr(qimg, "load", load)

@@ -115,7 +115,7 @@ def test_failing_lines_are_reported_and_the_batch_goes_on(runner, fake_model, pr
                 raise qimg.QimgError("the sampler produced NaN or infinite values", hint="use float32")
             return super().generate(request=request, progress=progress, **inputs)
 
-    monkeypatch.setattr(qimg, "load", lambda model, **kw: NaNOnBirds(model, kw.get("device"), kw.get("dtype")))
+    monkeypatch.setattr(qimg, "load", lambda model, options=None, **kw: NaNOnBirds(model, None, None))
     out = tmp_path / "out"
     result = _batch(runner, fake_model, prompts, out, "--json")
     assert result.exit_code == 1, result.output
@@ -187,7 +187,7 @@ def test_sigterm_during_a_batch_exits_130(runner, fake_model, prompts, tmp_path,
                 os.kill(os.getpid(), signal.SIGTERM)  # handled as Ctrl-C: nothing of this image is written
             return super().generate(request=request, progress=progress, **inputs)
 
-    monkeypatch.setattr(qimg, "load", lambda model, **kw: TermOnSecond(model, None, None))
+    monkeypatch.setattr(qimg, "load", lambda model, options=None, **kw: TermOnSecond(model, None, None))
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "out"
     result = _batch(runner, fake_model, prompts, out)

@@ -60,12 +60,10 @@ def test_runtime_options_reach_the_loader(runner: CliRunner, fake_model: Path, o
     result = _run(runner, fake_model, out_dir / "b.png", "--attention", "sdpa", "--compile", "--fp8", "compute",
                   "--offload", "layer", "--vram-budget", "8", "--text-encoder-device", "cpu")
     assert result.exit_code == 0, result.output
-    assert fake_load[0].options == {
-        "vae_tiling": None, "attention": "auto", "compile": False, "fp8": None, "offload": "auto",
-        "vram_budget": None, "text_encoder_device": None,
-        "plan_for": {"width": 1024, "height": 1024, "cfg": True, "ref_pixels": 0, "text_encoder": True}}
+    assert fake_load[0].options == qimg.RuntimeOptions()
+    assert fake_load[0].shape == qimg.RequestShape(1024, 1024, cfg=True, ref_pixels=0, text_encoder=True)
     keys = ("attention", "compile", "fp8", "offload", "vram_budget", "text_encoder_device")
-    assert {k: fake_load[1].options[k] for k in keys} == {
+    assert {k: getattr(fake_load[1].options, k) for k in keys} == {
         "attention": "sdpa", "compile": True, "fp8": "compute", "offload": "layer", "vram_budget": 8.0,
         "text_encoder_device": "cpu"}
     for flags in (("--fp8", "int4"), ("--offload", "disk"), ("--vram-budget", "0"), ("--text-encoder-device", "tpu")):

@@ -97,6 +97,22 @@ def test_roundtrip_writes_png_and_latents(runner: CliRunner, app, model: Path, p
     assert sorted(p.name for p in out_dir.iterdir()) == ["rt.png", "z.safetensors"]
 
 
+def test_only_what_is_over_a_multiple_of_8_is_cropped(runner: CliRunner, app, model: Path, out_dir: Path,
+                                                       tmp_path: Path) -> None:
+    from skimage import data
+
+    picture = tmp_path / "odd.png"
+    Image.fromarray(data.astronaut()).resize((203, 201), Image.BICUBIC).save(picture)
+    out = out_dir / "rt.png"
+    result = _run(runner, app, str(picture), "-o", str(out), "--model", str(model), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[1].startswith("note: cropped 203x201 to 200x200 (left 1, right 2, top 0, bottom 1 px)")
+    assert lines[2] == "200x200 on cpu (float32, untiled)"
+    with Image.open(out) as im:
+        assert im.size == (200, 200)
+
+
 def test_tiled_quiet_and_model_from_env(runner: CliRunner, app, model: Path, picture: Path, out_dir: Path) -> None:
     out = out_dir / "rt.png"
     result = _run(runner, app, str(picture), "-o", str(out), "--tile-size", "32", "--tile-overlap", "16", "-q",

@@ -242,13 +242,13 @@ def test_encoder_refuses_a_placeholder_count_mismatch(encoder, tokenizer, image_
 
 
 def test_edit_specs():
-    for name, repo, cls, family in [
-        ("qwen-image-edit", "Qwen/Qwen-Image-Edit", "QwenImageEditPipeline", "qwen-image-edit"),
-        ("qwen-image-edit-2509", "Qwen/Qwen-Image-Edit-2509", "QwenImageEditPlusPipeline", "qwen-image-edit-plus"),
-        ("qwen-image-edit-2511", "Qwen/Qwen-Image-Edit-2511", "QwenImageEditPlusPipeline", "qwen-image-edit-plus"),
+    for name, repo, cls in [
+        ("qwen-image-edit", "Qwen/Qwen-Image-Edit", "QwenImageEditPipeline"),
+        ("qwen-image-edit-2509", "Qwen/Qwen-Image-Edit-2509", "QwenImageEditPlusPipeline"),
+        ("qwen-image-edit-2511", "Qwen/Qwen-Image-Edit-2511", "QwenImageEditPlusPipeline"),
     ]:
         spec = SPECS[name]
-        assert (spec.pipeline_class, spec.family, spec.repos["hf"], ALIASES[repo]) == (cls, family, repo, name)
+        assert (spec.pipeline_class, spec.family, spec.repos["hf"], ALIASES[repo]) == (cls, "qwen-image", repo, name)
         assert (spec.task, spec.steps, spec.cfg, spec.negative) == ("edit", 50, 4.0, " ")
     assert SPEC_BY_PIPELINE_CLASS["QwenImageEditPipeline"] == "qwen-image-edit"
     assert SPEC_BY_PIPELINE_CLASS["QwenImageEditPlusPipeline"] == "qwen-image-edit-2509"
@@ -262,7 +262,7 @@ def test_edit_specs():
 @pytest.mark.parametrize(
     "variant,spec,zero_cond_t",
     [("edit", "qwen-image-edit", False), ("edit-2509", "qwen-image-edit-2509", False),
-     ("edit-2511", "qwen-image-edit-2509", True)],
+     ("edit-2511", "qwen-image-edit-2511", True)],
 )
 def test_resolve_edit_layouts(tiny_edit_model, variant, spec, zero_cond_t):
     _, folder = tiny_edit_model(variant)

@@ -299,3 +299,50 @@ def test_modelscope_download_wiring(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert (kwargs["revision"], kwargs["cache_dir"]) == (None, str(modelscope_cache_dir()))
     assert (events.started, events.bytes, events.finished) == ([VAE], {VAE: 10}, [VAE])
     assert resolve_model("qwen-image").path == path.resolve()
+
+
+# --- variants told apart by their own files ------------------------------------------------------------------------
+
+
+def _local_model(root: Path, class_name: str, transformer_config: dict) -> Path:
+    """A model folder with the marker files resolve_model checks, and the given transformer/config.json."""
+    from qimg.loading.hub import COMPONENTS_BY_TASK
+
+    task = "t2i" if class_name == "QwenImagePipeline" else "edit"
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    for component, marker in COMPONENTS_BY_TASK[task].items():
+        (root / component).mkdir()
+        (root / component / marker).write_text("{}")
+    (root / "transformer" / "config.json").write_text(json.dumps(transformer_config))
+    return root
+
+
+@pytest.mark.parametrize(
+    "transformer_config,spec",
+    [({"_class_name": "QwenImageTransformer2DModel", "zero_cond_t": True}, "qwen-image-edit-2511"),
+     ({"_class_name": "QwenImageTransformer2DModel", "zero_cond_t": False}, "qwen-image-edit-2509"),
+     ({"_class_name": "QwenImageTransformer2DModel"}, "qwen-image-edit-2509")],
+    ids=["2511", "2509-false", "2509-absent"],
+)
+def test_an_edit_plus_folder_is_told_apart_by_its_transformer_config(tmp_path: Path, transformer_config, spec) -> None:
+    # The folder name says 2509 on purpose: only the files decide.
+    folder = _local_model(tmp_path / "Qwen-Image-Edit-2509", "QwenImageEditPlusPipeline", transformer_config)
+    ref = resolve_model(str(folder))
+    assert (ref.spec.name, ref.name) == (spec, str(folder))
+    assert ref.chosen_by.startswith("model_index.json QwenImageEditPlusPipeline")
+    assert ("transformer/config.json zero_cond_t" in ref.chosen_by) is (spec == "qwen-image-edit-2511")
+
+
+def test_qwen_image_and_2512_folders_cannot_be_told_apart(tmp_path: Path) -> None:
+    """Their files differ only in the weights (diffusers_facts.md §1.1, §2.1, §3.1): a -2512 folder resolves to
+    qwen-image, never by its name or a hash, and says so. Harmless while the two specs run the same way."""
+    # zero_cond_t only tells Edit-Plus variants apart: here it must change nothing.
+    folder = _local_model(tmp_path / "Qwen-Image-2512", "QwenImagePipeline", {"zero_cond_t": True})
+    ref = resolve_model(str(folder))
+    assert ref.spec.name == "qwen-image"
+    assert ref.chosen_by.startswith("model_index.json QwenImagePipeline") and "qwen-image-2512" in ref.chosen_by
+    from dataclasses import replace
+
+    same = replace(SPECS["qwen-image-2512"], name="qwen-image", repos=SPECS["qwen-image"].repos)
+    assert same == SPECS["qwen-image"], "-2512 now runs differently: a folder of it must not resolve to qwen-image"

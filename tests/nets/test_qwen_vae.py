@@ -176,3 +176,38 @@ def test_misshapen_gamma_is_rejected(tiny_vae_dir: tuple[Path, nn.Module], tmp_p
     with pytest.raises(CheckpointError, match="wrong shape") as info:
         load_qwen_vae(folder, device="cpu", dtype=torch.float32)
     assert key in str(info.value)
+
+
+FLASH_MAX_HEAD_DIM = 256  # the largest head dim FlashAttention-2 and -3 kernels take
+
+
+def _flash_like(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A stand-in for flash-attn behind the engine's attention switch: refuses head dims it has no kernel for."""
+    from qimg.nets import layers
+
+    if q.shape[-1] > FLASH_MAX_HEAD_DIM:
+        raise RuntimeError(f"FlashAttention forward only supports head dimension at most 256, got {q.shape[-1]}")
+    return layers.sdpa(q, k, v, mask)
+
+
+@torch.no_grad()
+def test_vae_attention_does_not_go_through_the_engine_switch() -> None:
+    """The VAE's single head is 384 wide at full size, past flash-attn's 256: with a flash-like kernel installed
+    (as --attention flash or auto does), encode and decode still run, bit-identical to plain SDPA."""
+    from qimg.nets import layers
+
+    # Mid-block width 8 * 36 = 288: one head wider than 256, at a few million parameters.
+    vae = randomize_(QwenVAE(QwenVAEParams(base_dim=8, dim_mult=(1, 1, 1, 36), num_res_blocks=1)), seed=6).eval()
+    assert vae.decoder.mid_block.attentions[0].proj.in_channels > FLASH_MAX_HEAD_DIM
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(1, 3, 24, 32, generator=gen) * 2 - 1
+    z = torch.randn(1, 16, 3, 4, generator=gen)
+
+    previous = layers.set_attention_impl(layers.sdpa)
+    try:
+        expected = vae.encode(x)[0], vae.decode(z)
+        layers.set_attention_impl(_flash_like)
+        got = vae.encode(x)[0], vae.decode(z)
+    finally:
+        layers.set_attention_impl(previous)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

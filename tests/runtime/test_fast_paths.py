@@ -8,12 +8,13 @@ import torch
 import qimg
 from qimg.embeddings import PromptEmbeds
 from qimg.errors import InputError
+from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers
 from qimg.nets import layers
 from qimg.nets.qwen_mmdit import QwenMMDiT
 from qimg.pipelines.qwen import qwen_velocity
 from qimg.runtime.attention import use_attention
 from qimg.runtime.compile import compile_blocks
-from qimg.runtime.fp8 import FP8Linear, apply_fp8, quantize_rowwise, qwen_mmdit_fp8_layers
+from qimg.runtime.fp8 import FP8Linear, apply_fp8, quantize_rowwise
 from qimg.specs import QwenMMDiTParams
 from tests.fixtures import randomize_
 
@@ -73,7 +74,7 @@ def test_compiled_blocks_equal_eager(model):
     x, sigma = torch.randn(1, 12, 64), torch.tensor(0.3)
     with torch.no_grad():
         eager = qwen_velocity(model, torch.float32, cond, None, 1.0, [(1, 3, 4)])(x, sigma)
-        compile_blocks(model)
+        compile_blocks(model.transformer_blocks)
         compiled = qwen_velocity(model, torch.float32, cond, None, 1.0, [(1, 3, 4)])(x, sigma)
     assert _rel(compiled, eager) < 1e-5
 
@@ -136,5 +137,6 @@ def test_missing_attention_kernel_is_a_clear_error(tiny_qwen):
     except ImportError:
         with pytest.raises(InputError, match="flash-attn"):
             qimg.load(tiny_qwen, device="cpu", attention="flash")
-    with pytest.raises(InputError, match="unknown attention backend"):
+    # A bad option value is a usage error (exit 2), checked by RuntimeOptions before anything loads.
+    with pytest.raises(qimg.UsageError, match="unknown attention backend"):
         qimg.load(tiny_qwen, device="cpu", attention="fastest")

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers
 from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope
-from qimg.runtime.fp8 import apply_fp8, qwen_mmdit_fp8_layers
+from qimg.runtime.fp8 import apply_fp8
 from qimg.runtime.offload import HostCopy, Offloaded, Residency, module_tensors, prepare_blocks
 from qimg.specs import QwenMMDiTParams
 from tests.fixtures import randomize_
@@ -160,3 +161,31 @@ def test_prepare_blocks_runs_per_block_and_packs_what_is_not_kept():
     packed = {t.data_ptr() for t in module_tensors(model.transformer_blocks[2])}
     host = copies[2].host
     assert all(host.data_ptr() <= p < host.data_ptr() + copies[2].nbytes for p in packed)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_repack_after_a_block_changes_streams_the_new_weights(on_device):
+    """A block whose weights change after packing (a merged LoRA, a swapped module) streams its new weights
+    once repacked, whether the change happened in host memory or on the device."""
+    model, changed = _model(), _model()
+    to_q = randomize_(nn.Linear(TINY.dim, TINY.dim), 9).requires_grad_(False)
+    with torch.no_grad():
+        for i in (0, 2):  # 0 stays resident (its weights sit in the device buffer while on the device)
+            changed.transformer_blocks[i].img_mlp.net[2].weight.mul_(1.5)
+        changed.transformer_blocks[1].attn.to_q = to_q
+    expected = _forward(changed)
+    off = Offloaded(model, CPU, model.transformer_blocks, slots=2)
+    off.stream([1, 2])
+    if on_device:
+        off.to_device()
+    with torch.no_grad():
+        for i in (0, 2):
+            model.transformer_blocks[i].img_mlp.net[2].weight.mul_(1.5)
+        model.transformer_blocks[1].attn.to_q = nn.Linear(TINY.dim, TINY.dim).requires_grad_(False)
+        model.transformer_blocks[1].attn.to_q.load_state_dict(to_q.state_dict())
+    off.repack([0, 1, 2])
+    off.to_device()
+    assert off.on_device and torch.equal(_forward(model), expected)
+    off.off_device()
+    off.to_device()  # the new host copies are the ones every later upload reads
+    assert torch.equal(_forward(model), expected)

@@ -37,9 +37,7 @@ def run_prompt_file(
     overwrite: bool,
     fail_fast: bool,
     json_out: bool,
-    device: str | None,
-    dtype: str | None,
-    runtime: dict[str, Any],
+    runtime: qimg.RuntimeOptions,
     verbose: bool = False,
 ) -> None:
     """Check the whole file and plan every output, load the model once (only if something is left to do), run."""
@@ -52,7 +50,7 @@ def run_prompt_file(
     source = "<stdin>" if str(prompts) == "-" else str(prompts)
     plan = qimg.plan_batch(
         ref, lines, folder, source=source, name_template=name_template, seed=seed, overwrite=overwrite,
-        defaults=defaults, dtype=dtype,
+        defaults=defaults, dtype=runtime.dtype,
     )
     for item in plan.items:
         for note in item.notes:
@@ -61,15 +59,11 @@ def run_prompt_file(
              f"{len(plan.skipped)} already done")
     started = time.perf_counter()
 
-    todo = [item.request for item in plan.todo] or [item.request for item in plan.items]
-    # The memory plan fits the largest image of the batch (re-planned per image if one is larger).
-    plan_for = {"width": max(r.width for r in todo), "height": max(r.height for r in todo),
-                "cfg": any(r.cfg_enabled for r in todo)}
 
     def load() -> Any:
         load_started = time.perf_counter()
         with out.status(f"loading {ref.name}"):
-            pipe = qimg.load(ref, device=device, dtype=dtype, plan_for=plan_for, **runtime)
+            pipe = qimg.load(ref, runtime, shape=plan.shape)
         out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - load_started:.1f} s")
         if verbose:
             show_plan(out, pipe)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 import qimg
-from qimg.cli.commands.generate import check_prompt_source, read_prompt_embeds, run_and_save
+from qimg.cli.commands.generate import run_and_save
 from qimg.cli.options import (
     FP8,
     MODEL_ENV,
@@ -98,27 +97,11 @@ def edit(
     """
     out = Output(quiet=quiet)
     model = require_model(model)
-    check_prompt_source(prompt, prompt_embeds, negative)
+    runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
+                              vram_budget, text_encoder_device)
     path = qimg.check_output_path(output, overwrite=overwrite)
-    runtime = runtime_options(tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload, vram_budget,
-                              text_encoder_device)
-    ref = qimg.resolve_model(model)
-    if ref.spec.task != "edit":
-        raise qimg.UsageError(f"{model} is a text-to-image model", hint="use qimg generate, or an edit model here")
-    pictures = [qimg.open_image(p, "input image") for p in image]
-    inputs: dict = {"images": pictures, "keep_size": keep_size}
-    extra: dict = {"images": [str(p) for p in image]}
-    if prompt_embeds is not None:
-        prompt, negative = read_prompt_embeds(prompt_embeds, inputs, extra)
-    request, notes = qimg.make_request(
-        ref.spec, prompt or "", negative=negative, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
-        init_size=pictures[-1].size,
-    )
-    if prompt_embeds is not None and inputs["embeddings"].uncond is None:
-        request = dataclasses.replace(request, negative=None)
-    size, first = (request.width, request.height), pictures[0].size
-    if size != first:
-        notes.append(f"generating {size[0]}x{size[1]}, resampled to the input's {first[0]}x{first[1]}" if keep_size
-                     else f"output is {size[0]}x{size[1]}, input is {first[0]}x{first[1]} (--keep-size to match)")
-    run_and_save(out, ref, request, notes, "edit", inputs, extra, path, device=device, dtype=dtype,
-                 runtime=runtime, overwrite=overwrite, verbose=verbose)
+    options = dict(prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
+                   height=height)
+    job = qimg.prepare_edit(model, prompt, image, keep_size=keep_size,
+                            **{k: v for k, v in options.items() if v is not None})
+    run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, verbose=verbose)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -199,71 +198,27 @@ def generate(
     """
     out = Output(quiet=quiet)
     check_sources(prompt, prompts, prompt_embeds, from_image, init_image, strength, mask)
-    runtime = runtime_options(tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload, vram_budget,
-                              text_encoder_device)
+    runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
+                              vram_budget, text_encoder_device)
     if prompts is not None:
         run_prompt_file(
             out, prompts=prompts, prompts_format=prompts_format, folder=output, model=require_model(model),
             name_template=name_template, seed=seed,
             defaults={"negative": negative, "steps": steps, "cfg": cfg, "width": width, "height": height},
-            overwrite=overwrite, fail_fast=fail_fast, json_out=json_out, device=device,
-            dtype=dtype.value if dtype else None, runtime=runtime, verbose=verbose,
+            overwrite=overwrite, fail_fast=fail_fast, json_out=json_out, runtime=runtime, verbose=verbose,
         )
         return
-    max_sequence_length = None
-    no_negative = False  # replaying an image made without a negative prompt (saved embeddings without one)
+    args = dict(prompt=prompt, prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg,
+                width=width, height=height, init_image=init_image, mask=mask, strength=strength)
     if from_image is not None:
-        stored = qimg.read_params(from_image)
-        if not stored:
-            raise qimg.QimgError(f"{from_image} carries no qimg parameters", hint="only PNGs written by qimg replay")
-        if prompt is None and prompt_embeds is None and not stored.get("prompt"):
-            raise qimg.QimgError(f"{from_image} holds no prompt to replay", hint="it was not made by qimg generate")
-        if not _on_command_line(ctx, "model") and stored.get("model"):
-            model = str(stored["model"])  # the stored model beats QIMG_MODEL: a replay should be the same image
-        if prompt is None and prompt_embeds is None:
-            prompt = stored.get("prompt")
-        if negative is None and prompt_embeds is None:
-            negative = stored.get("negative")
-            no_negative = "negative" in stored and stored["negative"] is None
-        seed = stored.get("seed") if seed is None else seed
-        steps = stored.get("steps") if steps is None else steps
-        cfg = stored.get("cfg") if cfg is None else cfg
-        width = stored.get("width") if width is None else width
-        height = stored.get("height") if height is None else height
-        max_sequence_length = stored.get("max_sequence_length")
-        init_image = Path(stored["init_image"]) if init_image is None and stored.get("init_image") else init_image
-        mask = Path(stored["mask"]) if mask is None and stored.get("mask") else mask
-        strength = stored.get("strength") if strength is None and init_image is not None else strength
-    model = require_model(model)
-    check_prompt_source(prompt, prompt_embeds, negative)
+        given = model if _on_command_line(ctx, "model") else None  # the stored model beats QIMG_MODEL
+        args = qimg.replay(from_image, model=given, default_model=model, **args)
+    else:
+        args["model"] = require_model(model)
     # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
     path = qimg.check_output_path(output, overwrite=overwrite)
-    ref = _resolve(model, from_image if not _on_command_line(ctx, "model") else None)
-    if ref.spec.task != "t2i":
-        raise qimg.UsageError(f"{model} is an edit model", hint="use: qimg edit PROMPT -i IMAGE -o OUT.png")
-    inputs: dict = {}
-    extra: dict = {}
-    if prompt_embeds is not None:
-        prompt, negative = read_prompt_embeds(prompt_embeds, inputs, extra)
-    if init_image is not None:
-        inputs["init_image"] = qimg.open_image(init_image, "init image")
-        extra.update(init_image=str(init_image))
-        strength = 0.6 if strength is None else strength
-    if mask is not None:
-        inputs["mask"] = qimg.open_image(mask, "mask")
-        extra["mask"] = str(mask)
-    request, notes = qimg.make_request(
-        ref.spec, prompt or "", negative=negative, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
-        strength=strength, init_size=inputs["init_image"].size if init_image is not None else None,
-        max_sequence_length=max_sequence_length,
-    )
-    if no_negative or (prompt_embeds is not None and inputs["embeddings"].uncond is None):
-        request = dataclasses.replace(request, negative=None)  # saved without a negative: CFG cannot run
-    if init_image is not None and (request.width, request.height) != inputs["init_image"].size:
-        w, h = inputs["init_image"].size
-        notes.append(f"init image is {w}x{h}; generating {request.width}x{request.height}")
-    run_and_save(out, ref, request, notes, "generate", inputs, extra, path, device=device, dtype=dtype,
-                 runtime=runtime, overwrite=overwrite, json_out=json_out, verbose=verbose)
+    job = qimg.prepare_generate(**{k: v for k, v in args.items() if v is not None})
+    run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, json_out=json_out, verbose=verbose)
 
 
 def check_sources(
@@ -275,7 +230,8 @@ def check_sources(
     strength: float | None,
     mask: Path | None,
 ) -> None:
-    """PROMPT, --prompts and --prompt-embeds exclude each other; --from fills in what is missing."""
+    """PROMPT, --prompts and --prompt-embeds exclude each other; --from fills in what is missing (the rest is
+    checked by qimg.prepare_generate)."""
     if prompt is None and prompts is None and prompt_embeds is None and from_image is None:
         raise qimg.UsageError("give PROMPT, --prompts FILE, --prompt-embeds FILE or --from IMAGE",
                               hint='e.g. qimg generate "a red fox" -o fox.png')
@@ -286,8 +242,6 @@ def check_sources(
         if others:
             raise qimg.UsageError(f"--prompts cannot be combined with {others[0]}",
                                   hint="per-line values go into the prompt file (negative, seed, steps, cfg, size)")
-    elif init_image is None and from_image is None and (strength is not None or mask is not None):
-        raise qimg.UsageError("--strength and --mask need --init-image", hint="add --init-image PICTURE")
 
 
 def _on_command_line(ctx: Any, name: str) -> bool:
@@ -296,76 +250,33 @@ def _on_command_line(ctx: Any, name: str) -> bool:
     return getattr(source, "name", "") == "COMMANDLINE"
 
 
-def _resolve(model: str, replayed_from: Path | None) -> qimg.ModelRef:
-    """resolve_model, saying where the model came from when --from chose it (a path from another machine)."""
-    try:
-        return qimg.resolve_model(model)
-    except qimg.QimgError as e:
-        if replayed_from is None:
-            raise
-        raise type(e)(f"{e.message} (the model recorded in {replayed_from})",
-                      hint="pass --model to replay it with another copy of the model") from None
-
-
-def check_prompt_source(prompt: str | None, prompt_embeds: Path | None, negative: str | None) -> None:
-    """Exactly one of PROMPT and --prompt-embeds; saved embeddings already hold their negative prompt."""
-    if (prompt is None) == (prompt_embeds is None):
-        raise qimg.UsageError("give either PROMPT or --prompt-embeds", hint="qimg encode-prompt makes the file")
-    if prompt_embeds is not None and negative is not None:
-        raise qimg.UsageError(
-            "--negative cannot change saved embeddings", hint="pass it to qimg encode-prompt instead"
-        )
-
-
-def read_prompt_embeds(path: Path, inputs: dict, extra: dict) -> tuple[str, str | None]:
-    """Load --prompt-embeds into the call's inputs; returns the prompt and negative it was made from."""
-    inputs["embeddings"] = qimg.load_embeddings(path)
-    extra["prompt_embeds"] = str(path)
-    meta = inputs["embeddings"].meta
-    return str(meta.get("prompt", "")), meta.get("negative")
-
-
 def run_and_save(
     out: Output,
-    ref: qimg.ModelRef,
-    request: qimg.GenerateRequest,
-    notes: list[str],
-    method: str,
-    inputs: dict,
-    extra: dict,
+    job: qimg.Job,
     path: Path,
     *,
-    device: str | None,
-    dtype: DType | None,
-    runtime: dict[str, Any],
+    runtime: qimg.RuntimeOptions,
     overwrite: bool,
     json_out: bool = False,
     verbose: bool = False,
 ) -> None:
     """The part every image command shares: say what will run, load, denoise with a bar, write the PNG."""
-    for note in notes:
+    for note in job.notes:
         out.warn(note)
-    out.info(f"seed: {request.seed}")  # always: a random seed is otherwise lost with the terminal
-    out.info(cfg_summary(request))
+    out.info(f"seed: {job.request.seed}")  # always: a random seed is otherwise lost with the terminal
+    out.info(cfg_summary(job.request))
     started = time.perf_counter()
     # SIGTERM as Ctrl-C: save_png's cleanup then runs, so a killed run leaves no temporary file.
     with qimg.catch_signals():
-        images = inputs.get("images", [])
-        plan_for = {"width": request.width, "height": request.height, "cfg": request.cfg_enabled,
-                    "ref_pixels": ref.spec.vae_image_area * len(images) if images else 0,
-                    "text_encoder": "embeddings" not in inputs}
-        with out.status(f"loading {ref.name}"):
-            pipe = qimg.load(ref, device=device, dtype=dtype.value if dtype else None, plan_for=plan_for, **runtime)
-        pipe.keep_text_encoder = False  # one image: its prompts are encoded once, then the memory is free
-        out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
+        with out.status(f"loading {job.ref.name}"):
+            pipe = qimg.load(job.ref, runtime, shape=job.shape)
+        out.info(f"loaded {job.ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
         if verbose:
             show_plan(out, pipe)
         with out.steps("denoising") as progress:
-            images = getattr(pipe, method)(request=request, progress=progress, **inputs)
-        params = images[0].info.setdefault("qimg", {})
-        params.update(extra)
+            images = pipe.run(job, progress)
+        params = images[0].info.get("qimg", {})
         qimg.save_png(images[0], path, overwrite=overwrite)
-    out.info(f"wrote {path} (seed {request.seed}, {time.perf_counter() - started:.1f} s)")
+    out.info(f"wrote {path} (seed {job.request.seed}, {time.perf_counter() - started:.1f} s)")
     if json_out:
         typer.echo(json.dumps({"event": "written", "path": str(path), **params}, ensure_ascii=False))
-

@@ -71,9 +71,9 @@ def roundtrip(
 ) -> None:
     """Encode an image with the model's VAE and decode it again.
 
-    The image is center-cropped by a few pixels to multiples of 16 if needed (nothing is resampled). Prints
-    PSNR and SSIM of the result against the (cropped) input and the encode and decode times; writes the
-    decoded PNG with those figures in its metadata.
+    The image is center-cropped by the few pixels over a multiple of 8 if needed (nothing is resampled).
+    Prints PSNR and SSIM of the result against the (cropped) input and the encode and decode times; writes
+    the decoded PNG with those figures in its metadata.
     """
     out = Output(quiet=quiet)
     model = require_model(model)

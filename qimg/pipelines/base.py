@@ -1,0 +1,356 @@
+"""What every family's pipeline shares: runtime checks on the device, loading by a memory plan (the denoiser
+block by block, the VAE, the schedule; the text encoder on first use), run phases, re-planning per request
+shape, the VAE ends of a run, the one-line out-of-memory error, and the public generate / edit / run calls.
+
+A family's pipeline subclasses Pipeline and supplies its prompt encoder and its two denoising runs
+(`denoise_image`: text to image, img2img, inpaint; `denoise_edit`: with reference images).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import gc
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from qimg.embeddings import EmbeddingsFile, PromptEmbeds
+from qimg.errors import GPUMemoryError, InputError, NumericsError
+from qimg.loading import components
+from qimg.loading.hub import ModelRef
+from qimg.pipelines import memory
+from qimg.pipelines.common import Progress, latents_to_images
+from qimg.pipelines.family import Family
+from qimg.request import DEFAULT_STRENGTH, GenerateRequest, check_task, make_request, request_shape, without_negative
+from qimg.runtime.attention import resolve as resolve_attention
+from qimg.runtime.attention import use_attention
+from qimg.runtime.compile import compile_blocks
+from qimg.runtime.devices import cuda_index, pick_device, pick_dtype
+from qimg.runtime.fp8 import fp8_supported
+from qimg.runtime.offload import Offloaded, Residency
+from qimg.runtime.options import RuntimeOptions, Tiling
+from qimg.runtime.planner import GiB, MemoryPlan, Needs, PlanError, RequestShape, suggest
+from qimg.runtime.tiling import decode_tiled, encode_tiled
+from qimg.sampling import FlowSchedule, unpack
+from qimg.version import __version__
+
+
+def resolve_device(options: RuntimeOptions) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype the options mean on this machine, refusing (one line each, before any weight is
+    read) what it cannot run."""
+    dev = pick_device(options.device)
+    dt = pick_dtype(options.dtype, dev)
+    if options.fp8 == "compute" and not fp8_supported(dev):
+        raise InputError(
+            f"--fp8 compute needs an FP8 GPU (Ada or Hopper, compute capability 8.9+); {dev} has none",
+            hint="use --fp8 weights (FP8 storage, bf16 compute) or leave FP8 off",
+        )
+    try:
+        resolve_attention(options.attention, dev)
+    except (ValueError, ImportError) as e:
+        raise InputError(str(e), hint="--attention sdpa works everywhere") from e
+    if dev.type != "cuda" and (options.offload in ("model", "layer") or options.vram_budget is not None):
+        raise InputError(f"--offload {options.offload} and --vram-budget manage GPU memory; the device is {dev}",
+                         hint="leave them off on the CPU, or pass --device cuda")
+    if dev.type != "cuda" and options.text_encoder_device == "cuda":
+        raise InputError("--text-encoder-device cuda needs a CUDA device", hint="pass --device cuda")
+    return dev, dt
+
+
+def fitting_flags(fp8: str | None) -> str:
+    hints = ["a larger --vram-budget", "--offload layer"]
+    if fp8 is None:
+        hints.insert(0, "--fp8 weights")
+    return "try " + ", ".join(hints) + " or a smaller --width/--height"
+
+
+def check_finite(x: Tensor) -> Tensor:
+    if not bool(torch.isfinite(x).all()):
+        raise NumericsError(
+            "the sampler produced NaN or infinite values",
+            hint="float16 overflows on this model; use --dtype bfloat16 (CUDA) or float32",
+        )
+    return x
+
+
+@dataclass
+class Pipeline(abc.ABC):
+    """A loaded model of some family; build it with qimg.load(). The text encoder loads on first use, so runs
+    from saved prompt embeddings never load it."""
+
+    ref: ModelRef
+    family: Family
+    options: RuntimeOptions
+    transformer: nn.Module
+    vae: Any
+    schedule: FlowSchedule
+    prompts: Any  # the family's prompt encoder (loaded, release, check_images, check_embeddings, encode_request)
+    torch_device: torch.device
+    torch_dtype: torch.dtype
+    plan: MemoryPlan | None = None  # what stays on the GPU, what visits it per phase, what streams
+    needs: Needs | None = None
+    residency: Residency | None = None
+    transformer_offload: Offloaded | None = None
+    shape: RequestShape | None = None  # the request shape the plan was made for
+    keep_text_encoder: bool = True  # False: free it once a request's prompts are encoded
+
+    prompt_encoder: ClassVar[Any] = None  # the family's prompt encoder class: (ref, family, device, dtype, ...)
+
+    @classmethod
+    def load(cls, ref: ModelRef, family: Family, options: RuntimeOptions, shape: RequestShape | None = None
+             ) -> Pipeline:
+        """Load a model folder as a memory plan for `shape` places it, then apply the runtime features asked
+        for: the attention kernel (process-wide), FP8 linears, regional compile."""
+        dev, dt = resolve_device(options)
+        shape = shape or RequestShape()
+        root = ref.path
+        try:
+            memory.cap_process_memory(dev, options)
+            plan, needs = memory.make_plan(family, root, ref.spec.task, dev, dt, options, shape)
+        except PlanError as e:
+            raise GPUMemoryError(str(e), hint=fitting_flags(options.fp8)) from None
+        try:
+            vae = family.load_vae(root / "vae", dev, dt)
+            transformer, offloaded = memory.load_denoiser(family, root / family.denoiser_folder, dev, dt, plan,
+                                                          fp8=options.fp8)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(family, ref, dev, dt, options.fp8) from e
+        use_attention(options.attention, dev)
+        if options.compile:
+            compile_blocks(family.denoiser_blocks.modules(transformer))
+            vae.decoder.compile()
+        residency = None if offloaded is None else Residency({"transformer": offloaded}, plan.phases)
+        return cls(
+            ref=ref, family=family, options=options, transformer=transformer, vae=vae,
+            schedule=components.load_schedule(root / "scheduler"),
+            prompts=cls.prompt_encoder(ref, family, dev, dt, fp8=options.fp8, plan=plan, residency=residency),
+            torch_device=dev, torch_dtype=dt, plan=plan, needs=needs, residency=residency,
+            transformer_offload=offloaded, shape=shape,
+        )
+
+    # -- the family's part --------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def denoise_image(self, request: GenerateRequest, cond: PromptEmbeds, uncond: PromptEmbeds | None,
+                      init_image: Any, mask: Any, progress: Progress | None) -> Tensor:
+        """Packed latent tokens (1, L, 4C) for a text-to-image, img2img or inpaint request."""
+
+    @abc.abstractmethod
+    def denoise_edit(self, request: GenerateRequest, cond: PromptEmbeds, uncond: PromptEmbeds | None,
+                     images: Sequence[Any], progress: Progress | None) -> Tensor:
+        """Packed latent tokens (1, L, 4C) for an edit request with its reference images."""
+
+    @abc.abstractmethod
+    def check_embeddings(self, embeddings: EmbeddingsFile, images: Sequence[Any] = ()) -> None:
+        """Refuse saved prompt embeddings this model cannot use (another family, template, width or images)."""
+
+    # -- shared -----------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        return str(self.torch_device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
+
+    @property
+    def text_encoder_loaded(self) -> bool:
+        return self.prompts.loaded
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The VAE tiling asked for, or the default tiles when the memory plan needs them."""
+        if self.options.vae_tiling is None and self.plan is not None and self.plan.vae_tiling:
+            return Tiling()
+        return self.options.vae_tiling
+
+    def encode_prompts(
+        self, request: GenerateRequest, *, with_negative: bool = True, images: Sequence[Any] = ()
+    ) -> EmbeddingsFile:
+        """The positive and (if asked and given) negative embeddings of a request, with their provenance."""
+        return self.prompts.encode_request(request, with_negative=with_negative, images=images)
+
+    def phase(self, name: str) -> None:
+        """Enter a run phase (text, vae, denoise): under an offload plan, move components on and off the GPU."""
+        if self.residency is not None:
+            self.residency.enter(name)
+
+    def encode_image(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Pixels (B, 3, H, W) in [-1, 1] -> VAE posterior (mean, logvar) in the VAE's latent space."""
+        self.phase("vae")
+        x = x.to(self.torch_device, self.torch_dtype)
+        return self.vae.encode(x) if self.tiling is None else encode_tiled(self.vae, x, self.tiling)
+
+    def decode(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Packed latent tokens (B, L, 4C) -> images (B, 3, H, W) in [-1, 1]."""
+        self.phase("vae")
+        f = 2 * self.vae.scale_factor  # pixels per token: the VAE's factor, then 2x2 patches
+        z = self.vae.denormalize(unpack(x, 2 * (height // f), 2 * (width // f)).to(self.torch_dtype))
+        return self.vae.decode(z) if self.tiling is None else decode_tiled(self.vae, z, self.tiling)
+
+    def fit(self, shape: RequestShape) -> None:
+        """Re-plan the streamed blocks for a request shape other than the one planned for at load; the offload
+        mode chosen at load stays."""
+        if self.plan is None or self.plan.mode == "none" or self.needs is None or shape == self.shape:
+            return
+        try:
+            plan, needs = memory.make_plan(self.family, self.ref.path, self.ref.spec.task, self.torch_device,
+                                           self.torch_dtype, self.options, shape, keep=self.plan)
+        except PlanError as e:
+            raise GPUMemoryError(f"{shape.width}x{shape.height}: {e}", hint=fitting_flags(self.options.fp8)) from None
+        if self.transformer_offload is not None:
+            self.transformer_offload.stream(plan.streamed.get("transformer", ()))
+        self.plan, self.needs, self.shape = plan, needs, shape
+        if self.residency is not None:
+            self.residency.phases = plan.phases
+
+    def shape_of(self, request: GenerateRequest, n_images: int = 0, embeddings: bool = False) -> RequestShape:
+        """The memory shape of a request (edit models: its reference images at the spec's VAE area)."""
+        return request_shape(self.ref.spec, request, n_images, embeddings)
+
+    @contextlib.contextmanager
+    def _oom_as_error(self) -> Iterator[None]:
+        """A CUDA out-of-memory error becomes one line naming the flags that would fit this GPU."""
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(self.family, self.ref, self.torch_device, self.torch_dtype, self.options.fp8) from e
+
+    def _request(
+        self, prompt: str | None, embeddings: EmbeddingsFile | None, init_size: Any, img2img: bool,
+        options: dict[str, Any],
+    ) -> GenerateRequest:
+        """A request from keyword options; with saved embeddings the prompts default to the ones they hold."""
+        if embeddings is not None and prompt is None:
+            prompt = embeddings.meta.get("prompt", "")
+            options.setdefault("negative", embeddings.meta.get("negative"))
+        return make_request(self.ref.spec, prompt or "", init_size=init_size, img2img=img2img, **options)[0]
+
+    def _conditioning(
+        self, request: GenerateRequest, embeddings: EmbeddingsFile | None, images: Sequence[Any] = ()
+    ) -> tuple[GenerateRequest, PromptEmbeds, PromptEmbeds | None]:
+        """Prompt embeddings from the text encoder, or from a saved file (checked against this model)."""
+        if embeddings is None:
+            data = self.encode_prompts(request, with_negative=request.cfg_enabled, images=images)
+            if not self.keep_text_encoder:
+                self.prompts.release()
+            return request, data.cond, data.uncond
+        self.check_embeddings(embeddings, images)
+        request = without_negative(request, embeddings)
+        uncond = embeddings.uncond if request.cfg_enabled else None
+        return request, embeddings.cond.to(self.torch_device), uncond and uncond.to(self.torch_device)
+
+    def _finish(self, request: GenerateRequest, x: Tensor, started: float, **extra: Any) -> list[Any]:
+        images = latents_to_images(self.decode(x, request.height, request.width))
+        params = {
+            **request.as_dict(),
+            "cfg_enabled": request.cfg_enabled,
+            "model": self.ref.name,
+            "model_family": self.ref.spec.family,
+            "dtype": self.dtype,
+            "qimg_version": __version__,
+            **extra,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if request.guidance is None:
+            params.pop("guidance")  # families without distilled guidance record nothing about it
+        for image in images:
+            image.info["qimg"] = params
+        return images
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        request: GenerateRequest | None = None,
+        init_image: Any = None,
+        mask: Any = None,
+        embeddings: EmbeddingsFile | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> list[Any]:
+        """Text to image, or image to image with `init_image` (PIL) and options["strength"], inpainting the
+        white part of `mask` (PIL) when given. Give a prompt and options (negative, seed, steps, cfg, guidance,
+        width, height, max_sequence_length, strength), or a prepared `request`; `embeddings` (from
+        encode-prompt) replace the text encoder. Returns PIL images; image.info["qimg"] holds the parameters."""
+        check_task(self.ref.spec, self.ref.name, "t2i")
+        if mask is not None and init_image is None:
+            raise InputError("a mask needs an init image", hint="pass --init-image together with --mask")
+        if request is None:
+            init_size = None if init_image is None else init_image.size
+            request = self._request(prompt, embeddings, init_size, init_image is not None, options)
+        elif init_image is not None and request.strength is None:
+            request = dataclasses.replace(request, strength=DEFAULT_STRENGTH)
+        started = time.perf_counter()
+        with torch.inference_mode(), self._oom_as_error():
+            self.fit(self.shape_of(request, embeddings=embeddings is not None))
+            request, cond, uncond = self._conditioning(request, embeddings)
+            x = check_finite(self.denoise_image(request, cond, uncond, init_image, mask, progress))
+            return self._finish(request, x, started)
+
+    def edit(
+        self,
+        prompt: str | None = None,
+        images: Sequence[Any] = (),
+        *,
+        request: GenerateRequest | None = None,
+        keep_size: bool = False,
+        embeddings: EmbeddingsFile | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> list[Any]:
+        """Edit `images` (PIL; as many as the model takes) as the prompt says.
+
+        The output size defaults to about 1 MP at the aspect of the last image, as diffusers does; keep_size
+        resamples the result to the first image's exact size. Options as generate (no strength)."""
+        check_task(self.ref.spec, self.ref.name, "edit")
+        self.prompts.check_images(images)
+        if request is None:
+            request = self._request(prompt, embeddings, images[-1].size if images else None, False, options)
+        started = time.perf_counter()
+        with torch.inference_mode(), self._oom_as_error():
+            self.fit(self.shape_of(request, len(images), embeddings is not None))
+            request, cond, uncond = self._conditioning(request, embeddings, images)
+            x = check_finite(self.denoise_edit(request, cond, uncond, images, progress))
+            out = self._finish(request, x, started, keep_size=keep_size)
+        if keep_size and out[0].size != images[0].size:
+            from PIL import Image
+
+            info = out[0].info
+            out = [im.resize(images[0].size, Image.Resampling.LANCZOS) for im in out]
+            for im in out:
+                im.info.update(info)
+        return out
+
+    def run(self, job: Any, progress: Progress | None = None, *, keep_text_encoder: bool = False) -> list[Any]:
+        """Run a prepared job (qimg.prepare_generate / prepare_edit); the job's paths go into the metadata.
+        Unless keep_text_encoder, the text encoder is freed once the job's prompts are encoded (one image)."""
+        kept, self.keep_text_encoder = self.keep_text_encoder, keep_text_encoder
+        try:
+            images = getattr(self, job.method)(request=job.request, progress=progress, **job.inputs)
+        finally:
+            self.keep_text_encoder = kept
+        for image in images:
+            image.info.setdefault("qimg", {}).update(job.extra)
+        return images
+
+
+def out_of_memory(family: Family, ref: ModelRef, device: torch.device, dtype: torch.dtype, fp8: str | None
+                  ) -> GPUMemoryError:
+    """The one-line error for a CUDA out-of-memory: the flags the planner says fit this GPU's memory."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(cuda_index(device))
+    try:
+        needs = family.needs(ref.path, dtype, fp8 or "weights", ref.spec.task, RequestShape())
+        hint = suggest(needs, free, fp8=fp8 is not None)
+    except Exception:  # the hint is a courtesy; never let it hide the real error
+        hint = "try --offload layer --fp8 weights, --tiled-vae, or a smaller --width/--height"
+    return GPUMemoryError(f"the GPU ran out of memory ({free / GiB:.1f} GiB free on {device})", hint=hint)

@@ -1,0 +1,82 @@
+"""The family record: what the generic machinery (memory planning, block-wise loading, offload, compile, the
+VAE round trip) needs to know about one model family, as data and small functions. One instance per family
+lives in qimg/families/; nothing under runtime/ or in the generic pipeline code names a family.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from qimg.runtime.fp8 import Predicate
+
+if TYPE_CHECKING:
+    import torch
+
+    from qimg.embeddings import EmbeddingsFile
+    from qimg.runtime.planner import Needs, RequestShape
+
+
+@dataclass(frozen=True)
+class BlockLists:
+    """The repeated blocks of a network: named nn.ModuleList attributes, in the order the forward runs them
+    (FLUX.1: double-stream blocks, then single-stream ones). A block's index is its position in that order
+    across all lists; offload streams and the memory plan count blocks by it."""
+
+    names: tuple[str, ...]
+
+    @functools.cached_property
+    def _pattern(self) -> re.Pattern[str]:
+        alternatives = "|".join(re.escape(n) for n in self.names)
+        return re.compile(rf"({alternatives})\.(\d+)\.")
+
+    def key(self, name: str) -> tuple[int, int] | None:
+        """(list position, index in that list) of the block a parameter name belongs to, or None."""
+        m = self._pattern.match(name)
+        return None if m is None else (self.names.index(m.group(1)), int(m.group(2)))
+
+    def prefix(self, name: str) -> str | None:
+        """The block's module path ("transformer_blocks.3") of a parameter name, or None outside the blocks."""
+        m = self._pattern.match(name)
+        return None if m is None else m.group(0)[:-1]
+
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        """Every block of `model`, in run order."""
+        return [block for name in self.names for block in model.get_submodule(name)]
+
+    def index(self, model: nn.Module, prefix: str) -> int:
+        """The run-order index of the block at `prefix` (as `prefix()` gives it)."""
+        list_name, _, i = prefix.rpartition(".")
+        offset = sum(len(model.get_submodule(n)) for n in self.names[: self.names.index(list_name)])
+        return offset + int(i)
+
+
+# (folder, device, dtype, group=..., on_group=...) -> the network, loaded strictly (see loading.checkpoint).
+DenoiserLoader = Callable[..., nn.Module]
+# (root, dtype, fp8 mode, task, request shape) -> what a run needs on the device.
+NeedsEstimator = Callable[[Path, "torch.dtype", "str | None", str, "RequestShape"], "Needs"]
+# (ref, options, request, images, family=record) -> the prompt embeddings file, loading only the text encoder(s).
+PromptEncoderFn = Callable[..., "EmbeddingsFile"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its components and loaders, block lists, FP8 predicates, memory estimator, pipeline."""
+
+    name: str
+    pipeline: Any  # the pipeline class; Pipeline.load(ref, family, options, shape) builds one
+    denoiser_folder: str  # the component folder of the denoising network ("transformer")
+    load_denoiser: DenoiserLoader
+    denoiser_blocks: BlockLists
+    denoiser_fp8: Predicate  # which denoiser linears FP8 replaces (the rest stay in the compute dtype)
+    text_encoder_fp8: Predicate  # the same for the text encoder(s) under --fp8 weights
+    load_vae: Callable[[Path, torch.device, torch.dtype], nn.Module]  # vae/ folder -> the VAE, ready to run
+    needs: NeedsEstimator
+    encode_prompt: PromptEncoderFn
+    cfg_norm_rescale: bool = False  # true CFG keeps the conditional velocity's norm (Qwen-Image)

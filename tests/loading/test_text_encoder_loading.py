@@ -1,0 +1,86 @@
+"""text_encoder/ loading: safetensors only (a pickle is refused before anything reads it) and strict about keys."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qimg.errors import CheckpointError
+from qimg.loading.components import load_text_encoder
+from tests.fixtures import tiny_text_encoder
+
+WEIGHTS = "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """The tiny Qwen2.5-VL of tests/fixtures.py saved by transformers' own save_pretrained (safetensors)."""
+    model = tiny_text_encoder(seed=0)
+    folder = tmp_path_factory.mktemp("saved") / "text_encoder"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def _configs_only(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for config in src.glob("*.json"):
+        shutil.copy(config, dst / config.name)
+    return dst
+
+
+def test_safetensors_weights_load(saved: tuple[Path, torch.nn.Module]) -> None:
+    folder, model = saved
+    loaded = load_text_encoder(folder, device="cpu", dtype=torch.float32)
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_pickled_weights_are_refused_unread(saved, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _configs_only(saved[0], tmp_path / "text_encoder")
+    torch.save(saved[1].state_dict(), folder / "pytorch_model.bin")  # a real, loadable pickle of the same weights
+    unpickled = []
+
+    def spy(*args, **kwargs):
+        unpickled.append(args)
+        raise AssertionError("a pickle was opened")
+
+    monkeypatch.setattr(torch, "load", spy)
+    monkeypatch.setattr(pickle, "load", spy)
+    with pytest.raises(CheckpointError, match="never unpickles") as info:
+        load_text_encoder(folder, device="cpu", dtype=torch.float32)
+    assert str(folder) in str(info.value) and "pytorch_model.bin" in str(info.value)
+    assert "\n" not in str(info.value) and "safetensors" in (info.value.hint or "")
+    assert unpickled == []
+
+
+def test_an_unexpected_tensor_is_an_error(saved, tmp_path: Path) -> None:
+    folder = _configs_only(saved[0], tmp_path / "text_encoder")
+    state = load_file(str(saved[0] / WEIGHTS))
+    key = "model.layers.0.mlp.extra.weight"
+    state[key] = torch.zeros(2)
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"^text_encoder/ weights .*match the network: 1 unexpected \(") as info:
+        load_text_encoder(folder, device="cpu", dtype=torch.float32)
+    assert "extra.weight" in str(info.value)
+
+
+def test_a_missing_tensor_is_an_error_but_lm_head_is_not(saved, tmp_path: Path) -> None:
+    """lm_head is never used to encode prompts, so a file without it still loads; any other gap is an error."""
+    state = load_file(str(saved[0] / WEIGHTS))
+    no_head = _configs_only(saved[0], tmp_path / "a" / "text_encoder")
+    save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, str(no_head / WEIGHTS),
+              metadata={"format": "pt"})
+    load_text_encoder(no_head, device="cpu", dtype=torch.float32)
+
+    gap = _configs_only(saved[0], tmp_path / "b" / "text_encoder")
+    save_file({k: v for k, v in state.items() if ".layers.1.mlp.down_proj." not in k}, str(gap / WEIGHTS),
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="1 missing") as info:
+        load_text_encoder(gap, device="cpu", dtype=torch.float32)
+    assert "layers.1.mlp.down_proj.weight" in str(info.value)
