@@ -28,10 +28,10 @@ from qimg.batch import (
     run_batch,
 )
 from qimg.errors import QimgError, UsageError
-from qimg.jobs import Job, prepare_edit, prepare_generate, replay
-from qimg.loading.download import DownloadPlan, download, plan_download
+from qimg.jobs import Job, check_prompt_inputs, prepare_edit, prepare_generate, replay
+from qimg.loading.download import DownloadPlan, download, plan_download, quiet_loggers
 from qimg.loading.hub import ModelRef, list_models, resolve_model
-from qimg.png import check_output_path, open_image, read_params, save_png
+from qimg.png import check_output_path, open_image, read_image, read_params, save_png
 from qimg.request import GenerateRequest, make_request
 from qimg.runtime.options import RuntimeOptions, Tiling
 from qimg.runtime.planner import RequestShape
@@ -105,6 +105,8 @@ __all__ = [
     "make_request",
     "open_image",
     "plan_download",
+    "quiet_loggers",
+    "read_image",
     "read_params",
     "resolve_model",
     "save_embeddings",
@@ -177,7 +179,7 @@ def encode_prompt(
     with generate(..., embeddings=...) or edit(..., embeddings=...)."""
     from qimg import families
 
-    ref = model if isinstance(model, ModelRef) else resolve_model(model)
+    ref = check_prompt_inputs(model, len(images))
     request, _ = make_request(ref.spec, prompt, negative=negative, max_sequence_length=max_sequence_length)
     return families.encode_prompt(ref, _options(options, overrides), request, images)
 

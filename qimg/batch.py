@@ -112,6 +112,11 @@ def _sniff(text: str) -> str:
 
 def parse_prompts(text: str, fmt: str, source: str = "<prompts>") -> list[PromptLine]:
     """Parse prompt-file text in a known format; errors name source:line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # standard input decoded with surrogateescape: bytes that are not UTF-8
+        number = len(io.StringIO(text[: e.start] + "x", newline=None).readlines())
+        raise PromptFileError(f"{source}:{number}: not UTF-8 text", hint="save it as UTF-8") from None
     if fmt == "csv":
         return _parse_csv(text, source)
     lines = []
@@ -128,6 +133,10 @@ def parse_prompts(text: str, fmt: str, source: str = "<prompts>") -> list[Prompt
             obj = json.loads(s)
         except json.JSONDecodeError as e:
             raise PromptFileError(f"{source}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # a number past Python's 4300-digit limit; nesting past recursion
+            what = "nests too deeply" if isinstance(e, RecursionError) else "holds a number too long to read"
+            raise PromptFileError(f"{source}:{number}: the JSON {what}",
+                                  hint='a line is one flat object, e.g. {"prompt": "a red fox", "seed": 7}') from None
         if not isinstance(obj, dict):
             raise PromptFileError(f"{source}:{number}: expected a JSON object like {{\"prompt\": \"a red fox\"}}")
         lines.append(_make_line(obj, source, number, from_text=False))
@@ -179,9 +188,18 @@ def _make_line(values: dict[str, Any], source: str, number: int, *, from_text: b
             except ValueError:
                 raise PromptFileError(f"{where}: {key} must be {_article(kind)} (got {value!r})") from None
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer of hundreds of digits
+                raise PromptFileError(f"{where}: {key} is too large", hint=f'e.g. "{key}": 4.0') from None
         if not isinstance(value, kind) or isinstance(value, bool):
             raise PromptFileError(f"{where}: {key} must be {_article(kind)} (got {json.dumps(value)})")
+        if isinstance(value, str) and not from_text:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800": half a surrogate pair, not a character
+                raise PromptFileError(f"{where}: {key} holds a lone surrogate escape ({value[e.start]!r})",
+                                      hint="write the character itself, or both halves of its \\u pair") from None
         checked[key] = value
     if "prompt" not in checked:
         raise PromptFileError(f"{where}: no prompt", hint='every line needs one, e.g. {"prompt": "a red fox"}')
@@ -333,7 +351,7 @@ def plan_batch(
         try:
             request, notes = make_request(spec, pl.prompt, seed=line_seed, **options)
         except InputError as e:
-            raise PromptFileError(f"{where}: {e.message}", hint=e.hint) from None
+            raise PromptFileError(f"{where}: {_line_fields(e.message)}", hint=e.hint) from None
         slug = slugify(pl.prompt)
         own = re.sub(r"\.png$", "", pl.name, flags=re.IGNORECASE) if pl.name else None
         fields = {"index": index, "line": pl.line, "slug": slug, "name": own or f"{index:04d}-{slug}",
@@ -370,6 +388,11 @@ def plan_batch(
     if plan.todo:  # a real probe now, rather than the same failure on every line later
         check_output_path((out if out.is_dir() else out.parent) / "qimg-write-probe.png", overwrite=True)
     return plan
+
+
+def _line_fields(message: str) -> str:
+    """A request error in a prompt file's words: the line's "steps" key, not the --steps option."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: '"' + m.group(1).replace("-", "_") + '"', message)
 
 
 def _check_folder(folder: Path) -> Path:
@@ -465,6 +488,8 @@ def _generate_one(
     plan: BatchPlan, item: BatchItem, pipe: Any, steps: Callable[..., Any] | None, started: float
 ) -> dict[str, Any]:
     with steps(item) if steps is not None else _no_steps() as progress:
+        if hasattr(pipe, "on_stage"):  # a progress display that names the stages around the denoising steps
+            pipe.on_stage = getattr(progress, "stage", None)
         images = pipe.generate(request=item.request, progress=progress)
     image = images[0]
     params = dict(image.info.get("qimg", {}))

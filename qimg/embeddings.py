@@ -66,8 +66,15 @@ def save_embeddings(path: str | Path, data: EmbeddingsFile, *, overwrite: bool =
 def _meta_value(raw: str) -> Any:
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the recursion limit
         return raw
+
+
+# Metadata qimg reads back, by type. Text is stored as is, so a prompt "42" or "[1]" stays text (save_embeddings
+# writes a missing negative as "null").
+_TEXT_META = ("family", "template", "model", "text_encoder", "prompt", "negative", "dtype", "qimg_version")
+_TYPED_META = {"images": list, "max_sequence_length": int, "dropped_tokens": dict}
+_EMBED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def load_embeddings(path: str | Path) -> EmbeddingsFile:
@@ -82,19 +89,43 @@ def load_embeddings(path: str | Path) -> EmbeddingsFile:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own types for foreign or truncated files
-        raise InputError(f"{p} is not a safetensors file ({e})", hint="create it with: qimg encode-prompt") from e
+        why = repr(str(e))[1:-1]  # one line: the reason may quote a tensor name holding a newline
+        raise InputError(f"{p} is not a safetensors file ({why})", hint="create it with: qimg encode-prompt") from e
     if meta.get("format") != FORMAT or "prompt_embeds" not in tensors:
         raise InputError(f"{p} was not written by qimg encode-prompt", hint="create it with: qimg encode-prompt")
+    again = "create it again with: qimg encode-prompt"
 
     def read(prefix: str) -> PromptEmbeds | None:
         if f"{prefix}_embeds" not in tensors:
             return None
-        m = tensors.get(f"{prefix}_mask")
+        e, m, pooled = (tensors.get(f"{prefix}_{part}") for part in ("embeds", "mask", "pooled"))
         if m is None:
-            raise InputError(f"{p} lacks {prefix}_mask", hint="create it again with: qimg encode-prompt")
-        return PromptEmbeds(tensors[f"{prefix}_embeds"], None if bool(m.all()) else m, tensors.get(f"{prefix}_pooled"))
+            raise InputError(f"{p} lacks {prefix}_mask", hint=again)
+        # What the pipelines take: (1, L, D) float embeddings, a (1, L) 0/1 mask, a (1, P) float pooled vector.
+        if e.dim() != 3 or e.shape[0] != 1 or 0 in e.shape or e.dtype not in _EMBED_DTYPES:
+            raise InputError(f"{p} has {prefix}_embeds of shape {tuple(e.shape)} and dtype {e.dtype}, not "
+                             "(1, tokens, width) floats", hint=again)
+        if m.shape != e.shape[:2] or m.is_floating_point() or m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+            raise InputError(f"{p} has a {prefix}_mask of shape {tuple(m.shape)} and dtype {m.dtype}, not "
+                             f"{tuple(e.shape[:2])} zeros and ones", hint=again)
+        if pooled is not None and (pooled.dim() != 2 or pooled.shape[0] != 1 or 0 in pooled.shape
+                                   or pooled.dtype not in _EMBED_DTYPES):
+            raise InputError(f"{p} has {prefix}_pooled of shape {tuple(pooled.shape)} and dtype {pooled.dtype}, "
+                             "not (1, width) floats", hint=again)
+        return PromptEmbeds(e, None if bool(m.all()) else m.to(torch.long), pooled)
 
-    cond = read("prompt")
+    cond, uncond = read("prompt"), read("negative")
     assert cond is not None
+    for part in ("embeds", "pooled"):
+        a, b = getattr(cond, part), None if uncond is None else getattr(uncond, part)
+        if a is not None and b is not None and a.shape[-1] != b.shape[-1]:
+            raise InputError(f"{p} has prompt_{part} of width {a.shape[-1]} but negative_{part} of width "
+                             f"{b.shape[-1]}", hint=again)
     meta.pop("format")
-    return EmbeddingsFile(cond, read("negative"), {k: _meta_value(v) for k, v in meta.items()})
+    values = {k: v if k in _TEXT_META else _meta_value(v) for k, v in meta.items()}
+    if values.get("negative") == "null":
+        values["negative"] = None
+    for key, kind in _TYPED_META.items():
+        if key in values and not (isinstance(values[key], kind) and not isinstance(values[key], bool)):
+            raise InputError(f"{p} has a damaged {key} entry in its metadata ({meta[key][:40]!r})", hint=again)
+    return EmbeddingsFile(cond, uncond, values)

@@ -11,16 +11,17 @@ strength default. `replay` turns the parameters stored in a qimg PNG back into a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qimg.errors import QimgError, UsageError
+from qimg.errors import InputError, QimgError, UsageError
 from qimg.loading.hub import ModelRef, resolve_model
-from qimg.png import open_image, read_params
-from qimg.request import GenerateRequest, check_task, make_request, request_shape, without_negative
+from qimg.png import read_image, read_params
+from qimg.request import GenerateRequest, check_images, check_task, make_request, request_shape, without_negative
 from qimg.runtime.planner import RequestShape
+from qimg.specs import ALIASES, SPECS, ModelSpec
 
 # What a replay takes from a PNG's stored parameters, when the caller did not give it.
 _REPLAYED = ("seed", "steps", "cfg", "guidance", "width", "height")
@@ -44,24 +45,73 @@ class Job:
         return request_shape(self.ref.spec, self.request, n_images, "embeddings" in self.inputs)
 
 
-def _ref(model: str | Path | ModelRef) -> ModelRef:
-    return model if isinstance(model, ModelRef) else resolve_model(model)
+def _ref(model: str | Path | ModelRef, check: Callable[[ModelSpec, str], None]) -> ModelRef:
+    """The model resolved and checked. A known name or repo id is checked against its spec first, so a request
+    the model cannot serve says so even when the model is not downloaded."""
+    if not isinstance(model, ModelRef):
+        name = str(model)
+        known = SPECS.get(name) or SPECS.get(ALIASES.get(name, ""))
+        if known is not None and not Path(name).expanduser().exists():
+            check(known, name)
+        model = resolve_model(model)
+    check(model.spec, model.name)
+    return model
 
 
-def _image(value: Any, what: str, extra: dict[str, Any], key: str) -> Any:
-    """A PIL image from a path (recorded in `extra`) or an image given as is."""
+def _for_generate(spec: ModelSpec, name: str) -> None:
+    check_task(spec, name, "t2i", UsageError)
+
+
+def _for_edit(n_images: int) -> Callable[[ModelSpec, str], None]:
+    def check(spec: ModelSpec, name: str) -> None:
+        check_task(spec, name, "edit", UsageError)
+        check_images(spec, name, n_images, UsageError)
+
+    return check
+
+
+def check_prompt_inputs(model: str | Path | ModelRef, n_images: int) -> ModelRef:
+    """The model for encode-prompt, with its input images counted (none for text-to-image) before loading."""
+    return _ref(model, lambda spec, name: check_images(spec, name, n_images, UsageError))
+
+
+def _image(value: Any, what: str, extra: dict[str, Any], key: str, notes: list[str], mode: str = "RGB") -> Any:
+    """A PIL image from a path, read as the pipelines take it (read_image: upright, `mode`, 8-bit; what it changed
+    goes to `notes`) and recorded in `extra`; or an image given as is."""
     if isinstance(value, (str, Path)):
-        extra[key] = str(value)
-        return open_image(value, what)
+        image, changed = read_image(value, what, mode=mode)
+        notes += changed
+        _record(value, extra, key)
+        return image
     return value
+
+
+def _record(path: str | Path, extra: dict[str, Any], key: str) -> None:
+    """An input file in the PNG's parameters: its absolute path (so --from works from any folder) and, under
+    KEY_sha256, a short hash of its bytes (so a replay can tell the file changed since)."""
+    p = Path(path).expanduser().resolve()
+    extra[key] = str(p)
+    extra[f"{key}_sha256"] = _file_sha256(p)
+
+
+def _file_sha256(path: str | Path) -> str:
+    """The first 16 hex digits of the file's SHA-256: enough to tell a changed input."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _embeddings(value: Any, extra: dict[str, Any]) -> Any:
     if isinstance(value, (str, Path)):
         from qimg.embeddings import load_embeddings
 
-        extra["prompt_embeds"] = str(value)
-        return load_embeddings(value)
+        embeddings = load_embeddings(value)
+        _record(value, extra, "prompt_embeds")
+        return embeddings
     return value
 
 
@@ -93,27 +143,28 @@ def prepare_generate(
     """A text-to-image (img2img with `init_image`, inpaint with `mask`) job. Images and `prompt_embeds` are
     paths or loaded objects; options as make_request (negative, seed, steps, cfg, guidance, width, height,
     strength, max_sequence_length). no_negative: the image replayed was made without a negative prompt."""
-    ref = _ref(model)
-    check_task(ref.spec, ref.name, "t2i", UsageError)
+    ref = _ref(model, _for_generate)
     if mask is not None and init_image is None:
         raise UsageError("--strength and --mask need --init-image", hint="add --init-image PICTURE")
     if options.get("strength") is not None and init_image is None:
         raise UsageError("--strength and --mask need --init-image", hint="add --init-image PICTURE")
     inputs: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    read: list[str] = list(options.pop("notes", None) or ())  # replay's notes (an input changed since), then ours
     _check_prompt_source(prompt, prompt_embeds, options.get("negative"))
     embeddings = _embeddings(prompt_embeds, extra)
     prompt, negative = _prompts_from(embeddings, prompt, options.pop("negative", None))
     if embeddings is not None:
         inputs["embeddings"] = embeddings
     if init_image is not None:
-        inputs["init_image"] = _image(init_image, "init image", extra, "init_image")
+        inputs["init_image"] = _image(init_image, "init image", extra, "init_image", read)
     if mask is not None:
-        inputs["mask"] = _image(mask, "mask", extra, "mask")
+        inputs["mask"] = _image(mask, "mask", extra, "mask", read, mode="L")  # white = repaint
     init_size = inputs["init_image"].size if init_image is not None else None
     request, notes = make_request(ref.spec, prompt, negative=negative, init_size=init_size,
                                   img2img=init_image is not None, **options)
     request = without_negative(request, embeddings, no_negative)
+    notes[:0] = read
     if init_size is not None and (request.width, request.height) != init_size:
         notes.append(f"init image is {init_size[0]}x{init_size[1]}; generating {request.width}x{request.height}")
     return Job(ref, "generate", request, inputs, extra, notes)
@@ -129,17 +180,15 @@ def prepare_edit(
     **options: Any,
 ) -> Job:
     """An edit job: `images` (paths or PIL) as the model takes them; options as make_request (no strength)."""
-    ref = _ref(model)
-    check_task(ref.spec, ref.name, "edit", UsageError)
+    ref = _ref(model, _for_edit(len(images)))
     spec = ref.spec
-    most = "any number of" if spec.max_images is None else f"at most {spec.max_images}"
-    if len(images) < spec.min_images or (spec.max_images is not None and len(images) > spec.max_images):
-        raise UsageError(f"{spec.name} takes {spec.min_images} to {most} input images, got {len(images)}",
-                         hint="pass each image with -i IMAGE")
     extra: dict[str, Any] = {}
-    pictures = [_image(im, "input image", {}, "") for im in images]
-    if any(isinstance(im, (str, Path)) for im in images):
-        extra["images"] = [str(im) for im in images]
+    read: list[str] = []
+    files: list[dict[str, Any]] = [{} for _ in images]  # each path's absolute path and hash; {} for a PIL image
+    pictures = [_image(im, "input image", file, "image", read) for im, file in zip(images, files, strict=True)]
+    if any(files):
+        extra["images"] = [file.get("image") for file in files]
+        extra["images_sha256"] = [file.get("image_sha256") for file in files]
     inputs: dict[str, Any] = {"images": pictures, "keep_size": keep_size}
     _check_prompt_source(prompt, prompt_embeds, options.get("negative"))
     embeddings = _embeddings(prompt_embeds, extra)
@@ -149,6 +198,7 @@ def prepare_edit(
     request, notes = make_request(spec, prompt, negative=negative, init_size=pictures[-1].size if pictures else None,
                                   **options)
     request = without_negative(request, embeddings)
+    notes[:0] = read
     size, first = (request.width, request.height), pictures[0].size if pictures else None
     if first is not None and size != first:
         notes.append(f"generating {size[0]}x{size[1]}, resampled to the input's {first[0]}x{first[1]}" if keep_size
@@ -165,7 +215,9 @@ def replay(
 ) -> dict[str, Any]:
     """prepare_generate arguments that remake the qimg PNG at `path`: its stored prompt, negative, seed,
     steps, cfg, size, init image, mask and strength, and its model unless `model` is given (default_model:
-    the model when the PNG names none). Arguments in `given` that are not None win over the stored ones."""
+    the model when the PNG names none). Arguments in `given` that are not None win over the stored ones. A stored
+    input file that is gone is an InputError; one changed since (its hash differs) adds a line to "notes", which
+    prepare_generate puts in the job's notes."""
     stored = read_params(path)
     if not stored:
         raise QimgError(f"{path} carries no qimg parameters", hint="only PNGs written by qimg replay")
@@ -183,13 +235,31 @@ def replay(
             args[key] = stored[key]
     if stored.get("max_sequence_length") is not None:
         args.setdefault("max_sequence_length", stored["max_sequence_length"])
-    for key in ("init_image", "mask"):
+    notes: list[str] = []
+    for key, what in (("init_image", "init image"), ("mask", "mask")):
         if key not in args and stored.get(key):
-            args[key] = Path(stored[key])
+            args[key] = _stored_input(stored, key, what, path, notes)
+    if notes:
+        args["notes"] = notes
     if "init_image" in args and "strength" not in args and stored.get("strength") is not None:
         args["strength"] = stored["strength"]
     args["model"] = model if model is not None else _stored_model(stored, path, default_model)
     return args
+
+
+def _stored_input(stored: dict[str, Any], key: str, what: str, png: str | Path, notes: list[str]) -> Path:
+    """The input file a PNG names under `key`: absolute since qimg records it so; an older PNG's relative path is
+    looked for from here, then beside the PNG. Missing is an error; changed since (another hash) is a note."""
+    p = Path(stored[key]).expanduser()
+    if not p.is_absolute() and not p.exists() and (Path(png).expanduser().parent / p).exists():
+        p = Path(png).expanduser().parent / p
+    if not p.is_file():
+        flag = "--init-image" if key == "init_image" else "--mask"
+        raise InputError(f"the {what} {png} was made from is not at {p}", hint=f"pass {flag} to give it")
+    recorded = stored.get(f"{key}_sha256")
+    if recorded and _file_sha256(p) != recorded:
+        notes.append(f"{what} {p} changed since {png} was made (its content hash differs); using it as it is now")
+    return p
 
 
 def _stored_model(stored: dict[str, Any], path: str | Path, default: str | None) -> ModelRef:

@@ -15,6 +15,11 @@ MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_SEQUENCE_LENGTH = 1024  # the Qwen-Image text encoder window the pipelines allow
 MAX_SIDE = 8192
 MAX_GUIDANCE = 100.0
+# The schedule has 1000 training timesteps: more steps than that only repeat sigmas, and an unbounded count
+# grows memory (the sigma table, the progress bar) until the machine gives out.
+MAX_STEPS = 1000
+# True CFG scales a difference of velocities: past ~20 images burn, and a huge finite value overflows to inf.
+MAX_CFG = 100.0
 DEFAULT_STRENGTH = 0.6  # img2img: keeps the layout, changes the look
 
 
@@ -50,6 +55,19 @@ def check_task(spec: ModelSpec, name: str, task: str, error: type[QimgError] = I
     if task == "t2i":
         raise error(f"{name} is an edit model", hint="use: qimg edit PROMPT -i IMAGE -o OUT.png")
     raise error(f"{name} is a text-to-image model", hint="use: qimg generate PROMPT -o OUT.png, or an edit model")
+
+
+def check_images(spec: ModelSpec, name: str, n_images: int, error: type[QimgError] = InputError) -> None:
+    """Refuse a number of input images the model cannot take (text-to-image models take none)."""
+    if spec.task != "edit":
+        if n_images:
+            raise error(f"{name} is a text-to-image model; it takes no input images",
+                        hint="use an edit model (Qwen-Image-Edit, -2509, -2511) for -i IMAGE")
+        return
+    most = "any number of" if spec.max_images is None else f"at most {spec.max_images}"
+    if n_images < spec.min_images or (spec.max_images is not None and n_images > spec.max_images):
+        raise error(f"{spec.name} takes {spec.min_images} to {most} input images, got {n_images}",
+                    hint="pass each image with -i IMAGE")
 
 
 def without_negative(request: GenerateRequest, embeddings: Any = None, no_negative: bool = False) -> GenerateRequest:
@@ -138,11 +156,13 @@ def make_request(
     if not prompt or not prompt.strip():
         raise InputError("the prompt is empty", hint="give a prompt, e.g. qimg generate \"a red fox\" -o fox.png")
     steps = spec.steps if steps is None else steps
-    if steps <= 0:
-        raise InputError(f"--steps must be at least 1 (got {steps})", hint=f"the model's default is {spec.steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"--steps must be between 1 and {MAX_STEPS} (got {steps})",
+                         hint=f"the model's default is {spec.steps}")
     cfg = spec.cfg if cfg is None else cfg
-    if not math.isfinite(cfg) or cfg < 0:
-        raise InputError(f"--cfg must be a finite number >= 0 (got {cfg})", hint=f"the model's default is {spec.cfg}")
+    if not (math.isfinite(cfg) and 0 <= cfg <= MAX_CFG):
+        raise InputError(f"--cfg must be between 0 and {MAX_CFG:g} (got {cfg})",
+                         hint=f"the model's default is {spec.cfg}")
     if seed is None:
         seed = secrets.randbits(32)
     elif not 0 <= seed <= MAX_SEED:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from qimg.errors import InputError
 from qimg.metrics import psnr, ssim
-from qimg.png import check_output_path, write_atomic
+from qimg.png import check_output_path, conform_image, read_image, write_atomic
 from qimg.runtime.devices import pick_dtype
 from qimg.runtime.options import Tiling
 from qimg.runtime.tiling import decode_tiled, encode_tiled
@@ -65,21 +65,12 @@ def make_tiling(tile: int, overlap: int) -> Tiling:
 
 def prepare_image(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
     """Upright (EXIF orientation), RGB, center-cropped to multiples of 8 px; notes say what changed, one each."""
-    from PIL import ImageOps
-
-    notes = []
-    if image.getexif().get(0x0112, 1) != 1:  # the Orientation tag: viewers show the photo turned
-        image = ImageOps.exif_transpose(image)
-        notes.append("turned the image upright as its EXIF orientation asks")
+    image, notes = conform_image(image, "RGB")  # upright, 16-bit scaled, alpha dropped (the same as every input)
     w, h = image.size
     # SSIM's 11 px window needs 11 px after the crop, and the first multiple of 8 from there is 16.
     smallest = 2 * MULTIPLE
     if w < smallest or h < smallest:
         raise InputError(f"image is {w}x{h} px; the VAE round trip needs at least {smallest}x{smallest}")
-    if image.mode != "RGB":
-        if "A" in image.getbands() or "transparency" in image.info:
-            notes.append(f"dropped the alpha channel ({image.mode} image read as RGB)")
-        image = image.convert("RGB")
     cw, ch = w // MULTIPLE * MULTIPLE, h // MULTIPLE * MULTIPLE
     if (cw, ch) != (w, h):
         left, top = (w - cw) // 2, (h - ch) // 2
@@ -133,12 +124,12 @@ def vae_roundtrip(
     """
     from PIL import Image
 
-    from qimg.png import open_image
-
+    read: list[str] = []
     if isinstance(image, (str, Path)):
         source = source or str(image)
-        image = open_image(image)
+        image, read = read_image(image)
     prepared, notes = prepare_image(image)
+    notes = (*read, *notes)
     first = next(vae.parameters())
     dev = torch.device(device) if device is not None else first.device
     dt = pick_dtype(dtype, dev) if dtype is not None else first.dtype

@@ -135,7 +135,7 @@ def test_prompt_seed_is_stable_and_slugs_keep_any_script() -> None:
         ("a\n", "{index}.jpg", "does not end in .png"),
         ("a\n", "{nme}.png", "--name-template '{nme}.png': unknown field {nme}"),
         ("a\n", "{slug.upper}.png", "unknown field {slug.upper}"),
-        ('{"prompt": "a", "steps": 0}\n', "{name}.png", "<prompts>:1: --steps must be at least 1"),
+        ('{"prompt": "a", "steps": 0}\n', "{name}.png", '<prompts>:1: "steps" must be between 1 and 1000'),
         ('{"prompt": "a", "width": 99999}\n', "{name}.png", "<prompts>:1: width 99999 is out of range"),
     ],
 )

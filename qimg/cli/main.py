@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 import qimg
 from qimg.cli.commands import download, edit, encode_prompt, generate, models, vae
@@ -41,8 +42,33 @@ Examples:
   qimg generate --help
 """
 
+class QimgGroup(TyperGroup):
+    """Typer's command group, with usage errors shown as qimg shows every error: the problem on the first line
+    (not Click's usage banner), then a hint, exit code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except Exception as exc:
+            kind = type(exc).__name__
+            if kind == "Abort":  # Ctrl-C while Click itself was parsing or prompting
+                sys.exit(report(KeyboardInterrupt()))
+            if kind == "NoArgsIsHelpError" or not hasattr(exc, "format_message"):
+                if hasattr(exc, "show"):  # Click's own display (the help for a bare command)
+                    exc.show()
+                    sys.exit(getattr(exc, "exit_code", 2))
+                raise
+            ctx = getattr(exc, "ctx", None)
+            Output().error(exc.format_message(), f"see: {ctx.command_path if ctx else 'qimg'} --help")
+            sys.exit(getattr(exc, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="qimg",
+    cls=QimgGroup,
     epilog=ROOT_EXAMPLES,
     no_args_is_help=True,
     # Plain click-style help: compact, keeps the examples' indentation, and is what docs/cli.md holds

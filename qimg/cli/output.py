@@ -93,10 +93,11 @@ class Output:
             yield
 
     @contextmanager
-    def steps(self, description: str) -> Iterator[StepCallback]:
-        """A progress bar fed by the sampler callback cb(i, n), i = steps done so far (1..n)."""
+    def steps(self, description: str) -> Iterator[StepBar]:
+        """A progress bar fed by the sampler callback cb(i, n), i = steps done so far (1..n); cb.stage(name)
+        names the stage of the run the bar stands in (the prompt, the input image, decoding)."""
         if not self.live:
-            yield _ignore_steps
+            yield StepBar(_ignore_steps, lambda name: None)
             return
         progress = Progress(
             TextColumn("{task.description}"),
@@ -112,12 +113,52 @@ class Output:
         def update(i: int, n: int) -> None:
             progress.update(task, completed=min(i, n), total=n)
 
+        def stage(name: str) -> None:
+            words = STAGES.get(name)
+            progress.update(task, description=description if words is None else f"{description}: {words}")
+
         with progress:
-            yield update
+            yield StepBar(update, stage)
+
+
+# What the bar says while a run is not denoising (it would otherwise read "0/?" or sit full without a word).
+STAGES = {"prompt": "encoding the prompt", "encode": "encoding the input image", "decode": "decoding"}
+
+
+class StepBar:
+    """The sampler's step callback cb(i, n), plus cb.stage(name) for the stages around the denoising steps."""
+
+    def __init__(self, update: StepCallback, stage: Callable[[str], None]) -> None:
+        self._update, self.stage = update, stage
+
+    def __call__(self, i: int, n: int) -> None:
+        self._update(i, n)
 
 
 def _ignore_steps(i: int, n: int) -> None:
     """The callback when no bar is drawn; the pipeline always gets a callable."""
+
+
+MAX_SEQUENCE_LENGTH = 1024  # the most prompt tokens --max-sequence-length lets the text encoder keep
+
+
+def dropped_token_warnings(dropped: dict[str, int], max_sequence_length: int) -> list[str]:
+    """One warning per prompt whose last tokens the text encoder dropped; `dropped` maps "prompt" / "negative" to
+    a count, as image parameters (prompt_tokens_dropped, negative_tokens_dropped) or embeddings meta record it."""
+    more = f"; --max-sequence-length up to {MAX_SEQUENCE_LENGTH} keeps more"
+    more = more if max_sequence_length < MAX_SEQUENCE_LENGTH else ""
+    return [
+        f"the {what} is {n + max_sequence_length} tokens; the last {n} were dropped "
+        f"(the model reads {max_sequence_length}{more})"
+        for key, what in (("prompt", "prompt"), ("negative", "negative prompt"))
+        if (n := int(dropped.get(key) or 0)) > 0
+    ]
+
+
+def params_token_warnings(params: dict[str, Any]) -> list[str]:
+    """dropped_token_warnings for the parameters of a generated image (image.info["qimg"])."""
+    dropped = {key: params.get(f"{key}_tokens_dropped", 0) for key in ("prompt", "negative")}
+    return dropped_token_warnings(dropped, int(params.get("max_sequence_length") or 512))
 
 
 def show_plan(out: Output, pipe: Any) -> None:
@@ -126,6 +167,13 @@ def show_plan(out: Output, pipe: Any) -> None:
     ref = getattr(pipe, "ref", None)
     if ref is not None and getattr(ref, "chosen_by", ""):
         out.info(f"model: {ref.path} runs as {ref.spec.name}, chosen by {ref.chosen_by}")
-    if pipe.plan is not None and pipe.needs is not None:
-        for line in pipe.plan.describe(pipe.needs):
-            out.info(line)
+    if pipe.plan is None or pipe.needs is None:
+        return
+    if str(pipe.device).startswith("cpu"):  # a GPU plan's budget and peaks mean nothing for a CPU run
+        needs = pipe.needs
+        parts = [needs.transformer, needs.vae] + ([needs.text_encoder] if needs.text_encoder else [])
+        total = sum(p.weights for p in parts) / 1024**3
+        out.info(f"memory: a CPU run keeps every component in host memory ({total:.1f} GiB of weights)")
+        return
+    for line in pipe.plan.describe(pipe.needs):
+        out.info(line)

@@ -25,13 +25,23 @@ def read_json(path: Path) -> dict[str, Any]:
             f"{path} is missing", hint="point --model at a complete model folder (diffusers layout)"
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is not readable JSON ({e})", hint="re-download the model") from e
+    except RecursionError:  # "[[[[..." nested past the recursion limit
+        raise ConfigError(f"{path} is not readable JSON (nested too deeply)", hint="re-download the model") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object", hint="re-download the model")
+    return data
 
 
 def params_from_config(
-    cls: type[P], config: dict[str, Any], names: dict[str, str], ignored: Iterable[str] = (), where: str = "config"
+    cls: type[P],
+    config: dict[str, Any],
+    names: dict[str, str],
+    ignored: Iterable[str] = (),
+    where: str = "config",
+    required: Iterable[str] = (),
 ) -> P:
     """Build a params dataclass from a diffusers config.json through a {config key: field} table.
 
@@ -44,6 +54,10 @@ def params_from_config(
             f"{where} has keys qimg does not know: {', '.join(unknown)}",
             hint="this model variant is not supported yet; check the model folder",
         )
+    absent = [k for k in required if config.get(k) is None]
+    if absent:
+        raise ConfigError(f"{where} lacks {', '.join(absent)}, which set the network's shape",
+                          hint="the config is damaged or not a diffusers config; re-download the model")
     kwargs = {}
     for key, field_name in names.items():
         if key in config and config[key] is not None:
@@ -59,8 +73,19 @@ def safetensors_files(folder: Path, stem: str = "diffusion_pytorch_model") -> li
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConfigError(f"{index} has no weight_map", hint="re-download the model")
+        # Shards are files beside the index: never a path elsewhere ("../", "/etc/..."), nor a name a message
+        # could not show on one line.
+        bad = [name for name in weight_map.values() if not isinstance(name, str) or name in ("", ".", "..")
+               or Path(name).name != name or "\\" in name or not name.isprintable()]
+        if bad:
+            raise ConfigError(f"{index} names a shard {str(bad[0])[:60]!r}, not a file name in {folder}",
+                              hint="re-download the model")
         files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
+        try:
+            missing = [f.name for f in files if not f.is_file()]
+        except OSError as e:  # a name longer than the filesystem allows, and the like
+            raise ConfigError(f"{index} names a shard qimg cannot look up ({e.strerror})",
+                              hint="re-download the model") from None
         if missing:
             raise ModelNotFoundError(
                 f"{folder} is missing {len(missing)} shard(s) named in its index: {', '.join(missing[:3])}",
@@ -70,6 +95,11 @@ def safetensors_files(folder: Path, stem: str = "diffusion_pytorch_model") -> li
     single = folder / f"{stem}.safetensors"
     if single.is_file():
         return [single]
+    pickles = sorted(p.name for ext in ("bin", "pt", "pth", "ckpt") for p in folder.glob(f"*.{ext}"))
+    if pickles:  # a PyTorch pickle can run code when loaded: say why it is not read, not just that it is absent
+        raise CheckpointError(
+            f"{folder} holds only {', '.join(pickles[:2])}, no {stem}.safetensors; qimg reads safetensors only and "
+            "never unpickles", hint="re-download the model's safetensors weights (qimg download fetches only those)")
     raise ModelNotFoundError(
         f"no weights in {folder} (expected {stem}.safetensors or its sharded index)",
         hint="point --model at a complete model folder (diffusers layout)",
@@ -87,7 +117,8 @@ def open_checkpoint(files: list[Path]) -> dict[str, Any]:
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})", hint="re-download it") from e
+            why = repr(str(e))[1:-1]  # one line: the reason may quote a tensor name holding a newline
+            raise CheckpointError(f"{path} is not a readable safetensors file ({why})", hint="re-download it") from e
         for name in handle.keys():
             where[name] = handle
     return where
@@ -140,6 +171,7 @@ def load_module(
                     misshapen.append(f"{name} {shape} != {tuple(expected[name].shape)}")
     missing = sorted(set(expected) - set(where))
     check_keys(what, missing, unexpected, misshapen)
+    _check_dtypes(what, files, where, expected)
 
     def read(names: list[str]) -> dict[str, Tensor]:
         state = {}
@@ -168,6 +200,25 @@ def load_module(
     check_keys(what, [], [], misshapen)
     module.load_state_dict(state, strict=False, assign=True)
     return module
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _check_dtypes(what: str, files: list[Path], where: dict[str, Any], expected: dict[str, Tensor]) -> None:
+    """Weights the network computes in floating point must be stored as floats: integer tensors there are a
+    quantisation format qimg does not read (or a damaged file), and would fail deep inside a matmul."""
+    wrong = sorted(
+        (name, where[name].get_slice(name).get_dtype())
+        for name, t in expected.items()
+        if name in where and t.is_floating_point() and where[name].get_slice(name).get_dtype() not in _FLOAT_DTYPES
+    )
+    if wrong:
+        name, dtype = wrong[0]
+        raise CheckpointError(
+            f"{what}: {len(wrong)} tensor(s) are stored as {dtype}, not floating point (e.g. {name})",
+            hint="qimg reads bf16/fp16/fp32 (and FP8) safetensors; re-download the model or convert the file",
+        )
 
 
 def check_keys(what: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:

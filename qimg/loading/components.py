@@ -28,7 +28,8 @@ def qwen_mmdit_params(folder: Path) -> QwenMMDiTParams:
                               hint="use Qwen-Image, -2512 or an Edit model")
     ignored = (*keymaps.QWEN_MMDIT_CONFIG_IGNORED, *keymaps.QWEN_MMDIT_UNSUPPORTED_FLAGS)
     where = f"{folder}/config.json"
-    return params_from_config(QwenMMDiTParams, config, keymaps.QWEN_MMDIT_CONFIG, ignored, where=where)
+    return params_from_config(QwenMMDiTParams, config, keymaps.QWEN_MMDIT_CONFIG, ignored, where=where,
+                              required=keymaps.QWEN_MMDIT_CONFIG_REQUIRED)
 
 
 def load_qwen_mmdit(folder: Path, *, device: torch.device | str, dtype: torch.dtype, **grouping: Any) -> QwenMMDiT:
@@ -42,7 +43,8 @@ def load_qwen_mmdit(folder: Path, *, device: torch.device | str, dtype: torch.dt
 
 def qwen_vae_params(folder: Path) -> QwenVAEParams:
     return params_from_config(QwenVAEParams, read_json(folder / "config.json"), keymaps.QWEN_VAE_CONFIG,
-                              keymaps.QWEN_VAE_CONFIG_IGNORED, where=f"{folder}/config.json")
+                              keymaps.QWEN_VAE_CONFIG_IGNORED, where=f"{folder}/config.json",
+                              required=keymaps.QWEN_VAE_CONFIG_REQUIRED)
 
 
 def load_qwen_vae(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> QwenVAE:
@@ -107,9 +109,17 @@ def load_text_encoder(folder: Path, *, device: torch.device | str, dtype: torch.
 
 
 def load_tokenizer(folder: Path) -> Any:
+    """tokenizer/: the Qwen2 tokenizer; a damaged or foreign file is one line naming it."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            read_json(folder / name)  # a broken JSON file is named here, not deep inside transformers
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{folder} does not hold a readable tokenizer ({type(e).__name__}: {str(e)[:120]})",
+                          hint="re-download the model") from e
 
 
 def load_image_processor(folder: Path) -> Any:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 import shutil
+import socket
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -37,10 +41,17 @@ from qimg.loading.hub import (
 from qimg.specs import ALIASES, DOWNLOAD_PATTERNS, MODEL_INDEX_FILE, SPECS, ModelSpec
 
 _TRUE = ("1", "on", "yes", "true")
+# modelscope logs each retry of a failed listing as a WARNING line of its own format; qimg says it in one line.
+_MODELSCOPE_LOGGERS = ("modelscope", "modelscope_hub")
+REACH_TIMEOUT = 5.0  # seconds to connect to the ModelScope host before calling it unreachable
 
 
 class DownloadError(QimgError):
     """A download could not be done or produced a file that fails its check (exit 1)."""
+
+
+class HubUnreachableError(DownloadError):
+    """The hub could not be reached at all: no network, a DNS failure, a refused or timed-out connection."""
 
 
 class DownloadProgress(Protocol):
@@ -76,6 +87,7 @@ class DownloadPlan:
     local_dir: Path | None  # None: the hub's standard cache
     destination: Path  # the model folder the files go to (ModelScope's cache: its root; modelscope picks the layout)
     offline: bool = False  # HF_HUB_OFFLINE: listed from a complete local copy, the hub not asked
+    unreachable: str | None = None  # why the hub could not be reached; then listed from a complete local copy
 
     @property
     def total_size(self) -> int:
@@ -118,21 +130,32 @@ def plan_download(
     target = Path(local_dir).expanduser().resolve() if local_dir is not None else None
     patterns = allow_patterns(spec)
     offline = source == "hf" and _hf_offline()
-    if offline:
-        commit, files = _hf_local_listing(model, repo_id, revision, target)
-    elif source == "hf":
-        commit, files = _hf_listing(model, repo_id, revision)
-    else:
-        commit, files = None, _modelscope_listing(repo_id, revision)
+    unreachable, copy = None, None
+    try:
+        if offline:
+            commit, files = _hf_local_listing(model, repo_id, revision, target)
+        elif source == "hf":
+            commit, files = _hf_listing(model, repo_id, revision)
+        else:
+            commit, files = None, _modelscope_listing(repo_id, revision)
+    except HubUnreachableError as e:
+        # No network (or no route to the hub): a complete copy on disk is what the download would give.
+        copy = _local_copy(source, repo_id, revision, target)
+        if copy is None:
+            raise
+        unreachable, files = e.message, _local_files(copy)
+        commit = copy.name if source == "hf" and target is None else None
     files = [f for f in files if any(fnmatch.fnmatch(f.path, p) for p in patterns)]
     if target is not None:
         destination = target
+    elif copy is not None:
+        destination = copy
     elif source == "hf":
         destination = hf_cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / str(commit)
     else:
         destination = modelscope_cache_dir()
     plan = DownloadPlan(model, source, repo_id, revision, commit, patterns, tuple(sorted(files, key=_order)), target,
-                        destination, offline)
+                        destination, offline, unreachable)
     _check_layout(plan, spec)
     where = [target] if target is not None else _cached_folders(plan)
     present = [replace(f, present=any(_has(folder, f) for folder in where)) for f in plan.files]
@@ -187,7 +210,10 @@ def download(
         model, source=source, revision=revision, local_dir=local_dir
     )
     _check_disk_space(plan)
-    path = _hf_download(plan, progress) if plan.source == "hf" else _modelscope_download(plan, progress)
+    if plan.unreachable is not None and all(f.present for f in plan.files):
+        path = plan.destination  # the hub is out of reach and the copy on disk is complete: nothing to fetch
+    else:
+        path = _hf_download(plan, progress) if plan.source == "hf" else _modelscope_download(plan, progress)
     for f in plan.files:  # sizes of every file, including those that were already there
         if not _has(path, f):
             raise DownloadError(
@@ -237,18 +263,28 @@ def _hf_local_listing(
 ) -> tuple[str | None, list[RemoteFile]]:
     """Offline, a model already complete on disk is a download with nothing to fetch (so that a script's
     `qimg download X && qimg generate --model X` runs offline too); anything else is an error."""
-    if local_dir is not None:
-        folders = [local_dir] if local_dir.is_dir() and not _missing(local_dir) else []
-    elif revision is None:
-        folders = [c.path for c in find_local_copies({"hf": repo_id}) if c.complete]
-    else:  # a branch or tag cannot be resolved offline with certainty; a commit could, but is rare enough
-        folders = []
-    if not folders:
+    folder = _local_copy("hf", repo_id, revision, local_dir)
+    if folder is None:
         raise _offline_error(name, repo_id)
-    folder = folders[0]
-    files = [RemoteFile(p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*")
-             if p.is_file() and ".cache" not in p.relative_to(folder).parts]
-    return (None if local_dir is not None else folder.name), files
+    return (None if local_dir is not None else folder.name), _local_files(folder)
+
+
+def _local_copy(source: str, repo_id: str, revision: str | None, local_dir: Path | None) -> Path | None:
+    """The complete copy on disk that stands in for a download the hub cannot serve: local_dir when it holds one,
+    else the first complete copy in the source's cache. Not for a --revision: a branch or tag cannot be resolved
+    offline with certainty (a commit could, but is rare enough)."""
+    if local_dir is not None:
+        return local_dir if local_dir.is_dir() and not _missing(local_dir) else None
+    if revision is not None:
+        return None
+    folders = [c.path for c in find_local_copies({source: repo_id}) if c.complete]
+    return folders[0] if folders else None
+
+
+def _local_files(folder: Path) -> list[RemoteFile]:
+    """The files of a copy on disk, as a listing with sizes (the cache's own bookkeeping left out)."""
+    return [RemoteFile(p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*")
+            if p.is_file() and ".cache" not in p.relative_to(folder).parts]
 
 
 def _missing(folder: Path) -> tuple[str, ...]:
@@ -436,8 +472,8 @@ def _hf_errors(name: str, repo_id: str, revision: str | None) -> Iterator[None]:
         raise DownloadError(f"{endpoint} refused {repo_id}: {_first_line(e)}",
                             hint="a 401/403 needs HF_TOKEN; a 5xx: try again later") from e
     except (hf.LocalEntryNotFoundError, *_network_errors()) as e:
-        raise DownloadError(f"cannot reach {endpoint} ({_first_line(e)})",
-                            hint="check the network, or HF_ENDPOINT if you use a mirror") from e
+        raise HubUnreachableError(f"cannot reach {endpoint} ({_first_line(e)})",
+                                  hint="check the network, or HF_ENDPOINT if you use a mirror") from e
     except OSError as e:  # huggingface_hub's size check ("Consistency check failed") and disk errors
         raise DownloadError(f"downloading {repo_id} failed: {_first_line(e)}",
                             hint=f"run again to resume: {download_command(name)}") from e
@@ -452,18 +488,71 @@ def _first_line(e: BaseException) -> str:
 
 
 def _modelscope_listing(repo_id: str, revision: str | None) -> list[RemoteFile]:
+    """The repo's files from one listing call; a host that cannot be reached fails at once, in one line (modelscope
+    itself retries for seconds, logging every try)."""
     from modelscope.hub.api import HubApi
 
+    hint = "check the network (ModelScope: modelscope.cn, or MODELSCOPE_ENDPOINT)"
     try:
-        listed = HubApi().get_model_files(repo_id, revision=revision or "master", recursive=True)
+        api = HubApi()
+        endpoint = str(api.endpoint).rstrip("/")
+    except Exception as e:
+        raise DownloadError(f"cannot set up the ModelScope client ({_brief(e)})", hint=hint) from e
+    _check_reachable(endpoint, hint)
+    try:
+        with quiet_loggers(_MODELSCOPE_LOGGERS):
+            listed = api.get_model_files(repo_id, revision=revision or "master", recursive=True)
     except Exception as e:  # modelscope raises its own types (and requests') for not-found and network errors
-        raise DownloadError(f"cannot list {repo_id} on ModelScope ({_first_line(e)})",
+        if _is_network_error(e):
+            raise HubUnreachableError(f"cannot reach {endpoint} ({_brief(e)})", hint=hint) from e
+        raise DownloadError(f"cannot list {repo_id} on ModelScope ({_brief(e)})",
                             hint="check the name and the network (ModelScope: modelscope.cn)") from e
     return [
         RemoteFile(path=item["Path"], size=item.get("Size") or None, sha256=item.get("Sha256") or None)
         for item in listed
         if item.get("Type", "blob") != "tree" and item.get("Path")
     ]
+
+
+def _check_reachable(endpoint: str, hint: str) -> None:
+    """HubUnreachableError unless a TCP connection to the endpoint's host opens within REACH_TIMEOUT. Skipped when
+    a proxy carries the requests: the host may then be reachable only through it."""
+    url = urllib.parse.urlsplit(endpoint)
+    host = url.hostname
+    proxies = urllib.request.getproxies()
+    if not host or ((proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)):
+        return
+    try:
+        socket.create_connection((host, url.port or (443 if url.scheme == "https" else 80)), REACH_TIMEOUT).close()
+    except OSError as e:
+        raise HubUnreachableError(f"cannot reach {endpoint} ({_brief(e)})", hint=hint) from e
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """A transport failure (DNS, refused, timeout): modelscope_hub's network errors are ConnectionErrors; older
+    modelscope versions let requests' through."""
+    return isinstance(e, (ConnectionError, TimeoutError, socket.gaierror, *_network_errors()))
+
+
+def _brief(e: BaseException, limit: int = 120) -> str:
+    """A short reason: an OS error's text ("Connection refused"), else the first line, cut to `limit` characters."""
+    text = getattr(e, "strerror", None) or _first_line(e)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def quiet_loggers(names: tuple[str, ...]) -> Iterator[None]:
+    """Hold back libraries' warnings (retries, "Trying to resume download...") for the duration; their errors still
+    arrive as exceptions. The levels are restored afterwards: qimg may run inside a host program."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _modelscope_download(plan: DownloadPlan, progress: DownloadProgress | None) -> Path:

@@ -19,6 +19,10 @@ QWEN_MMDIT_CONFIG = {
     "axes_dims_rope": "axes_dims_rope",
     "zero_cond_t": "zero_cond_t",
 }
+# Keys that fix the network's shapes: a config without one would build the default-sized net and report the
+# whole checkpoint as mismatched, so their absence is the error to report.
+QWEN_MMDIT_CONFIG_REQUIRED = ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                              "in_channels", "out_channels")
 # Present in released configs but without effect on the network: guidance_embeds builds nothing in
 # diffusers either, and pooled_projection_dim is a leftover of the original release.
 QWEN_MMDIT_CONFIG_IGNORED = ("guidance_embeds", "pooled_projection_dim")
@@ -38,6 +42,7 @@ QWEN_VAE_CONFIG = {
     "latents_std": "latents_std",
 }
 QWEN_VAE_CONFIG_IGNORED = ("dropout",)
+QWEN_VAE_CONFIG_REQUIRED = ("base_dim", "z_dim", "dim_mult", "num_res_blocks")
 
 # The temporal resampling convs of the 3-D VAE: one frame never runs them, so the image-only net has none.
 QWEN_VAE_KNOWN_UNUSED = (

@@ -63,6 +63,21 @@ def encode_qwen_prompt(
     return embeds, mask
 
 
+def prompt_tokens(tokenizer: Any, prompt: str, template: PromptTemplate = QWEN_IMAGE_T2I) -> int:
+    """How many tokens the prompt takes inside the template, before any cut (the template's own tokens aside)."""
+    def count(text: str) -> int:
+        return len(tokenizer(template.text.format(text), verbose=False).input_ids)
+
+    return count(prompt) - count("")
+
+
+def dropped_prompt_tokens(
+    tokenizer: Any, prompt: str, template: PromptTemplate = QWEN_IMAGE_T2I, max_sequence_length: int = 512
+) -> int:
+    """How many of the prompt's last tokens encode_qwen_prompt leaves out (it keeps max_sequence_length <= 1024)."""
+    return max(0, prompt_tokens(tokenizer, prompt, template) - min(max_sequence_length, TOKENIZER_MAX_LENGTH))
+
+
 # --- Edit models: the condition images go through the VL encoder too -------------------------------------------
 
 _EDIT_SYSTEM = (

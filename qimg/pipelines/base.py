@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import gc
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,9 +55,11 @@ def resolve_device(options: RuntimeOptions) -> tuple[torch.device, torch.dtype]:
         resolve_attention(options.attention, dev)
     except (ValueError, ImportError) as e:
         raise InputError(str(e), hint="--attention sdpa works everywhere") from e
-    if dev.type != "cuda" and (options.offload in ("model", "layer") or options.vram_budget is not None):
-        raise InputError(f"--offload {options.offload} and --vram-budget manage GPU memory; the device is {dev}",
-                         hint="leave them off on the CPU, or pass --device cuda")
+    gpu_only = ([f"--offload {options.offload}"] if options.offload in ("model", "layer") else []) + (
+        [f"--vram-budget {options.vram_budget:g}"] if options.vram_budget is not None else [])
+    if dev.type != "cuda" and gpu_only:
+        raise InputError(f"{' and '.join(gpu_only)} manage{'s' if len(gpu_only) == 1 else ''} GPU memory; the "
+                         f"device is {dev}", hint="leave it off on the CPU, or pass --device cuda")
     if dev.type != "cuda" and options.text_encoder_device == "cuda":
         raise InputError("--text-encoder-device cuda needs a CUDA device", hint="pass --device cuda")
     return dev, dt
@@ -70,13 +72,21 @@ def fitting_flags(fp8: str | None) -> str:
     return "try " + ", ".join(hints) + " or a smaller --width/--height"
 
 
-def check_finite(x: Tensor) -> Tensor:
-    if not bool(torch.isfinite(x).all()):
-        raise NumericsError(
-            "the sampler produced NaN or infinite values",
-            hint="float16 overflows on this model; use --dtype bfloat16 (CUDA) or float32",
-        )
-    return x
+def check_finite(x: Tensor, where: str, dtype: torch.dtype, model: nn.Module | None = None) -> Tensor:
+    """Refuse NaN or infinite values, saying where they came from: the prompt embeddings, the model's own
+    weights (searched only once something is wrong), or float16 overflowing."""
+    if bool(torch.isfinite(x).all()):
+        return x
+    if model is not None:
+        bad = next((n for n, t in model.state_dict().items() if t.is_floating_point()
+                    and not bool(torch.isfinite(t.float()).all())), None)
+        if bad is not None:
+            raise NumericsError(f"the model's weights hold NaN or infinite values ({bad})",
+                                hint="the checkpoint is damaged; re-download the model")
+    if dtype == torch.float16:
+        raise NumericsError(f"{where} produced NaN or infinite values in float16",
+                            hint="float16 overflows on this model; use --dtype bfloat16 (CUDA) or float32")
+    raise NumericsError(f"{where} produced NaN or infinite values", hint="rerun with --debug and report it")
 
 
 @dataclass
@@ -90,7 +100,8 @@ class Pipeline(abc.ABC):
     transformer: nn.Module
     vae: Any
     schedule: FlowSchedule
-    prompts: Any  # the family's prompt encoder (loaded, release, check_images, check_embeddings, encode_request)
+    prompts: Any  # the family's prompt encoder: loaded, release, load_tokenizers, check_images, check_embeddings,
+    # encode_request
     torch_device: torch.device
     torch_dtype: torch.dtype
     plan: MemoryPlan | None = None  # what stays on the GPU, what visits it per phase, what streams
@@ -99,6 +110,8 @@ class Pipeline(abc.ABC):
     transformer_offload: Offloaded | None = None
     shape: RequestShape | None = None  # the request shape the plan was made for
     keep_text_encoder: bool = True  # False: free it once a request's prompts are encoded
+    # Told each stage of a run as it starts ("prompt", "encode", "denoise", "decode"), for progress displays.
+    on_stage: Callable[[str], None] | None = None
 
     prompt_encoder: ClassVar[Any] = None  # the family's prompt encoder class: (ref, family, device, dtype, ...)
 
@@ -115,6 +128,9 @@ class Pipeline(abc.ABC):
             plan, needs = memory.make_plan(family, root, ref.spec.task, dev, dt, options, shape)
         except PlanError as e:
             raise GPUMemoryError(str(e), hint=fitting_flags(options.fp8)) from None
+        prompts = cls.prompt_encoder(ref, family, dev, dt, fp8=options.fp8, plan=plan, residency=None)
+        if shape.text_encoder:
+            prompts.load_tokenizers()  # small files, read first: a broken one fails before gigabytes load
         try:
             vae = family.load_vae(root / "vae", dev, dt)
             transformer, offloaded = memory.load_denoiser(family, root / family.denoiser_folder, dev, dt, plan,
@@ -129,7 +145,7 @@ class Pipeline(abc.ABC):
         return cls(
             ref=ref, family=family, options=options, transformer=transformer, vae=vae,
             schedule=components.load_schedule(root / "scheduler"),
-            prompts=cls.prompt_encoder(ref, family, dev, dt, fp8=options.fp8, plan=plan, residency=residency),
+            prompts=dataclasses.replace(prompts, residency=residency),
             torch_device=dev, torch_dtype=dt, plan=plan, needs=needs, residency=residency,
             transformer_offload=offloaded, shape=shape,
         )
@@ -181,15 +197,24 @@ class Pipeline(abc.ABC):
         """Enter a run phase (text, vae, denoise): under an offload plan, move components on and off the GPU."""
         if self.residency is not None:
             self.residency.enter(name)
+        if name == "denoise":
+            self.stage("denoise")
+
+    def stage(self, name: str) -> None:
+        """Say which stage of a run starts ("prompt", "encode", "denoise", "decode") to on_stage, if set."""
+        if self.on_stage is not None:
+            self.on_stage(name)
 
     def encode_image(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Pixels (B, 3, H, W) in [-1, 1] -> VAE posterior (mean, logvar) in the VAE's latent space."""
+        self.stage("encode")
         self.phase("vae")
         x = x.to(self.torch_device, self.torch_dtype)
         return self.vae.encode(x) if self.tiling is None else encode_tiled(self.vae, x, self.tiling)
 
     def decode(self, x: Tensor, height: int, width: int) -> Tensor:
         """Packed latent tokens (B, L, 4C) -> images (B, 3, H, W) in [-1, 1]."""
+        self.stage("decode")
         self.phase("vae")
         f = 2 * self.vae.scale_factor  # pixels per token: the VAE's factor, then 2x2 patches
         z = self.vae.denormalize(unpack(x, 2 * (height // f), 2 * (width // f)).to(self.torch_dtype))
@@ -235,17 +260,27 @@ class Pipeline(abc.ABC):
 
     def _conditioning(
         self, request: GenerateRequest, embeddings: EmbeddingsFile | None, images: Sequence[Any] = ()
-    ) -> tuple[GenerateRequest, PromptEmbeds, PromptEmbeds | None]:
-        """Prompt embeddings from the text encoder, or from a saved file (checked against this model)."""
+    ) -> tuple[GenerateRequest, PromptEmbeds, PromptEmbeds | None, dict[str, Any]]:
+        """Prompt embeddings from the text encoder, or from a saved file (checked against this model), and the
+        parameters to record about them: how many prompt tokens the max_sequence_length cut dropped, if any."""
         if embeddings is None:
+            self.stage("prompt")
             data = self.encode_prompts(request, with_negative=request.cfg_enabled, images=images)
+            for part in (data.cond, data.uncond):
+                if part is not None:
+                    check_finite(part.embeds, "the text encoder", self.torch_dtype, self.prompts.model_if_loaded)
             if not self.keep_text_encoder:
                 self.prompts.release()
-            return request, data.cond, data.uncond
+            return request, data.cond, data.uncond, dropped_params(data, data.uncond is not None)
         self.check_embeddings(embeddings, images)
+        for part in (embeddings.cond, embeddings.uncond):
+            if part is not None and not bool(torch.isfinite(part.embeds.float()).all()):
+                raise NumericsError("the saved prompt embeddings hold NaN or infinite values",
+                                    hint="make them again with: qimg encode-prompt")
         request = without_negative(request, embeddings)
         uncond = embeddings.uncond if request.cfg_enabled else None
-        return request, embeddings.cond.to(self.torch_device), uncond and uncond.to(self.torch_device)
+        extra = dropped_params(embeddings, uncond is not None)
+        return request, embeddings.cond.to(self.torch_device), uncond and uncond.to(self.torch_device), extra
 
     def _finish(self, request: GenerateRequest, x: Tensor, started: float, **extra: Any) -> list[Any]:
         images = latents_to_images(self.decode(x, request.height, request.width))
@@ -291,9 +326,10 @@ class Pipeline(abc.ABC):
         started = time.perf_counter()
         with torch.inference_mode(), self._oom_as_error():
             self.fit(self.shape_of(request, embeddings=embeddings is not None))
-            request, cond, uncond = self._conditioning(request, embeddings)
-            x = check_finite(self.denoise_image(request, cond, uncond, init_image, mask, progress))
-            return self._finish(request, x, started)
+            request, cond, uncond, extra = self._conditioning(request, embeddings)
+            x = self.denoise_image(request, cond, uncond, init_image, mask, progress)
+            x = check_finite(x, "the sampler", self.torch_dtype, self.transformer)
+            return self._finish(request, x, started, **extra)
 
     def edit(
         self,
@@ -317,9 +353,10 @@ class Pipeline(abc.ABC):
         started = time.perf_counter()
         with torch.inference_mode(), self._oom_as_error():
             self.fit(self.shape_of(request, len(images), embeddings is not None))
-            request, cond, uncond = self._conditioning(request, embeddings, images)
-            x = check_finite(self.denoise_edit(request, cond, uncond, images, progress))
-            out = self._finish(request, x, started, keep_size=keep_size)
+            request, cond, uncond, extra = self._conditioning(request, embeddings, images)
+            x = self.denoise_edit(request, cond, uncond, images, progress)
+            x = check_finite(x, "the sampler", self.torch_dtype, self.transformer)
+            out = self._finish(request, x, started, keep_size=keep_size, **extra)
         if keep_size and out[0].size != images[0].size:
             from PIL import Image
 
@@ -329,17 +366,30 @@ class Pipeline(abc.ABC):
                 im.info.update(info)
         return out
 
-    def run(self, job: Any, progress: Progress | None = None, *, keep_text_encoder: bool = False) -> list[Any]:
+    def run(self, job: Any, progress: Progress | None = None, *, keep_text_encoder: bool = False,
+            on_stage: Callable[[str], None] | None = None) -> list[Any]:
         """Run a prepared job (qimg.prepare_generate / prepare_edit); the job's paths go into the metadata.
-        Unless keep_text_encoder, the text encoder is freed once the job's prompts are encoded (one image)."""
+        Unless keep_text_encoder, the text encoder is freed once the job's prompts are encoded (one image).
+        on_stage is told each stage as it starts (see Pipeline.stage)."""
         kept, self.keep_text_encoder = self.keep_text_encoder, keep_text_encoder
+        told, self.on_stage = self.on_stage, on_stage or self.on_stage
         try:
             images = getattr(self, job.method)(request=job.request, progress=progress, **job.inputs)
         finally:
-            self.keep_text_encoder = kept
+            self.keep_text_encoder, self.on_stage = kept, told
         for image in images:
             image.info.setdefault("qimg", {}).update(job.extra)
         return images
+
+
+def dropped_params(data: EmbeddingsFile, with_negative: bool) -> dict[str, int]:
+    """prompt_tokens_dropped / negative_tokens_dropped for the image parameters, from the embeddings' meta (only
+    the non-zero counts, and the negative's only when it conditions the run)."""
+    dropped = data.meta.get("dropped_tokens") or {}
+    params = {"prompt_tokens_dropped": dropped.get("prompt", 0)}
+    if with_negative:
+        params["negative_tokens_dropped"] = dropped.get("negative", 0)
+    return {key: n for key, n in params.items() if n}
 
 
 def out_of_memory(family: Family, ref: ModelRef, device: torch.device, dtype: torch.dtype, fp8: str | None

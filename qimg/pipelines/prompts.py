@@ -16,10 +16,10 @@ from qimg.embeddings import EmbeddingsFile, PromptEmbeds
 from qimg.errors import InputError
 from qimg.loading import components
 from qimg.loading.hub import ModelRef
-from qimg.nets.text_encoders import TEMPLATES, encode_qwen_prompt, encode_qwen_prompt_with_images
+from qimg.nets.text_encoders import TEMPLATES, dropped_prompt_tokens, encode_qwen_prompt, encode_qwen_prompt_with_images
 from qimg.pipelines.common import resize_to_area
 from qimg.pipelines.family import Family
-from qimg.request import GenerateRequest
+from qimg.request import GenerateRequest, check_images
 from qimg.runtime.devices import pick_device, pick_dtype
 from qimg.runtime.fp8 import Predicate, apply_fp8
 from qimg.runtime.offload import Offloaded, Residency, prepare_blocks
@@ -74,6 +74,12 @@ class QwenPromptEncoder:
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def load_tokenizers(self) -> None:
+        """Read the tokenizer (and, for edit models, the image processor) now rather than at the first prompt."""
+        _ = self.tokenizer
+        if self.ref.spec.task == "edit":
+            _ = self.image_processor
+
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -91,20 +97,16 @@ class QwenPromptEncoder:
         return self._model is not None
 
     @property
+    def model_if_loaded(self) -> Any:
+        """The text encoder if it is loaded, else None (for error reports that must not load it)."""
+        return self._model
+
+    @property
     def template_name(self) -> str:
         return self.ref.spec.prompt_template
 
     def check_images(self, images: Sequence[Any]) -> None:
-        spec = self.ref.spec
-        if spec.task != "edit":
-            if images:
-                raise InputError(f"{self.ref.name} is a text-to-image model; it takes no input images",
-                                 hint="use an edit model (Qwen-Image-Edit, -2509, -2511) for -i IMAGE")
-            return
-        most = "any number of" if spec.max_images is None else f"at most {spec.max_images}"
-        if len(images) < spec.min_images or (spec.max_images is not None and len(images) > spec.max_images):
-            raise InputError(f"{spec.name} takes {spec.min_images} to {most} input images, got {len(images)}",
-                             hint="pass each image with -i IMAGE")
+        check_images(self.ref.spec, self.ref.name, len(images))
 
     def encode(self, prompt: str, max_sequence_length: int = 512, images: Sequence[Any] = ()) -> PromptEmbeds:
         """Conditioning for one prompt: embeds (1, L, 3584) and no mask (a single prompt has no padding).
@@ -145,7 +147,21 @@ class QwenPromptEncoder:
             "dtype": str(self.torch_dtype).removeprefix("torch."),
             "qimg_version": __version__,
         }
+        dropped = self.dropped_tokens(request, with_negative=uncond is not None)
+        if dropped:
+            meta["dropped_tokens"] = dropped
         return EmbeddingsFile(cond, uncond, meta)
+
+    def dropped_tokens(self, request: GenerateRequest, *, with_negative: bool) -> dict[str, int]:
+        """{"prompt": n, "negative": m}: how many last tokens of each prompt the max_sequence_length cut left out
+        (only the non-zero counts). Edit models read the whole prompt: their encoding has no cut."""
+        if self.ref.spec.task == "edit":
+            return {}
+        template = TEMPLATES[self.template_name]
+        texts = {"prompt": request.prompt, "negative": request.negative if with_negative else None}
+        counts = {name: dropped_prompt_tokens(self.tokenizer, text, template, request.max_sequence_length)
+                  for name, text in texts.items() if text is not None}
+        return {name: n for name, n in counts.items() if n}
 
     def check_embeddings(self, data: EmbeddingsFile, images: Sequence[Any] = ()) -> None:
         """Refuse embeddings made for another model family or template, or (edit) for other input images."""

@@ -90,7 +90,7 @@ def test_json_lines_per_image(runner, fake_model, tmp_path, fake_load) -> None:
     ("text", "message"),
     [
         ('{"prompt": "a"}\n{"prompt": "b", "stepz": 3}\n', "p.jsonl:2: unknown key 'stepz'"),
-        ('{"prompt": "a"}\n{"prompt": "b", "steps": 0}\n', "p.jsonl:2: --steps must be at least 1"),
+        ('{"prompt": "a"}\n{"prompt": "b", "steps": 0}\n', 'p.jsonl:2: "steps" must be between 1 and 1000'),
         ('{"prompt": "a", "name": "x"}\n{"prompt": "b", "name": "x"}\n', "is also the name of line 1"),
         ('{"prompt": "a"}\n\n{"prompt": "b"\n', "p.jsonl:3: not valid JSON"),
     ],

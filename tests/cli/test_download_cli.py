@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ import qimg
 from qimg.cli.main import app
 from tests.loading import hub_server
 from tests.loading.hub_server import HubServer
-from tests.loading.test_hub import VAE, place
+from tests.loading.test_hub import VAE, closed_port_url, modelscope_logs, place, unreachable_modelscope
 
 hf_hub, tiny_qwen_repo = hub_server.hf_hub, hub_server.tiny_qwen_repo  # fixtures
+modelscope_logs = modelscope_logs  # a fixture
 
 
 def _run(runner: CliRunner, *argv: str):
@@ -119,6 +121,7 @@ def test_modelscope_source_wiring(runner: CliRunner, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(ms_api.HubApi, "get_model_files", lambda self, model_id, **kw: files)
     monkeypatch.setattr(ms_snapshot, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr("qimg.loading.download._check_reachable", lambda endpoint, hint: None)  # never dialled
     dry = _run(runner, "download", "qwen-image-2512", "--source", "modelscope", "--dry-run")
     assert dry.exit_code == 0 and dry.stdout.startswith("Qwen/Qwen-Image-2512 on modelscope (master)")
     assert seen == {}
@@ -129,6 +132,41 @@ def test_modelscope_source_wiring(runner: CliRunner, monkeypatch: pytest.MonkeyP
     assert "model_index.json" in seen["allow_patterns"]
     assert result.stdout.strip() == str(tmp_path / "m")
     assert f"--model {tmp_path / 'm'}" in result.stderr
+
+
+def test_an_unreachable_hub_with_the_model_on_disk_is_a_download(runner: CliRunner, hf_hub: HubServer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _run(runner, "download", "qwen-image", "--quiet")
+    assert first.exit_code == 0, first.output
+    path = first.stdout.strip()
+    monkeypatch.setenv("HF_ENDPOINT", url := closed_port_url())  # no network: the hub refuses every connection
+    quiet = _run(runner, "download", "qwen-image", "--quiet")  # MODEL_DIR=$(qimg download qwen-image --quiet)
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout == f"{path}\n" and quiet.stderr == ""
+    loud = _run(runner, "download", "qwen-image")
+    assert loud.exit_code == 0, loud.output
+    assert loud.stdout == f"{path}\n"
+    notes = [line for line in loud.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: cannot reach {url} (")
+    assert notes[0].endswith(": the complete copy on disk is used as it is, without checking for updates")
+    (Path(path) / VAE).unlink()  # an incomplete copy: the error it was
+    line = _one_error(_run(runner, "download", "qwen-image", "--quiet"))
+    assert line.startswith(f"error: cannot reach {url} (")
+
+
+def test_modelscope_unreachable_is_one_fast_line(runner: CliRunner, monkeypatch: pytest.MonkeyPatch,
+                                                  tiny_qwen: Path, modelscope_logs: list) -> None:
+    url = unreachable_modelscope(monkeypatch)
+    started = time.monotonic()
+    result = _run(runner, "download", "qwen-image", "--source", "modelscope")
+    assert time.monotonic() - started < 3  # modelscope alone retries for ~9 s, logging each try
+    assert _one_error(result) == f"error: cannot reach {url} (Connection refused)"
+    assert "WARNING" not in result.output and not [r for r in modelscope_logs if r.levelname == "WARNING"]
+    folder = place(tiny_qwen, Path(os.environ["MODELSCOPE_CACHE"]) / "models" / "Qwen--Qwen-Image" / "snapshots"
+                   / "master")
+    quiet = _run(runner, "download", "qwen-image", "--source", "modelscope", "--quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout == f"{folder}\n" and quiet.stderr == ""
 
 
 def test_help_has_examples(runner: CliRunner) -> None:

@@ -6,14 +6,17 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import logging
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
 import qimg
 from qimg.errors import ConfigError, ModelNotFoundError
-from qimg.loading.download import DownloadError, allow_patterns
+from qimg.loading.download import DownloadError, HubUnreachableError, allow_patterns
 from qimg.loading.hub import hf_cache_dir, list_models, modelscope_cache_dir, resolve_model
 from qimg.specs import SPECS
 from tests.loading import hub_server
@@ -23,6 +26,14 @@ hf_hub, tiny_qwen_repo = hub_server.hf_hub, hub_server.tiny_qwen_repo  # fixture
 
 SHARD = "transformer/diffusion_pytorch_model-00001-of-00002.safetensors"
 VAE = "vae/diffusion_pytorch_model.safetensors"
+
+
+def closed_port_url() -> str:
+    """A localhost URL nothing listens on: connections are refused at once, as on a machine without network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 def place(model: Path, dest: Path) -> Path:
@@ -252,6 +263,24 @@ def test_offline_refuses_with_the_command_to_run(monkeypatch: pytest.MonkeyPatch
     assert not hf_cache_dir().exists()
 
 
+def test_an_unreachable_hub_falls_back_to_a_complete_copy(hf_hub: HubServer, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = qimg.download("qwen-image")
+    local = qimg.download("qwen-image", local_dir=tmp_path / "m")
+    # A port that refuses connections, as with no network (a stopped server would still answer on kept-alive ones).
+    monkeypatch.setenv("HF_ENDPOINT", url := closed_port_url())
+    plan = qimg.plan_download("qwen-image")
+    assert plan.unreachable is not None and plan.unreachable.startswith(f"cannot reach {url} (")
+    assert not plan.offline and plan.commit == path.name and plan.fetch_size == 0 and plan.destination == path
+    assert qimg.download(plan) == path
+    assert qimg.download("qwen-image", local_dir=tmp_path / "m") == local
+    with pytest.raises(HubUnreachableError, match="cannot reach"):  # a revision cannot be resolved offline
+        qimg.download("qwen-image", revision="main")
+    (path / VAE).unlink()  # an incomplete copy is no download
+    with pytest.raises(HubUnreachableError, match=f"cannot reach {url}"):
+        qimg.download("qwen-image")
+
+
 def test_allow_patterns_follow_the_task() -> None:
     t2i, edit = allow_patterns(SPECS["qwen-image"]), allow_patterns(SPECS["qwen-image-edit-2511"])
     assert "processor/*.json" in edit and not any(p.startswith("processor/") for p in t2i)
@@ -290,6 +319,7 @@ def test_modelscope_download_wiring(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
     monkeypatch.setattr(ms_api.HubApi, "get_model_files", fake_listing)
     monkeypatch.setattr(ms_snapshot, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr("qimg.loading.download._check_reachable", lambda endpoint, hint: None)  # never dialled
     events = Events()
     path = qimg.download("qwen-image", source="modelscope", progress=events)
     (listing_args, listing_kw), (args, kwargs) = calls
@@ -299,6 +329,84 @@ def test_modelscope_download_wiring(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert (kwargs["revision"], kwargs["cache_dir"]) == (None, str(modelscope_cache_dir()))
     assert (events.started, events.bytes, events.finished) == ([VAE], {VAE: 10}, [VAE])
     assert resolve_model("qwen-image").path == path.resolve()
+
+
+class Records(logging.Handler):
+    """The records a library's logger lets through, as its own stderr handler would print them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def modelscope_logs(monkeypatch: pytest.MonkeyPatch) -> list[logging.LogRecord]:
+    handler = Records()
+    for name in ("modelscope", "modelscope_hub"):
+        monkeypatch.setattr(logging.getLogger(name), "handlers", [*logging.getLogger(name).handlers, handler])
+    return handler.records
+
+
+def unreachable_modelscope(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point modelscope's client at a closed localhost port (its config is read once per process, so the
+    environment variable would come too late) and refuse any other host."""
+    config = pytest.importorskip("modelscope_hub.config")
+    url = closed_port_url()
+    monkeypatch.setattr(config.get_default_config(), "endpoint", url)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def local_only(host: str, *args: object, **kwargs: object) -> list:
+        if host not in ("127.0.0.1", "localhost"):
+            raise OSError(f"test tried to reach {host}")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    return url
+
+
+def test_an_unreachable_modelscope_is_one_fast_error_or_the_copy_on_disk(
+    monkeypatch: pytest.MonkeyPatch, tiny_qwen: Path, modelscope_logs: list[logging.LogRecord]
+) -> None:
+    url = unreachable_modelscope(monkeypatch)
+    started = time.monotonic()
+    with pytest.raises(HubUnreachableError) as info:
+        qimg.plan_download("qwen-image", source="modelscope")
+    assert time.monotonic() - started < 3  # modelscope alone retries for ~9 s
+    assert info.value.message == f"cannot reach {url} (Connection refused)"
+    assert [r for r in modelscope_logs if r.levelno >= logging.WARNING] == []
+    folder = place(tiny_qwen, modelscope_cache_dir() / "models" / "Qwen--Qwen-Image" / "snapshots" / "master")
+    plan = qimg.plan_download("qwen-image", source="modelscope")
+    assert plan.unreachable == info.value.message and plan.destination == folder and plan.fetch_size == 0
+    assert qimg.download(plan) == folder
+
+
+def test_modelscope_listing_failures_are_short_and_its_retries_silent(
+    monkeypatch: pytest.MonkeyPatch, modelscope_logs: list[logging.LogRecord]
+) -> None:
+    ms_api = importlib.import_module("modelscope.hub.api")
+    monkeypatch.setattr("qimg.loading.download._check_reachable", lambda endpoint, hint: None)
+    raised: list[Exception] = []
+    levels = [logging.getLogger(name).level for name in ("modelscope", "modelscope_hub")]
+
+    def failing_listing(self, model_id: str, **kw) -> list[dict]:
+        for attempt in (1, 2, 3):
+            logging.getLogger("modelscope_hub.legacy_api").warning("listing failed, retry (%s/4)", attempt)
+        raise raised[-1]
+
+    monkeypatch.setattr(ms_api.HubApi, "get_model_files", failing_listing)
+    raised.append(ConnectionError("Connection failed: " + "x" * 400))  # what modelscope_hub's NetworkError is
+    with pytest.raises(HubUnreachableError, match=r"^cannot reach \S+ \(Connection failed: x+\.\.\.\)$") as info:
+        qimg.plan_download("qwen-image", source="modelscope")
+    assert len(info.value.message) < 200
+    raised.append(ValueError("no such model " + "y" * 400))
+    with pytest.raises(DownloadError, match=r"^cannot list Qwen/Qwen-Image on ModelScope") as info:
+        qimg.plan_download("qwen-image", source="modelscope")
+    assert not isinstance(info.value, HubUnreachableError) and len(info.value.message) < 200
+    assert modelscope_logs == []
+    assert [logging.getLogger(name).level for name in ("modelscope", "modelscope_hub")] == levels  # given back
 
 
 # --- variants told apart by their own files ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 import qimg
-from qimg.cli.output import Output, show_plan
+from qimg.cli.output import Output, params_token_warnings, show_plan
 
 
 class PromptsFormat(str, Enum):
@@ -55,8 +55,8 @@ def run_prompt_file(
     for item in plan.items:
         for note in item.notes:
             out.warn(f"{source}:{item.line}: {note}")
-    out.info(f"{len(plan.items)} prompts from {source}: {len(plan.todo)} to generate, "
-             f"{len(plan.skipped)} already done")
+    count = f"{len(plan.items)} prompt{'s' if len(plan.items) != 1 else ''}"
+    out.info(f"{count} from {source}: {len(plan.todo)} to generate, {len(plan.skipped)} already done")
     started = time.perf_counter()
 
 
@@ -79,7 +79,9 @@ def run_prompt_file(
         elif event.kind == "start" and item.action != "new":
             out.info(f"{tag} regenerating {item.path} ({item.reason})")
         elif event.kind == "written":
-            out.info(f"{tag} wrote {item.path} (seed {item.request.seed}, {event.seconds:.1f} s)")
+            out.info(f"{tag} wrote {item.path} (seed {item.request.seed}, {_seconds(event.seconds)})")
+            for warning in params_token_warnings(event.params):
+                out.warn(f"{source}:{item.line}: {warning}")
         elif event.kind == "failed" and event.error is not None:
             out.error(f"{source}:{item.line}: {event.error.message}", event.error.hint)
         if json_out and event.kind != "start":
@@ -96,3 +98,10 @@ def run_prompt_file(
             + (f"; stopped with {stopped} not run (--fail-fast)" if stopped else ""),
             hint="rerun the same command to retry: finished images are skipped",
         )
+
+
+def _seconds(seconds: float | None) -> str:
+    """A duration for people: tenths above a second, milliseconds below (a fast image is not "0.0 s")."""
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms"

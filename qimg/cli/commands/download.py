@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -74,7 +73,8 @@ def download(
     (HF_HUB_CACHE, else HF_HOME/hub) or the ModelScope cache (MODELSCOPE_CACHE); files another tool downloaded
     there are reused. A rerun resumes where an interrupted download stopped. Each file is checked against the
     sizes and hashes the hub lists. HF_TOKEN is sent for private or gated repos; HF_HUB_OFFLINE=1 refuses to
-    download. On success the model folder is printed on stdout.
+    download. When the hub cannot be reached, a complete copy already on disk counts as downloaded (with a note).
+    On success the model folder is printed on stdout.
     """
     out = Output(quiet=quiet)
     with quiet_hub_loggers(quiet), out.status(f"listing {model} on {source.value}"):
@@ -84,6 +84,8 @@ def download(
         return
     if plan.offline:
         out.note("HF_HUB_OFFLINE is set: the copy on disk is used as it is, without asking the hub for updates")
+    elif plan.unreachable is not None:
+        out.note(f"{plan.unreachable}: the complete copy on disk is used as it is, without checking for updates")
     present = sum(f.present for f in plan.files)
     out.info(f"{describe(plan)}: {len(plan.files)} files, {format_size(plan.total_size)}"
              + (f" ({present} already here, {format_size(plan.fetch_size)} to fetch)" if present else ""))
@@ -161,19 +163,9 @@ class LineProgress:
         self.out.info(f"fetched {path}" + (f" ({format_size(size)})" if size is not None else ""))
 
 
-@contextmanager
-def quiet_hub_loggers(quiet: bool) -> Iterator[None]:
-    """With --quiet, the hub libraries' warnings (e.g. "Trying to resume download...") are held back; their
-    errors still reach us as exceptions. The levels are restored afterwards: the CLI may run inside a host program."""
-    loggers = [logging.getLogger(name) for name in HUB_LOGGERS] if quiet else []
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+def quiet_hub_loggers(quiet: bool) -> Any:
+    """With --quiet, the hub libraries' warnings are held back (qimg.quiet_loggers)."""
+    return qimg.quiet_loggers(HUB_LOGGERS if quiet else ())
 
 
 @contextmanager

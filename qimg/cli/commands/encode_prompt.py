@@ -10,7 +10,7 @@ import typer
 
 import qimg
 from qimg.cli.options import MODEL_ENV, Debug, Device, DType, Quiet, require_model
-from qimg.cli.output import Output
+from qimg.cli.output import Output, dropped_token_warnings
 
 EXAMPLES = """\
 Examples:
@@ -61,8 +61,13 @@ def encode_prompt(
     out = Output(quiet=quiet)
     model = require_model(model)
     path = qimg.check_output_path(output, overwrite=overwrite, suffix=".safetensors")
-    ref = qimg.resolve_model(model)
-    pictures = [qimg.open_image(p, "input image") for p in image or []]
+    ref = qimg.check_prompt_inputs(model, len(image or []))
+    pictures = []
+    for picture in image or []:
+        loaded, notes = qimg.read_image(picture, "input image")  # as qimg edit reads it: upright, RGB
+        pictures.append(loaded)
+        for note in notes:
+            out.warn(note)
     started = time.perf_counter()
     with out.status(f"encoding with {ref.name}'s text encoder"):
         data = qimg.encode_prompt(
@@ -73,3 +78,6 @@ def encode_prompt(
     tokens = data.cond.embeds.shape[1]
     neg = f", negative {data.uncond.embeds.shape[1]} tokens" if data.uncond is not None else ""
     out.info(f"wrote {output} ({tokens} prompt tokens{neg}, {time.perf_counter() - started:.1f} s)")
+    dropped = data.meta.get("dropped_tokens") or {}
+    for warning in dropped_token_warnings(dropped, data.meta.get("max_sequence_length") or 512):
+        out.warn(warning)

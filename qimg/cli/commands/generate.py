@@ -32,7 +32,7 @@ from qimg.cli.options import (
     require_model,
     runtime_options,
 )
-from qimg.cli.output import Output, show_plan
+from qimg.cli.output import Output, params_token_warnings, show_plan
 
 EXAMPLES = """\
 Examples:
@@ -101,6 +101,9 @@ def generate(
     ] = None,
     height: Annotated[
         int | None, typer.Option(help="Image height in pixels, snapped down to a multiple of 16.")
+    ] = None,
+    max_sequence_length: Annotated[
+        int | None, typer.Option(help="Keep at most this many prompt tokens (1-1024). Default: 512.")
     ] = None,
     device: Device = None,
     dtype: Annotated[
@@ -198,27 +201,41 @@ def generate(
     """
     out = Output(quiet=quiet)
     check_sources(prompt, prompts, prompt_embeds, from_image, init_image, strength, mask)
+    if prompts is None:
+        batch_only = [flag for flag, given in (("--prompts-format", prompts_format != PromptsFormat.auto),
+                                               ("--name-template", name_template != qimg.DEFAULT_NAME_TEMPLATE),
+                                               ("--fail-fast", fail_fast)) if given]
+        if batch_only:
+            raise qimg.UsageError(f"{batch_only[0]} needs --prompts", hint="it applies to prompt-file batches only")
     runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
                               vram_budget, text_encoder_device)
     if prompts is not None:
         run_prompt_file(
             out, prompts=prompts, prompts_format=prompts_format, folder=output, model=require_model(model),
             name_template=name_template, seed=seed,
-            defaults={"negative": negative, "steps": steps, "cfg": cfg, "width": width, "height": height},
+            defaults={"negative": negative, "steps": steps, "cfg": cfg, "width": width, "height": height,
+                      "max_sequence_length": max_sequence_length},
             overwrite=overwrite, fail_fast=fail_fast, json_out=json_out, runtime=runtime, verbose=verbose,
         )
         return
     args = dict(prompt=prompt, prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg,
-                width=width, height=height, init_image=init_image, mask=mask, strength=strength)
+                width=width, height=height, init_image=init_image, mask=mask, strength=strength,
+                max_sequence_length=max_sequence_length)
     if from_image is not None:
         given = model if _on_command_line(ctx, "model") else None  # the stored model beats QIMG_MODEL
         args = qimg.replay(from_image, model=given, default_model=model, **args)
     else:
         args["model"] = require_model(model)
-    # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
-    path = qimg.check_output_path(output, overwrite=overwrite)
-    job = qimg.prepare_generate(**{k: v for k, v in args.items() if v is not None})
-    run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, json_out=json_out, verbose=verbose)
+    try:
+        # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
+        path = qimg.check_output_path(output, overwrite=overwrite)
+        job = qimg.prepare_generate(**{k: v for k, v in args.items() if v is not None})
+        run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, json_out=json_out, verbose=verbose)
+    except qimg.QimgError as e:
+        if json_out:  # scripts reading stdout get the outcome of a single image too, as batches give it
+            typer.echo(json.dumps({"event": "failed", "path": str(output), "error": e.message, "hint": e.hint},
+                                  ensure_ascii=False))
+        raise
 
 
 def check_sources(
@@ -274,9 +291,11 @@ def run_and_save(
         if verbose:
             show_plan(out, pipe)
         with out.steps("denoising") as progress:
-            images = pipe.run(job, progress)
+            images = pipe.run(job, progress, on_stage=progress.stage)
         params = images[0].info.get("qimg", {})
         qimg.save_png(images[0], path, overwrite=overwrite)
     out.info(f"wrote {path} (seed {job.request.seed}, {time.perf_counter() - started:.1f} s)")
+    for warning in params_token_warnings(params):
+        out.warn(warning)
     if json_out:
         typer.echo(json.dumps({"event": "written", "path": str(path), **params}, ensure_ascii=False))
