@@ -28,7 +28,7 @@ from qimg.batch import (
     run_batch,
 )
 from qimg.errors import QimgError, UsageError
-from qimg.jobs import Job, check_prompt_inputs, prepare_edit, prepare_generate, replay
+from qimg.jobs import Job, check_loras, check_prompt_inputs, parse_lora, prepare_edit, prepare_generate, replay
 from qimg.loading.download import DownloadPlan, download, plan_download, quiet_loggers
 from qimg.loading.hub import ModelRef, list_models, resolve_model
 from qimg.png import check_output_path, open_image, read_image, read_params, save_png
@@ -95,6 +95,7 @@ __all__ = [
     "ModelRef",
     "QimgError",
     "UsageError",
+    "check_loras",
     "check_output_path",
     "download",
     "encode_prompt",
@@ -104,6 +105,7 @@ __all__ = [
     "load_embeddings",
     "make_request",
     "open_image",
+    "parse_lora",
     "plan_download",
     "quiet_loggers",
     "read_image",

@@ -19,7 +19,7 @@ import string
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,6 +322,7 @@ def plan_batch(
     overwrite: bool = False,
     defaults: dict[str, Any] | None = None,
     dtype: str | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> BatchPlan:
     """Validate every line against the model's spec and decide each output (see COMPARED_KEYS for "done").
 
@@ -375,6 +376,8 @@ def plan_batch(
             stored = _stored_params(path)
             wanted = {**request.as_dict(), **wanted_extra}
             differ = [k for k in keys if stored is not None and stored.get(k) != wanted.get(k)]
+            if stored is not None and _stored_loras(stored) != [(str(p), float(v)) for p, v in loras]:
+                differ.append("loras")
             if overwrite:
                 action, reason = "overwrite", "--overwrite"
             elif stored is None:
@@ -388,6 +391,14 @@ def plan_batch(
     if plan.todo:  # a real probe now, rather than the same failure on every line later
         check_output_path((out if out.is_dir() else out.parent) / "qimg-write-probe.png", overwrite=True)
     return plan
+
+
+def _stored_loras(stored: dict[str, Any]) -> list[tuple[str, float]]:
+    """The (path, scale) pairs an image was made with, as qimg recorded them (none: [])."""
+    items = stored.get("loras")
+    if not isinstance(items, list):
+        return []
+    return [(str(i.get("path")), float(i.get("scale", 1.0))) for i in items if isinstance(i, dict)]
 
 
 def _line_fields(message: str) -> str:

@@ -11,6 +11,7 @@ strength default. `replay` turns the parameters stored in a qimg PNG back into a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,43 @@ class Job:
     inputs: dict[str, Any] = field(default_factory=dict)  # init_image, mask, images, embeddings, keep_size
     extra: dict[str, Any] = field(default_factory=dict)  # input paths, recorded in the PNG's parameters
     notes: list[str] = field(default_factory=list)  # what was changed (snapped sizes, resampling), for people
+    # (absolute path, scale) to attach, in order; None leaves whatever the pipeline has attached as it is
+    loras: list[tuple[str, float]] | None = None
 
     @property
     def shape(self) -> RequestShape:
         """The request's memory shape, for qimg.load's plan."""
         n_images = len(self.inputs.get("images", ()))
         return request_shape(self.ref.spec, self.request, n_images, "embeddings" in self.inputs)
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (path, scale); the scale defaults to 1.0 and may be zero or negative. A colon that
+    is not followed by a number belongs to the path."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(scale):
+            raise UsageError(f"--lora {text}: the scale must be a finite number",
+                             hint="e.g. --lora style.safetensors:0.8")
+        return path, scale
+    return text, 1.0
+
+
+def check_loras(loras: Sequence[tuple[str | Path, float]]) -> list[tuple[str, float]]:
+    """Each LoRA file exists (one line naming it otherwise); paths made absolute, so a job is the same from any
+    folder. The file itself is read when it is attached."""
+    out = []
+    for path, scale in loras:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            what = "is a folder" if p.is_dir() else "does not exist"
+            raise InputError(f"LoRA file {p} {what}", hint="pass --lora PATH.safetensors[:SCALE]")
+        out.append((str(p.resolve()), float(scale)))
+    return out
 
 
 def _ref(model: str | Path | ModelRef, check: Callable[[ModelSpec, str], None]) -> ModelRef:
@@ -138,11 +170,13 @@ def prepare_generate(
     mask: Any = None,
     prompt_embeds: Any = None,
     no_negative: bool = False,
+    loras: Sequence[tuple[str | Path, float]] | None = None,
     **options: Any,
 ) -> Job:
     """A text-to-image (img2img with `init_image`, inpaint with `mask`) job. Images and `prompt_embeds` are
     paths or loaded objects; options as make_request (negative, seed, steps, cfg, guidance, width, height,
-    strength, max_sequence_length). no_negative: the image replayed was made without a negative prompt."""
+    strength, max_sequence_length). no_negative: the image replayed was made without a negative prompt.
+    loras: (path, scale) pairs the pipeline must have attached for this job (None: leave them as they are)."""
     ref = _ref(model, _for_generate)
     if mask is not None and init_image is None:
         raise UsageError("--strength and --mask need --init-image", hint="add --init-image PICTURE")
@@ -167,7 +201,7 @@ def prepare_generate(
     notes[:0] = read
     if init_size is not None and (request.width, request.height) != init_size:
         notes.append(f"init image is {init_size[0]}x{init_size[1]}; generating {request.width}x{request.height}")
-    return Job(ref, "generate", request, inputs, extra, notes)
+    return Job(ref, "generate", request, inputs, extra, notes, None if loras is None else check_loras(loras))
 
 
 def prepare_edit(
@@ -177,9 +211,11 @@ def prepare_edit(
     *,
     keep_size: bool = False,
     prompt_embeds: Any = None,
+    loras: Sequence[tuple[str | Path, float]] | None = None,
     **options: Any,
 ) -> Job:
-    """An edit job: `images` (paths or PIL) as the model takes them; options as make_request (no strength)."""
+    """An edit job: `images` (paths or PIL) as the model takes them; options as make_request (no strength);
+    loras: (path, scale) pairs the pipeline must have attached for this job (None: leave them as they are)."""
     ref = _ref(model, _for_edit(len(images)))
     spec = ref.spec
     extra: dict[str, Any] = {}
@@ -203,7 +239,7 @@ def prepare_edit(
     if first is not None and size != first:
         notes.append(f"generating {size[0]}x{size[1]}, resampled to the input's {first[0]}x{first[1]}" if keep_size
                      else f"output is {size[0]}x{size[1]}, input is {first[0]}x{first[1]} (--keep-size to match)")
-    return Job(ref, "edit", request, inputs, extra, notes)
+    return Job(ref, "edit", request, inputs, extra, notes, None if loras is None else check_loras(loras))
 
 
 def replay(
@@ -230,6 +266,9 @@ def replay(
     if "negative" not in args and not embeds:
         args["negative"] = stored.get("negative")
         args["no_negative"] = "negative" in stored and stored["negative"] is None
+    if "loras" not in args and isinstance(stored.get("loras"), list):
+        args["loras"] = [(str(item["path"]), float(item.get("scale", 1.0))) for item in stored["loras"]
+                         if isinstance(item, dict) and item.get("path")]
     for key in _REPLAYED:
         if key not in args and stored.get(key) is not None:
             args[key] = stored[key]

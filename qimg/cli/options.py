@@ -176,3 +176,14 @@ Device = Annotated[
     str | None,
     typer.Option(callback=check_device, help="cpu, cuda or cuda:N. Default: cuda if present, else cpu."),
 ]
+LoRA = Annotated[
+    list[str] | None,
+    typer.Option("--lora", metavar="PATH[:SCALE]",
+                 help="Apply a LoRA (diffusers/PEFT, kohya, ComfyUI, DiffSynth or Lightning safetensors) at SCALE "
+                 "(default 1.0; 0 turns it off, negative subtracts it). Repeat to stack several."),
+]
+
+
+def loras_from(values: list[str] | None) -> list[tuple[str, float]]:
+    """--lora values as (path, scale) pairs."""
+    return [qimg.parse_lora(v) for v in values or []]

@@ -177,3 +177,13 @@ def show_plan(out: Output, pipe: Any) -> None:
         return
     for line in pipe.plan.describe(pipe.needs):
         out.info(line)
+
+
+def show_lora(out: Output, lora: Any, verbose: bool) -> None:
+    """A LoRA just attached: its summary with --verbose; keys that matched nothing always (a partial match)."""
+    if verbose:
+        out.info(f"lora: {lora.summary()}")
+    if lora.unmatched:
+        keys = ", ".join(lora.unmatched[:3]) + (", ..." if len(lora.unmatched) > 3 else "")
+        out.warn(f"{lora.path.name}: {len(lora.unmatched)} key(s) matched no module of the model and were "
+                 f"ignored ({keys})")

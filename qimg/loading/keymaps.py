@@ -63,3 +63,58 @@ def qwen_vae_tensor(name: str, tensor: Tensor) -> Tensor:
     if name.endswith(".gamma") and tensor.ndim == 4:
         return tensor[..., 0]
     return tensor
+
+
+# LoRA files (loading/lora.py). A key is <prefix><module><suffix>. The prefix says who wrote it and how the module
+# is spelled: "dotted" is the denoiser's own module name, "underscored" is kohya's (dots turned into "_"), mapped
+# back only through the model's own names, never guessed. The suffix says which matrix the tensor is. Rows are tried
+# in order and the first whose prefix, suffix style and module all fit the model wins, so bare rows ("") come last.
+# A new dialect (FLUX's XLabs or BFL names, say) is a new row; "*" accepts any suffix style, or any family.
+# (dialect, key prefix, module spelling, suffix styles, families)
+LORA_DIALECTS: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("diffusers", "transformer.", "dotted", ("*",), ("*",)),  # save_lora_weights of a diffusers pipeline
+    ("diffusers", "base_model.model.", "dotted", ("*",), ("*",)),  # a PEFT model's own save
+    ("comfy", "diffusion_model.", "dotted", ("*",), ("*",)),  # ComfyUI, ai-toolkit, musubi --target other
+    ("kohya", "lora_unet_", "underscored", ("*",), ("*",)),  # musubi, sd-scripts, OneTrainer KOHYA_LORA
+    ("kohya", "lora_transformer_", "underscored", ("*",), ("*",)),  # OneTrainer's older naming
+    ("diffsynth", "", "dotted", ("peft_default",), ("*",)),  # DiffSynth-Studio: PEFT keys with the adapter name
+    ("lightning", "", "dotted", ("kohya",), ("*",)),  # ModelTC Qwen-Image-Lightning (lightx2v)
+    ("diffusers", "", "dotted", ("peft", "legacy"), ("*",)),  # diffusers save_lora_adapter: no prefix
+)
+# (key suffix, what it holds, style); the variants ComfyUI accepts (comfy/weight_adapter/lora.py)
+LORA_SUFFIXES: tuple[tuple[str, str, str], ...] = (
+    (".lora_A.default.weight", "down", "peft_default"),
+    (".lora_B.default.weight", "up", "peft_default"),
+    (".lora_A.weight", "down", "peft"),
+    (".lora_B.weight", "up", "peft"),
+    (".lora_A", "down", "peft"),
+    (".lora_B", "up", "peft"),
+    (".lora_down.weight", "down", "kohya"),
+    (".lora_up.weight", "up", "kohya"),
+    (".lora.down.weight", "down", "legacy"),
+    (".lora.up.weight", "up", "legacy"),
+    ("_lora.down.weight", "down", "legacy"),
+    ("_lora.up.weight", "up", "legacy"),
+    (".lora_linear_layer.down.weight", "down", "legacy"),
+    (".lora_linear_layer.up.weight", "up", "legacy"),
+    (".alpha", "alpha", "*"),  # kohya's 0-d alpha; any dialect may carry one, and it is always applied
+)
+# Names only one family's networks have, as key tokens ("." and "_" both separate tokens): a file naming them was
+# made for that family. FLUX's diffusers names share transformer_blocks.i.attn.to_q with Qwen-Image, so only these
+# tell the two apart; the SAI model-spec header (modelspec.architecture) is read as well.
+LORA_FAMILY_MARKERS: dict[str, tuple[str, ...]] = {
+    "flux": ("double_blocks", "single_blocks", "single_transformer_blocks", "img_attn", "txt_attn", "ff_context",
+             "norm1_context"),
+}
+LORA_FAMILY_ARCHITECTURES: dict[str, tuple[str, ...]] = {"flux": ("flux",)}  # modelspec.architecture prefixes
+LORA_FAMILY_NAMES: dict[str, str] = {"flux": "FLUX", "qwen-image": "Qwen-Image"}
+# Adapters that are not a low-rank pair (down, up): read as one they would apply the wrong change, so they are
+# refused by name until the reader builds their dense delta. (kind, key tokens, hint)
+LORA_UNSUPPORTED: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("LyCORIS (LoKr/LoHa)", ("lycoris", "lokr_w1", "lokr_w2", "lokr_t2", "hada_w1_a", "hada_w1_b", "hada_w2_a",
+                             "hada_w2_b", "hada_t1", "hada_t2"),
+     "use a plain LoRA of the same adapter, or convert it to one"),
+    ("DoRA", ("dora_scale", "lora_magnitude_vector"), "use a plain LoRA of the same adapter"),
+)
+# Key prefixes of text-encoder adapters: qimg applies LoRAs to the denoiser only, so these are reported unmatched.
+LORA_TEXT_ENCODER_PREFIXES: tuple[str, ...] = ("lora_te", "text_encoder")  # lora_te1_, text_encoder_2., ...

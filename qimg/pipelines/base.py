@@ -15,7 +15,8 @@ import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,10 @@ from qimg.runtime.planner import GiB, MemoryPlan, Needs, PlanError, RequestShape
 from qimg.runtime.tiling import decode_tiled, encode_tiled
 from qimg.sampling import FlowSchedule, unpack
 from qimg.version import __version__
+
+if TYPE_CHECKING:
+    from qimg.loading.lora import LoRAFile
+    from qimg.pipelines.loras import LoRAs
 
 
 def resolve_device(options: RuntimeOptions) -> tuple[torch.device, torch.dtype]:
@@ -112,6 +117,7 @@ class Pipeline(abc.ABC):
     keep_text_encoder: bool = True  # False: free it once a request's prompts are encoded
     # Told each stage of a run as it starts ("prompt", "encode", "denoise", "decode"), for progress displays.
     on_stage: Callable[[str], None] | None = None
+    adapters: LoRAs | None = None  # LoRAs attached to the denoiser (made on the first load_lora)
 
     prompt_encoder: ClassVar[Any] = None  # the family's prompt encoder class: (ref, family, device, dtype, ...)
 
@@ -165,6 +171,35 @@ class Pipeline(abc.ABC):
     @abc.abstractmethod
     def check_embeddings(self, embeddings: EmbeddingsFile, images: Sequence[Any] = ()) -> None:
         """Refuse saved prompt embeddings this model cannot use (another family, template, width or images)."""
+
+    # -- LoRA ---------------------------------------------------------------------------------------------------
+
+    def _loras(self) -> LoRAs:
+        from qimg.pipelines.loras import LoRAs  # read and attach code loads with the first LoRA
+
+        if self.adapters is None:
+            self.adapters = LoRAs(self.transformer, self.family.denoiser_blocks, self.family.name, self.torch_dtype,
+                                  self.transformer_offload)
+        return self.adapters
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> LoRAFile:
+        """Attach a LoRA file (any dialect the family reads) at `scale` under `name` (default: the file's stem).
+        Several stack; returns what was read (file.summary(), file.unmatched)."""
+        return self._loras().load(path, scale, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change an attached LoRA's scale (0 turns it off exactly; negative subtracts it)."""
+        self._loras().set_strength(name, scale)
+
+    def unload_lora(self, name: str) -> None:
+        """Remove an attached LoRA; the base weights are exactly as before it was loaded."""
+        self._loras().unload(name)
+
+    def apply_loras(self, wanted: Sequence[tuple[str | Path, float]]) -> list[LoRAFile]:
+        """Make the attached LoRAs exactly `wanted` ((path, scale) pairs); returns the files newly read."""
+        if not wanted and self.adapters is None:
+            return []
+        return self._loras().apply(wanted)
 
     # -- shared -----------------------------------------------------------------------------------------------
 
@@ -296,6 +331,8 @@ class Pipeline(abc.ABC):
         }
         if request.guidance is None:
             params.pop("guidance")  # families without distilled guidance record nothing about it
+        if self.adapters is not None and self.adapters.attached:
+            params["loras"] = self.adapters.params()
         for image in images:
             image.info["qimg"] = params
         return images
@@ -371,6 +408,8 @@ class Pipeline(abc.ABC):
         """Run a prepared job (qimg.prepare_generate / prepare_edit); the job's paths go into the metadata.
         Unless keep_text_encoder, the text encoder is freed once the job's prompts are encoded (one image).
         on_stage is told each stage as it starts (see Pipeline.stage)."""
+        if getattr(job, "loras", None) is not None:
+            self.apply_loras(job.loras)
         kept, self.keep_text_encoder = self.keep_text_encoder, keep_text_encoder
         told, self.on_stage = self.on_stage, on_stage or self.on_stage
         try:

@@ -54,6 +54,12 @@ def _embeds(tmp: Path, family: str, template: str, value: float = 0.0) -> None:
     save_embeddings(tmp / "e.safetensors", EmbeddingsFile(cond, None, meta))
 
 
+def _lora(tmp: Path, key: str, fan_in: int, fan_out: int) -> None:
+    """A kohya-style LoRA file with one module under `key` (rank 2)."""
+    save_file({f"{key}.lora_down.weight": torch.zeros(2, fan_in), f"{key}.lora_up.weight": torch.zeros(fan_out, 2)},
+              str(tmp / "l.safetensors"))
+
+
 def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
@@ -100,6 +106,11 @@ SETUPS: dict[str, Callable[[Path, Path, pytest.MonkeyPatch], None]] = {
     "text_as_image": lambda tmp, m, mp: (tmp / "note.png").write_text("not a picture"),
     "truncated_image": lambda tmp, m, mp: _truncated_png(tmp / "cut.png"),
     "bomb_image": lambda tmp, m, mp: (tmp / "bomb.png").write_bytes(_png_header(20000, 20000)),
+    "pickle_lora": lambda tmp, m, mp: (tmp / "style.ckpt").write_bytes(b"a pickle qimg must never open"),
+    "text_lora": lambda tmp, m, mp: (tmp / "l.safetensors").write_text("not a LoRA"),
+    "unmatched_lora": lambda tmp, m, mp: _lora(tmp, "lora_unet_nothing_here", 2, 2),
+    "flux_lora": lambda tmp, m, mp: _lora(tmp, "lora_unet_double_blocks_0_img_attn_qkv", 32, 96),
+    "misshapen_lora": lambda tmp, m, mp: _lora(tmp, "lora_unet_transformer_blocks_0_attn_to_q", 7, 5),
     "interrupt": lambda tmp, m, mp: mp.setattr(qimg, "load", _interrupt),
     "interrupt_batch": lambda tmp, m, mp: (SETUPS["prompts_txt"](tmp, m, mp), mp.setattr(qimg, "load", _interrupt)),
 }

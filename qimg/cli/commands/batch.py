@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 import qimg
-from qimg.cli.output import Output, params_token_warnings, show_plan
+from qimg.cli.output import Output, params_token_warnings, show_lora, show_plan
 
 
 class PromptsFormat(str, Enum):
@@ -38,6 +38,7 @@ def run_prompt_file(
     fail_fast: bool,
     json_out: bool,
     runtime: qimg.RuntimeOptions,
+    loras: list[tuple[str, float]] | None = None,
     verbose: bool = False,
 ) -> None:
     """Check the whole file and plan every output, load the model once (only if something is left to do), run."""
@@ -50,7 +51,7 @@ def run_prompt_file(
     source = "<stdin>" if str(prompts) == "-" else str(prompts)
     plan = qimg.plan_batch(
         ref, lines, folder, source=source, name_template=name_template, seed=seed, overwrite=overwrite,
-        defaults=defaults, dtype=runtime.dtype,
+        defaults=defaults, dtype=runtime.dtype, loras=loras or (),
     )
     for item in plan.items:
         for note in item.notes:
@@ -67,6 +68,8 @@ def run_prompt_file(
         out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - load_started:.1f} s")
         if verbose:
             show_plan(out, pipe)
+        for lora in pipe.apply_loras(loras) if loras else ():
+            show_lora(out, lora, verbose)
         return pipe
 
     def steps(item: qimg.BatchItem) -> Any:

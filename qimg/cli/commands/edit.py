@@ -18,6 +18,7 @@ from qimg.cli.options import (
     Debug,
     Device,
     DType,
+    LoRA,
     Offload,
     OffloadMode,
     Quiet,
@@ -27,6 +28,7 @@ from qimg.cli.options import (
     TileSize,
     Verbose,
     VramBudget,
+    loras_from,
     require_model,
     runtime_options,
 )
@@ -84,6 +86,7 @@ def edit(
     offload: Offload = OffloadMode.auto,
     vram_budget: VramBudget = None,
     text_encoder_device: TextEncoderPlace = None,
+    lora: LoRA = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
@@ -101,7 +104,7 @@ def edit(
                               vram_budget, text_encoder_device)
     path = qimg.check_output_path(output, overwrite=overwrite)
     options = dict(prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
-                   height=height)
+                   height=height, loras=loras_from(lora) or None)
     job = qimg.prepare_edit(model, prompt, image, keep_size=keep_size,
                             **{k: v for k, v in options.items() if v is not None})
     run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, verbose=verbose)

@@ -20,6 +20,7 @@ from qimg.cli.options import (
     Debug,
     Device,
     DType,
+    LoRA,
     Offload,
     OffloadMode,
     Quiet,
@@ -29,10 +30,11 @@ from qimg.cli.options import (
     TileSize,
     Verbose,
     VramBudget,
+    loras_from,
     require_model,
     runtime_options,
 )
-from qimg.cli.output import Output, params_token_warnings, show_plan
+from qimg.cli.output import Output, params_token_warnings, show_lora, show_plan
 
 EXAMPLES = """\
 Examples:
@@ -176,6 +178,7 @@ def generate(
     offload: Offload = OffloadMode.auto,
     vram_budget: VramBudget = None,
     text_encoder_device: TextEncoderPlace = None,
+    lora: LoRA = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
     overwrite: Annotated[
@@ -216,11 +219,12 @@ def generate(
             defaults={"negative": negative, "steps": steps, "cfg": cfg, "width": width, "height": height,
                       "max_sequence_length": max_sequence_length},
             overwrite=overwrite, fail_fast=fail_fast, json_out=json_out, runtime=runtime, verbose=verbose,
+            loras=qimg.check_loras(loras_from(lora)),
         )
         return
     args = dict(prompt=prompt, prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg,
                 width=width, height=height, init_image=init_image, mask=mask, strength=strength,
-                max_sequence_length=max_sequence_length)
+                max_sequence_length=max_sequence_length, loras=loras_from(lora) or None)
     if from_image is not None:
         given = model if _on_command_line(ctx, "model") else None  # the stored model beats QIMG_MODEL
         args = qimg.replay(from_image, model=given, default_model=model, **args)
@@ -290,6 +294,8 @@ def run_and_save(
         out.info(f"loaded {job.ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
         if verbose:
             show_plan(out, pipe)
+        for lora in pipe.apply_loras(job.loras) if job.loras else ():
+            show_lora(out, lora, verbose)
         with out.steps("denoising") as progress:
             images = pipe.run(job, progress, on_stage=progress.stage)
         params = images[0].info.get("qimg", {})

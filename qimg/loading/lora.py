@@ -1,0 +1,374 @@
+"""LoRA files as trainers write them, read into one form: denoiser module name -> (down, up, alpha).
+
+The dialects (diffusers/PEFT, kohya/musubi, ComfyUI/ai-toolkit, DiffSynth, Lightning) differ only in key prefixes,
+key suffixes and where alpha lives; those are the tables in keymaps.py (LORA_DIALECTS, LORA_SUFFIXES). Reading is
+loud: a shape that does not fit, a file made for another family, an adapter kind that is not a low-rank pair, or a
+file naming no module of the model is an error. Keys that name nothing are returned for the caller to report.
+Safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from torch import Tensor
+
+from qimg.errors import CheckpointError, InputError
+from qimg.loading.keymaps import (
+    LORA_DIALECTS,
+    LORA_FAMILY_ARCHITECTURES,
+    LORA_FAMILY_MARKERS,
+    LORA_FAMILY_NAMES,
+    LORA_SUFFIXES,
+    LORA_TEXT_ENCODER_PREFIXES,
+    LORA_UNSUPPORTED,
+)
+
+# diffusers writes a LoRA's peft.LoraConfig as JSON under this header key (lora_base.LORA_ADAPTER_METADATA_KEY). A
+# pipeline's save_lora_weights prefixes each field with the component ("transformer.lora_alpha"); a model's own
+# save_lora_adapter writes the fields bare ("lora_alpha").
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+PEFT_COMPONENT = "transformer"
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's default lora_alpha: what diffusers applies to a config without one
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MATRIX_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_ALPHA_DTYPES = _MATRIX_DTYPES + ("I8", "I16", "I32", "I64", "U8")
+_HINT_DAMAGED = "re-download the LoRA, or save it again"
+_HINT_OTHER_MODEL = "the LoRA was made for another model (or another size of this one)"
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors do not compare to one bool
+class LoRAModule:
+    """One low-rank adapter on one linear (Hu et al. 2021): delta W = strength * scale * up @ down."""
+
+    down: Tensor  # A (rank, in_features), as stored
+    up: Tensor  # B (out_features, rank), as stored
+    # As stored, or rank where the file has none. An rsLoRA config (scale alpha / sqrt(rank)) is stored here as
+    # lora_alpha * sqrt(rank), so that `scale` is what its trainer applied.
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class LoRAFile:
+    """A LoRA file read against one denoiser: its adapters by module name, and the keys that named nothing."""
+
+    path: Path
+    dialect: str  # "diffusers", "kohya", "comfy", "diffsynth", "lightning"
+    family: str  # the family its keys name
+    modules: dict[str, LoRAModule]  # denoiser module name ("transformer_blocks.3.attn.to_q") -> adapter
+    unmatched: tuple[str, ...]  # tensor keys that named no module of the model, or were not understood
+    metadata: dict[str, str]  # the safetensors header metadata
+
+    def summary(self) -> str:
+        """One line: dialect, modules matched, rank(s), alpha(s), unmatched count."""
+        ranks = {m.rank for m in self.modules.values()}
+        alphas = {m.alpha for m in self.modules.values()}
+        return (f"{self.dialect} LoRA: {len(self.modules)} modules, rank {_values(ranks)}, alpha {_values(alphas)}, "
+                f"{len(self.unmatched)} unmatched keys")
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """One row of keymaps.LORA_DIALECTS."""
+
+    name: str
+    prefix: str
+    spelling: str  # "dotted" | "underscored"
+    styles: tuple[str, ...]
+    families: tuple[str, ...]
+
+    def writes(self, style: str) -> bool:
+        return style == "*" or "*" in self.styles or style in self.styles
+
+    def serves(self, family: str) -> bool:
+        return "*" in self.families or family in self.families
+
+
+_DIALECTS = tuple(_Dialect(*row) for row in LORA_DIALECTS)
+
+
+def _tokens(tokens: tuple[str, ...]) -> re.Pattern[str]:
+    """Whole tokens of a key where "." and "_" both separate (kohya spells module paths with "_")."""
+    alternatives = "|".join(re.escape(t.replace(".", "_")) for t in tokens)
+    return re.compile(rf"(?:^|_)(?:{alternatives})(?:_|$)")
+
+
+_FAMILY_TOKENS = {family: _tokens(tokens) for family, tokens in LORA_FAMILY_MARKERS.items()}
+_UNSUPPORTED = tuple((kind, _tokens(tokens), hint) for kind, tokens, hint in LORA_UNSUPPORTED)
+
+
+def read_lora(path: str | Path, linears: Mapping[str, tuple[int, int]], family: str = "qwen-image") -> LoRAFile:
+    """Read a LoRA file against a denoiser. linears: the denoiser's nn.Linear module names -> (out_features,
+    in_features)."""
+    path = Path(path)
+    shown = _show(path)
+    handle = _open(path)
+    keys = list(handle.keys())
+    metadata = dict(handle.metadata() or {})
+    _refuse_other_family(shown, keys, metadata, family)
+    _refuse_unsupported(shown, keys)
+    config = _peft_config(shown, metadata)
+
+    # Each key -> (dialect row, module, role); keys of one module group by the row's prefix, so that one file
+    # naming a module twice (two prefixes) is caught instead of one silently winning.
+    underscored = _underscored(linears)
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    dialect_of: dict[tuple[str, str], str] = {}
+    guesses: Counter[str] = Counter()
+    unmatched: list[str] = []
+    for key in keys:
+        dialect, module, role = _locate(key, linears, underscored, family)
+        if dialect is None or module is None or role is None:
+            unmatched.append(key)
+            if dialect is not None:
+                guesses[dialect.name] += 1
+            continue
+        group = groups.setdefault((dialect.prefix, module), {})
+        if role in group:
+            raise CheckpointError(f"{shown} holds two {role} tensors for {module} ({_show(group[role])} and "
+                                  f"{_show(key)})", hint="the file mixes two LoRAs; save each on its own")
+        group[role] = key
+        if role != "alpha":
+            dialect_of.setdefault((dialect.prefix, module), dialect.name)
+
+    pairs: dict[str, dict[str, str]] = {}
+    found: Counter[str] = Counter()
+    for where, group in groups.items():
+        module = where[1]
+        if "down" not in group or "up" not in group:  # half an adapter, or an alpha alone: nothing to apply
+            unmatched.extend(group.values())
+            guesses[dialect_of.get(where, "unknown")] += 1
+            continue
+        if module in pairs:
+            raise CheckpointError(f"{shown} holds two LoRAs for {module} ({_show(pairs[module]['down'])} and "
+                                  f"{_show(group['down'])})", hint="the file mixes two LoRAs; save each on its own")
+        pairs[module] = group
+        found[dialect_of[where]] += 1
+
+    for module, group in pairs.items():
+        _check_fit(shown, handle, module, group, linears[module])
+    if not pairs:
+        guess = (guesses.most_common(1)[0][0] if guesses else "unknown")
+        if keys and all(k.startswith(LORA_TEXT_ENCODER_PREFIXES) for k in keys):
+            hint = "it holds text-encoder adapters only; qimg applies LoRAs to the denoiser"
+        elif keys:
+            hint = f"is it a LoRA for another model? its first key is {_show(keys[0])}"
+        else:
+            hint = "the file holds no tensors"
+        raise InputError(f"{shown}: no key of this LoRA matches the {family} transformer ({len(keys)} keys; "
+                         f"dialect {guess})", hint=hint)
+
+    modules = {}
+    for module, group in pairs.items():
+        down, up = _tensor(shown, handle, group["down"]), _tensor(shown, handle, group["up"])
+        rank = int(down.shape[0])
+        if "alpha" in group:
+            alpha = _stored_alpha(shown, handle, group["alpha"], rank)
+        elif config is not None:
+            alpha = _config_alpha(shown, config, module, rank)
+        else:
+            alpha = float(rank)  # no alpha anywhere: the PEFT convention, delta W = up @ down
+        modules[module] = LoRAModule(down=down, up=up, alpha=alpha)
+    order = {key: i for i, key in enumerate(keys)}
+    return LoRAFile(path=path, dialect=found.most_common(1)[0][0], family=family, modules=modules,
+                    unmatched=tuple(sorted(unmatched, key=order.__getitem__)), metadata=metadata)
+
+
+def _open(path: Path) -> Any:
+    """The file's safetensors handle (memory-mapped), after making sure it is one: pickles are never opened."""
+    shown = _show(path)
+    try:
+        if not path.exists():
+            raise InputError(f"{shown} does not exist", hint="check the LoRA file's path")
+        if path.is_dir():
+            raise InputError(f"{shown} is a folder, not a LoRA file", hint="pass the .safetensors file inside it")
+        if path.suffix.lower() in _PICKLE_SUFFIXES:
+            raise _not_safetensors(shown)
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except (OSError, ValueError) as e:  # permissions, a name too long, an embedded NUL
+        raise InputError(f"{shown} cannot be read ({_one_line(getattr(e, 'strerror', None) or e)})",
+                         hint="check the LoRA file's path and permissions") from None
+    if len(head) < 9 or head[8:9] != b"{":  # safetensors: an 8-byte header length, then the JSON header
+        raise _not_safetensors(shown)
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type for truncated or damaged headers
+        raise CheckpointError(f"{shown} has a damaged safetensors header ({_one_line(e)})",
+                              hint=_HINT_DAMAGED) from None
+
+
+def _not_safetensors(shown: str) -> CheckpointError:
+    return CheckpointError(f"{shown} is not a safetensors file; qimg reads LoRAs as safetensors only",
+                           hint="qimg never unpickles .bin/.pt/.ckpt files; use the LoRA's .safetensors release")
+
+
+def _refuse_other_family(shown: str, keys: list[str], metadata: dict[str, str], family: str) -> None:
+    """A file whose keys (or model-spec header) name another family's modules is refused by name."""
+    architecture = metadata.get("modelspec.architecture", "").strip().lower()
+    for other, pattern in _FAMILY_TOKENS.items():
+        if other == family:
+            continue
+        hit = next((k for k in keys if pattern.search(k.replace(".", "_"))), None)
+        by_header = architecture.startswith(LORA_FAMILY_ARCHITECTURES.get(other, ()))
+        if hit is not None or by_header:
+            name = LORA_FAMILY_NAMES.get(other, other)
+            why = f"its key {_show(hit)}" if hit is not None else f"modelspec.architecture {_show(architecture)}"
+            raise InputError(f"{shown} is a {name} LoRA; this model is {family}",
+                             hint=f"{why} names {name}; load a LoRA made for {family}")
+
+
+def _refuse_unsupported(shown: str, keys: list[str]) -> None:
+    for kind, pattern, hint in _UNSUPPORTED:
+        hit = next((k for k in keys if pattern.search(k.replace(".", "_"))), None)
+        if hit is not None:
+            raise InputError(f"{shown} is a {kind} file (key {_show(hit)}); qimg does not read {kind} files yet",
+                             hint=hint)
+
+
+def _underscored(linears: Mapping[str, tuple[int, int]]) -> dict[str, str]:
+    """kohya spelling -> module name; a spelling two modules share maps to neither (never guessed)."""
+    seen: dict[str, str | None] = {}
+    for name in linears:
+        spelled = name.replace(".", "_")
+        seen[spelled] = name if seen.get(spelled, name) == name else None
+    return {spelled: name for spelled, name in seen.items() if name is not None}
+
+
+def _locate(key: str, linears: Mapping[str, tuple[int, int]], underscored: Mapping[str, str],
+            family: str) -> tuple[_Dialect | None, str | None, str | None]:
+    """(dialect, module, role) of a key; module None (with the first dialect whose layout it fits) if it names no
+    linear of the model."""
+    fits = None
+    for dialect in _DIALECTS:
+        if not dialect.serves(family) or not key.startswith(dialect.prefix):
+            continue
+        rest = key[len(dialect.prefix):]
+        for suffix, role, style in LORA_SUFFIXES:
+            if not rest.endswith(suffix) or not dialect.writes(style):
+                continue
+            stem = rest[: len(rest) - len(suffix)]
+            module = (stem if stem in linears else None) if dialect.spelling == "dotted" else underscored.get(stem)
+            if module is not None:
+                return dialect, module, role
+            fits = fits or dialect
+    return fits, None, None
+
+
+def _check_fit(shown: str, handle: Any, module: str, group: dict[str, str], linear: tuple[int, int]) -> None:
+    """down (rank, in) and up (out, rank), floating point, from the header alone."""
+    out, inp = linear
+    down, up = handle.get_slice(group["down"]), handle.get_slice(group["up"])
+    for key, view in ((group["down"], down), (group["up"], up)):
+        if view.get_dtype() not in _MATRIX_DTYPES:
+            raise CheckpointError(f"{shown}: {_show(key)} is stored as {view.get_dtype()}, not floating point",
+                                  hint="qimg reads LoRAs stored as fp32, fp16, bf16 (or FP8)")
+    d, u = tuple(down.get_shape()), tuple(up.get_shape())
+    if not (len(d) == 2 and len(u) == 2 and d[0] >= 1 and d[1] == inp and u == (out, d[0])):
+        raise CheckpointError(
+            f"{shown}: the LoRA for {module} has down {d} and up {u}; its linear is ({out}, {inp}), so down must be "
+            f"(rank, {inp}) and up ({out}, rank)", hint=_HINT_OTHER_MODEL)
+
+
+def _tensor(shown: str, handle: Any, key: str) -> Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as e:  # a dtype this torch lacks, or data the header promised and the file does not hold
+        raise CheckpointError(f"{shown}: tensor {_show(key)} cannot be read ({_one_line(e)})",
+                              hint=_HINT_DAMAGED) from None
+
+
+def _stored_alpha(shown: str, handle: Any, key: str, rank: int) -> float:
+    """A kohya-style `.alpha`: one number. kohya reads an alpha of 0 as none at all (alpha = rank), and so does qimg."""
+    view = handle.get_slice(key)
+    dtype, shape = view.get_dtype(), tuple(view.get_shape())
+    if dtype not in _ALPHA_DTYPES or math.prod(shape) != 1:
+        raise CheckpointError(f"{shown}: {_show(key)} should hold one number (alpha), not a {dtype} tensor of shape "
+                              f"{shape}", hint=_HINT_DAMAGED)
+    value = float(_tensor(shown, handle, key).double().item())
+    if not math.isfinite(value):
+        raise CheckpointError(f"{shown}: {_show(key)} is {value}, not a finite alpha", hint=_HINT_DAMAGED)
+    return value if value != 0 else float(rank)
+
+
+def _peft_config(shown: str, metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The transformer's LoraConfig fields from diffusers' header metadata, or None where the file has none."""
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{shown}: its {PEFT_METADATA_KEY} header is not a JSON object", hint=_HINT_DAMAGED)
+    prefix = PEFT_COMPONENT + "."
+    config = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+    if not config:  # a model's own save: bare LoraConfig fields (they never hold a "."), or other components only
+        config = {k: v for k, v in data.items() if "." not in k}
+    if not config:
+        return None
+    if config.get("use_dora") is True:
+        raise InputError(f"{shown} is a DoRA file ({PEFT_METADATA_KEY} has use_dora); qimg does not read DoRA "
+                         "files yet", hint="use a plain LoRA of the same adapter")
+    return config
+
+
+def _config_alpha(shown: str, config: dict[str, Any], module: str, rank: int) -> float:
+    """lora_alpha, or the alpha_pattern entry matching the module the way PEFT matches (get_pattern_key)."""
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{shown}: alpha_pattern in its {PEFT_METADATA_KEY} header is not a JSON object",
+                              hint=_HINT_DAMAGED)
+    for pattern, value in patterns.items():
+        try:  # PEFT: a pattern matches a whole module name or its dotted tail; "^..." only the whole name
+            hit = re.match(rf"(.*\.)?({pattern})$", module) is not None
+        except (re.error, RecursionError, OverflowError, ValueError):
+            raise CheckpointError(f"{shown}: alpha_pattern {_show(pattern)} in its {PEFT_METADATA_KEY} header is "
+                                  "not a regular expression", hint=_HINT_DAMAGED) from None
+        if hit:
+            alpha = value
+            break
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise CheckpointError(f"{shown}: the alpha its {PEFT_METADATA_KEY} header gives {module} is "
+                              f"{_show(repr(alpha))}, not a number", hint=_HINT_DAMAGED)
+    if config.get("use_rslora") is True:  # rsLoRA (Kalajdzievski 2023): scale = alpha / sqrt(rank)
+        return float(alpha) * math.sqrt(rank)
+    return float(alpha)
+
+
+def _values(values: set[int] | set[float]) -> str:
+    """4, or 4/8/16, or 4..64 (6 values)."""
+    text = [f"{v:g}" for v in sorted(values)]
+    if not text:
+        return "-"
+    return "/".join(text) if len(text) <= 4 else f"{text[0]}..{text[-1]} ({len(text)} values)"
+
+
+def _show(value: object, limit: int = 160) -> str:
+    """A path, key or value as one printable line: messages stay one line whatever a file holds."""
+    text = str(value)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(reason: object) -> str:
+    return _show(reason, 200)

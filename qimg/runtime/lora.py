@@ -1,0 +1,246 @@
+"""LoRA adapters applied from outside, after loading, as an unmerged side branch (LoRA: Hu et al., 2021).
+
+y = base(x) + sum_a strength_a * scale_a * (x @ down_a^T) @ up_a^T, with scale = alpha / rank.
+
+The base linear is never touched, so this is exact on any base: a plain nn.Linear, or an FP8Linear, where merging a
+bf16-trained delta into e4m3 weights would round it away (grids with Lightning on a naive FP8 base, Qwen-Image-
+Lightning#32; ComfyUI's bypass mode does the same). Several named adapters stack on one wrapper; a strength can
+change at any time; detaching the last adapter puts the very base module object back.
+
+Composition with the other runtime features:
+- FP8: wrap after apply_fp8; the branch runs in the activation dtype next to the FP8 matmul.
+- Offload: adapter tensors are buffers of the blocks they live in. A block packed into host memory before its
+  modules were wrapped (or unwrapped) must be packed again: call `Offloaded.repack(blocks_of(changed, block_of))`
+  with the names attach_lora / detach_lora return (and `repack(rest=True)` when a changed module is outside the
+  blocks). Changing a strength moves no tensor and needs no repack.
+- Compile: the forward iterates a fixed Python list of adapters with Python-float factors, so a wrapped block
+  compiles with fullgraph=True. The first strength change recompiles once (dynamo then keeps the factor as a
+  dynamic float); turning an adapter on or off (strength 0), attaching or detaching changes the list: one more
+  graph each (measured on torch 2.13: strengths 1, 0.5, 0.7, 0, 0.3 -> 3 graphs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qimg.runtime.fp8 import FP8Linear
+
+_ORDER = itertools.count()  # attach order across a model's wrappers (lora_names lists adapters in it)
+
+
+def _linear_info(module: nn.Module) -> tuple[int, int, torch.dtype, torch.device] | None:
+    """(in_features, out_features, compute dtype, device) of a linear-like module, or None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.weight.dtype, module.weight.device
+    if isinstance(module, FP8Linear):
+        return module.in_features, module.out_features, module.out_dtype, module.weight_fp8.device
+    return None
+
+
+def _check_factor(what: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"LoRA {what} must be a finite number, got {value}")
+    return value
+
+
+def _check_shapes(where: str, in_features: int, out_features: int, down: Tensor, up: Tensor) -> None:
+    if down.ndim != 2 or up.ndim != 2:
+        raise ValueError(f"LoRA for {where}: down and up must be 2-D, got {tuple(down.shape)} and {tuple(up.shape)}")
+    rank = down.shape[0]
+    if rank == 0 or down.shape[1] != in_features or tuple(up.shape) != (out_features, rank):
+        raise ValueError(
+            f"LoRA for {where} does not fit a linear of {in_features} -> {out_features}: down {tuple(down.shape)} "
+            f"(needs (rank, {in_features})), up {tuple(up.shape)} (needs ({out_features}, rank))"
+        )
+
+
+class _Adapter(nn.Module):
+    """One named adapter on one linear: its down (r, in) and up (out, r) matrices as buffers, scale, strength."""
+
+    def __init__(self, name: str, down: Tensor, up: Tensor, scale: float, strength: float) -> None:
+        super().__init__()
+        self.name, self.scale, self.strength = name, scale, strength
+        self.order = next(_ORDER)
+        # Inference stores the matrices as buffers (no grad, not in the base's state_dict: saving adapters is the
+        # LoRA file writer's job). Training will register them here as nn.Parameters (fp32 master copies) instead;
+        # the forward reads them the same way.
+        self.register_buffer("down", down.detach(), persistent=False)  # (r, in)
+        self.register_buffer("up", up.detach(), persistent=False)  # (out, r)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, rank={self.down.shape[0]}, scale={self.scale:g}, strength={self.strength:g}"
+
+
+class LoRALinear(nn.Module):
+    """Wraps a linear-like module (nn.Linear or FP8Linear):
+    y = base(x) + sum_a strength_a * scale_a * (x @ down_a^T) @ up_a^T."""
+
+    base: nn.Module
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        info = _linear_info(base)
+        if info is None:
+            raise ValueError(f"LoRA needs a linear layer (nn.Linear or FP8Linear), got {type(base).__name__}")
+        self.in_features, self.out_features = info[0], info[1]
+        self.base = base
+        self.adapters = nn.ModuleList()
+        self._active: list[_Adapter] = []  # adapters with a non-zero strength, in attach order
+
+    def add(self, name: str, down: Tensor, up: Tensor, scale: float, strength: float) -> None:
+        """Add adapter `name` (scale = alpha / rank). down (r, in) and up (out, r) become this module's buffers as
+        given (detached, not copied or converted: attach_lora passes fresh copies in the right dtype and device)."""
+        if name in self.names:
+            raise ValueError(f"LoRA {name!r} is already attached to this layer")
+        _check_shapes(f"adapter {name!r}", self.in_features, self.out_features, down, up)
+        scale, strength = _check_factor("scale", scale), _check_factor("strength", strength)
+        self.adapters.append(_Adapter(name, down, up, scale, strength))
+        self._refresh()
+
+    def set_strength(self, name: str, strength: float) -> None:
+        self._get(name).strength = _check_factor("strength", strength)
+        self._refresh()
+
+    def remove(self, name: str) -> None:
+        self._get(name)  # a clear error for a name that is not here
+        del self.adapters[self.names.index(name)]
+        self._refresh()
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    def _get(self, name: str) -> _Adapter:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise ValueError(f"no LoRA {name!r} on this layer (attached: {', '.join(self.names) or 'none'})")
+
+    def _refresh(self) -> None:
+        # Strength 0 skips the branch: it then gives the base output bit for bit, even if an adapter holds inf/NaN.
+        self._active = [a for a in self.adapters if a.strength != 0.0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        # The branch runs in the activation dtype, like diffusers/PEFT; .to() is a no-op when the dtypes agree.
+        for a in self._active:
+            factor = a.strength * a.scale  # a Python float (see the module docstring on recompiles)
+            out = out + F.linear(F.linear(x, a.down.to(x.dtype)), a.up.to(x.dtype)) * factor
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _resolve(model: nn.Module, name: str) -> nn.Module:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"LoRA target {name!r}: the model has no module of that name") from None
+    if name.endswith(".base") and isinstance(_parent(model, name)[0], LoRALinear):
+        raise ValueError(f"LoRA target {name!r}: name the wrapped module ({name[: -len('.base')]!r}), not its base")
+    return module
+
+
+def attach_lora(
+    model: nn.Module,
+    name: str,
+    modules: Mapping[str, tuple[Tensor, Tensor, float]],
+    strength: float = 1.0,
+    *,
+    dtype: torch.dtype | None = None,
+) -> list[str]:
+    """For each module name -> (down, up, scale): wrap model's module of that name in a LoRALinear (or reuse the wrapper
+    already there) and add adapter `name`. Adapter tensors are stored as buffers (no grad) in `dtype` (default: the
+    dtype the base computes in; for FP8Linear its out_dtype) on the base's device. Returns the module names changed.
+    Refuses (ValueError with a clear message) a name already attached, a module that is not linear-like, or shapes that
+    do not fit (down (r, in), up (out, r)).
+
+    Everything is checked before anything changes, so a refused call leaves the model as it was. A block already
+    packed into host memory needs `Offloaded.repack` afterwards (see blocks_of).
+    """
+    if name in lora_names(model):
+        raise ValueError(f"a LoRA named {name!r} is already attached; detach it first or choose another name")
+    if not modules:
+        raise ValueError(f"LoRA {name!r} has no modules to attach to")
+    strength = _check_factor("strength", strength)
+    plan = []
+    for target, (down, up, scale) in modules.items():
+        module = _resolve(model, target)
+        base = module.base if isinstance(module, LoRALinear) else module
+        info = _linear_info(base)
+        if info is None:
+            raise ValueError(
+                f"LoRA {name!r} targets {target!r}, a {type(base).__name__}: only linear layers (nn.Linear, "
+                f"FP8Linear) take a LoRA"
+            )
+        in_features, out_features, base_dtype, device = info
+        _check_shapes(f"{target!r} (LoRA {name!r})", in_features, out_features, down, up)
+        plan.append((target, module, down, up, _check_factor("scale", scale), dtype or base_dtype, device))
+    for target, module, down, up, scale, store_dtype, device in plan:
+        if not isinstance(module, LoRALinear):
+            parent, child = _parent(model, target)
+            wrapper = LoRALinear(module)
+            setattr(parent, child, wrapper)
+            module = wrapper
+        # Fresh copies: the wrapper owns them (offload rebinds their storage; the caller's tensors stay untouched).
+        module.add(name, down.detach().to(device=device, dtype=store_dtype, copy=True),
+                   up.detach().to(device=device, dtype=store_dtype, copy=True), scale, strength)
+    return [target for target, *_ in plan]
+
+
+def _wrappers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def set_lora_strength(model: nn.Module, name: str, strength: float) -> int:
+    """Set adapter `name`'s strength on every layer it is on; returns how many. ValueError if it is on none."""
+    strength = _check_factor("strength", strength)
+    touched = [m for _, m in _wrappers(model) if name in m.names]
+    if not touched:
+        raise ValueError(f"no LoRA named {name!r} is attached (attached: {', '.join(lora_names(model)) or 'none'})")
+    for m in touched:
+        m.set_strength(name, strength)
+    return len(touched)
+
+
+def detach_lora(model: nn.Module, name: str) -> list[str]:
+    """Remove adapter `name`; a wrapper left with no adapter is replaced by its base module again (the same object).
+    Returns the module names changed; ValueError if the adapter is on none. Offloaded blocks among them want a
+    repack afterwards (it drops the removed tensors from the host copies)."""
+    touched = [(n, m) for n, m in _wrappers(model) if name in m.names]
+    if not touched:
+        raise ValueError(f"no LoRA named {name!r} is attached (attached: {', '.join(lora_names(model)) or 'none'})")
+    for target, m in touched:
+        m.remove(name)
+        if not m.adapters:
+            parent, child = _parent(model, target)
+            setattr(parent, child, m.base)
+    return [n for n, _ in touched]
+
+
+def lora_names(model: nn.Module) -> list[str]:
+    """The adapters attached to `model`, in the order they were attached."""
+    first: dict[str, int] = {}
+    for _, m in _wrappers(model):
+        for a in m.adapters:
+            first[a.name] = min(first.get(a.name, a.order), a.order)
+    return sorted(first, key=first.__getitem__)
+
+
+def blocks_of(names: Iterable[str], block_of: Callable[[str], int | None]) -> list[int]:
+    """The blocks (sorted, each once) that hold the named modules, for `Offloaded.repack`; block_of maps a module
+    name to its run-order block index, or None outside the blocks (those need `repack(rest=True)`)."""
+    return sorted({i for i in map(block_of, names) if i is not None})
