@@ -88,6 +88,7 @@ __all__ = [
     "RuntimeOptions",
     "Tiling",
     "edit",
+    "inspect_lora",
     "load_vae",
     "prepare_edit",
     "prepare_generate",
@@ -184,6 +185,16 @@ def encode_prompt(
     ref = check_prompt_inputs(model, len(images))
     request, _ = make_request(ref.spec, prompt, negative=negative, max_sequence_length=max_sequence_length)
     return families.encode_prompt(ref, _options(options, overrides), request, images)
+
+
+def inspect_lora(path: str | Path, model: str | ModelRef | None = None) -> Any:
+    """Read a LoRA file as qimg would apply it (dialect, ranks, alphas, targets, keys that match nothing) against
+    `model`'s transformer config, or the released Qwen-Image architecture; nothing is loaded. See
+    LoRAFile.describe()."""
+    from qimg import families
+
+    ref = None if model is None else model if isinstance(model, ModelRef) else resolve_model(model)
+    return families.inspect_lora(path, ref)
 
 
 def load_vae(model: str | ModelRef, options: RuntimeOptions | None = None, **overrides: Any) -> Any:

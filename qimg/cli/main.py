@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 import qimg
-from qimg.cli.commands import download, edit, encode_prompt, generate, models, vae
+from qimg.cli.commands import download, edit, encode_prompt, generate, lora, models, vae
 from qimg.cli.commands import info as info_command
 from qimg.cli.output import Output
 
@@ -168,6 +168,7 @@ app.command("encode-prompt", epilog=encode_prompt.EXAMPLES, no_args_is_help=True
     guarded(encode_prompt.encode_prompt)
 )
 app.add_typer(vae.build_app(guarded), name="vae")
+app.add_typer(lora.build_app(guarded), name="lora")
 app.command("download", epilog=download.EXAMPLES, no_args_is_help=True)(guarded(download.download))
 app.command("models", epilog=models.EXAMPLES)(guarded(models.models))
 app.command("info", epilog=info_command.EXAMPLES, no_args_is_help=True)(guarded(info_command.info))

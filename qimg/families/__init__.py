@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qimg.errors import ConfigError
@@ -12,6 +13,7 @@ from qimg.errors import ConfigError
 if TYPE_CHECKING:
     from qimg.embeddings import EmbeddingsFile
     from qimg.loading.hub import ModelRef
+    from qimg.loading.lora import LoRAFile
     from qimg.pipelines.base import Pipeline
     from qimg.pipelines.family import Family
     from qimg.request import GenerateRequest
@@ -51,3 +53,13 @@ def encode_prompt(ref: ModelRef, options: RuntimeOptions, request: GenerateReque
     """Prompt embeddings for a request, loading only the model's text encoder(s)."""
     family = get(ref.spec.family)
     return family.encode_prompt(ref, options, request, images, family=family)
+
+
+def inspect_lora(path: str | Path, model: ModelRef | None = None, family: str = "qwen-image") -> LoRAFile:
+    """Read a LoRA file against a model's denoiser (its config only, nothing loaded), or without a model against
+    the family's released architecture."""
+    from qimg.loading.lora import read_lora
+
+    record = get(model.spec.family if model is not None else family)
+    folder = None if model is None else model.path / record.denoiser_folder
+    return read_lora(path, record.denoiser_linears(folder), record.name)

@@ -11,12 +11,14 @@ from torch import nn
 
 from qimg.loading import components
 from qimg.loading.checkpoint import safetensors_files, tensor_headers
+from qimg.nets.qwen_mmdit import QwenMMDiT
 from qimg.nets.qwen_vae import QwenVAE
 from qimg.pipelines.family import BlockLists, Family
 from qimg.pipelines.memory import denoiser_footprint, footprint
 from qimg.pipelines.prompts import encode_prompt
 from qimg.pipelines.qwen import QwenImagePipeline
 from qimg.runtime.planner import Footprint, GiB, MiB, Needs, RequestShape
+from qimg.specs import QwenMMDiTParams
 
 BLOCKS = BlockLists(("transformer_blocks",))
 
@@ -109,6 +111,14 @@ def load_vae(folder: Path, device: torch.device, dtype: torch.dtype) -> QwenVAE:
     return vae.to(memory_format=torch.channels_last)
 
 
+def mmdit_linears(folder: Path | None) -> dict[str, tuple[int, int]]:
+    """The MMDiT's linears (name -> (out, in)) for a transformer/ folder's config, or the released 20B model."""
+    params = QwenMMDiTParams() if folder is None else components.qwen_mmdit_params(folder)
+    with torch.device("meta"):
+        net = QwenMMDiT(params)
+    return {n: (m.out_features, m.in_features) for n, m in net.named_modules() if isinstance(m, nn.Linear)}
+
+
 QWEN_IMAGE = Family(
     name="qwen-image",
     pipeline=QwenImagePipeline,
@@ -120,5 +130,6 @@ QWEN_IMAGE = Family(
     load_vae=load_vae,
     needs=qwen_needs,
     encode_prompt=encode_prompt,
+    denoiser_linears=mmdit_linears,
     cfg_norm_rescale=True,
 )

@@ -75,6 +75,28 @@ class LoRAFile:
     unmatched: tuple[str, ...]  # tensor keys that named no module of the model, or were not understood
     metadata: dict[str, str]  # the safetensors header metadata
 
+    def describe(self) -> dict[str, Any]:
+        """Everything `qimg lora inspect` shows: file, dialect, family, ranks, alphas, targets by kind, size,
+        the keys that matched nothing, the header metadata."""
+        kinds: dict[str, int] = {}
+        for name in self.modules:
+            kind = re.sub(r"^[a-z_]+\.\d+\.", "", name)  # "transformer_blocks.3.attn.to_q" -> "attn.to_q"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        params = sum(m.down.numel() + m.up.numel() for m in self.modules.values())
+        return {
+            "path": str(self.path),
+            "size_bytes": self.path.stat().st_size,
+            "dialect": self.dialect,
+            "family": self.family,
+            "modules": len(self.modules),
+            "parameters": params,
+            "ranks": sorted({m.rank for m in self.modules.values()}),
+            "alphas": sorted({m.alpha for m in self.modules.values()}),
+            "targets": dict(sorted(kinds.items())),
+            "unmatched": list(self.unmatched),
+            "metadata": dict(self.metadata),
+        }
+
     def summary(self) -> str:
         """One line: dialect, modules matched, rank(s), alpha(s), unmatched count."""
         ranks = {m.rank for m in self.modules.values()}

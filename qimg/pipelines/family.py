@@ -79,4 +79,7 @@ class Family:
     load_vae: Callable[[Path, torch.device, torch.dtype], nn.Module]  # vae/ folder -> the VAE, ready to run
     needs: NeedsEstimator
     encode_prompt: PromptEncoderFn
+    # transformer/ folder (None: the released architecture) -> the denoiser's linears by name -> (out, in), read
+    # from its config on the meta device: what LoRA files are matched against without loading any weight.
+    denoiser_linears: Callable[[Path | None], dict[str, tuple[int, int]]]
     cfg_norm_rescale: bool = False  # true CFG keeps the conditional velocity's norm (Qwen-Image)
