@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from qimg.errors import InputError, OutputError, QimgError, UsageError
+from qimg.jobs import check_loras, lora_list
 from qimg.png import check_output_path, read_params, save_png
 from qimg.request import GenerateRequest, make_request
 from qimg.runtime.planner import RequestShape
@@ -68,6 +69,7 @@ class PromptLine:
     steps: int | None = None
     cfg: float | None = None
     name: str | None = None
+    loras: tuple[tuple[str, float], ...] | None = None  # the line's own LoRAs (None: the command's)
 
 
 # --- reading -------------------------------------------------------------------------------------------------
@@ -174,9 +176,11 @@ def _parse_csv(text: str, source: str) -> list[PromptLine]:
 def _make_line(values: dict[str, Any], source: str, number: int, *, from_text: bool) -> PromptLine:
     """Check one line's keys and types; CSV cells arrive as text and are converted here."""
     where = f"{source}:{number}"
+    values = dict(values)
+    loras = _line_loras(values.pop("lora", None), where, from_text)
     unknown = sorted(set(values) - set(LINE_FIELDS))
     if unknown:
-        raise PromptFileError(f"{where}: unknown key {unknown[0]!r}", hint=f"keys: {', '.join(LINE_FIELDS)}")
+        raise PromptFileError(f"{where}: unknown key {unknown[0]!r}", hint=f"keys: {', '.join(LINE_FIELDS)}, lora")
     checked: dict[str, Any] = {}
     for key, value in values.items():
         if value is None:
@@ -203,7 +207,19 @@ def _make_line(values: dict[str, Any], source: str, number: int, *, from_text: b
         checked[key] = value
     if "prompt" not in checked:
         raise PromptFileError(f"{where}: no prompt", hint='every line needs one, e.g. {"prompt": "a red fox"}')
-    return PromptLine(number, **checked)
+    return PromptLine(number, **checked, loras=loras)
+
+
+def _line_loras(value: Any, where: str, from_text: bool) -> tuple[tuple[str, float], ...] | None:
+    """A line's "lora" value; in CSV a cell of "PATH[:SCALE]" entries separated by ";" (empty: the command's)."""
+    if value is None or (from_text and not value.strip()):
+        return None
+    if from_text:
+        value = [part for part in value.split(";") if part.strip()]
+    try:
+        return tuple(lora_list(value))
+    except (ValueError, QimgError) as e:
+        raise PromptFileError(f"{where}: {e}", hint='e.g. "lora": ["style.safetensors:0.8"]') from None
 
 
 def _article(kind: type) -> str:
@@ -225,6 +241,7 @@ class BatchItem:
     action: str  # "new", "replace" (parameters differ), "overwrite" (--overwrite) or "skip" (already done)
     reason: str = ""  # for people: why replaced or skipped
     notes: tuple[str, ...] = ()  # make_request's notes (snapped sizes)
+    loras: tuple[tuple[str, float], ...] | None = None  # (absolute path, scale) this image is made with
 
 
 @dataclass(frozen=True)
@@ -353,6 +370,10 @@ def plan_batch(
             request, notes = make_request(spec, pl.prompt, seed=line_seed, **options)
         except InputError as e:
             raise PromptFileError(f"{where}: {_line_fields(e.message)}", hint=e.hint) from None
+        try:
+            item_loras = tuple(check_loras(pl.loras if pl.loras is not None else loras))
+        except QimgError as e:
+            raise PromptFileError(f"{where}: {e.message}", hint=e.hint) from None
         slug = slugify(pl.prompt)
         own = re.sub(r"\.png$", "", pl.name, flags=re.IGNORECASE) if pl.name else None
         fields = {"index": index, "line": pl.line, "slug": slug, "name": own or f"{index:04d}-{slug}",
@@ -376,7 +397,7 @@ def plan_batch(
             stored = _stored_params(path)
             wanted = {**request.as_dict(), **wanted_extra}
             differ = [k for k in keys if stored is not None and stored.get(k) != wanted.get(k)]
-            if stored is not None and _stored_loras(stored) != [(str(p), float(v)) for p, v in loras]:
+            if stored is not None and _stored_loras(stored) != list(item_loras):
                 differ.append("loras")
             if overwrite:
                 action, reason = "overwrite", "--overwrite"
@@ -386,7 +407,7 @@ def plan_batch(
                 action, reason = "replace", f"{', '.join(differ)} differ"
             else:
                 action, reason = "skip", "unchanged"
-        items.append(BatchItem(index, pl.line, name, path, request, action, reason, tuple(notes)))
+        items.append(BatchItem(index, pl.line, name, path, request, action, reason, tuple(notes), item_loras))
     plan = BatchPlan(source, out, model_ref, tuple(items))
     if plan.todo:  # a real probe now, rather than the same failure on every line later
         check_output_path((out if out.is_dir() else out.parent) / "qimg-write-probe.png", overwrite=True)
@@ -431,6 +452,7 @@ class BatchEvent:
     params: dict[str, Any] = field(default_factory=dict)  # written: everything stored in the PNG
     error: QimgError | None = None
     seconds: float | None = None
+    notes: tuple[str, ...] = ()  # start: what people should know first (a LoRA whose keys partly matched)
 
     def as_dict(self) -> dict[str, Any]:
         head = {"event": self.kind, "path": str(self.item.path), "index": self.item.index, "line": self.item.line}
@@ -480,7 +502,15 @@ def run_batch(
                 continue
             if pipe is None:
                 pipe = pipeline() if callable(pipeline) else pipeline
-            emit(BatchEvent("start", item, position, total))
+            try:
+                notes = _apply_loras(pipe, item)
+            except QimgError as e:
+                result.failed.append((item, e))
+                emit(BatchEvent("failed", item, position, total, error=e))
+                if fail_fast:
+                    break
+                continue
+            emit(BatchEvent("start", item, position, total, notes=notes))
             started = time.perf_counter()
             try:
                 params = _generate_one(plan, item, pipe, steps, started)
@@ -493,6 +523,14 @@ def run_batch(
             result.written.append(item)
             emit(BatchEvent("written", item, position, total, params, seconds=params["seconds"]))
     return result
+
+
+def _apply_loras(pipe: Any, item: BatchItem) -> tuple[str, ...]:
+    """Attach the item's LoRAs (the pipeline keeps the ones already there); notes for partly matched files."""
+    if item.loras is None or not hasattr(pipe, "apply_loras"):
+        return ()
+    return tuple(f"{f.path.name}: {len(f.unmatched)} key(s) matched no module of the model and were ignored"
+                 for f in pipe.apply_loras(item.loras) if f.unmatched)
 
 
 def _generate_one(

@@ -11,6 +11,7 @@ strength default. `replay` turns the parameters stored in a qimg PNG back into a
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,26 @@ def parse_lora(text: str) -> tuple[str, float]:
                              hint="e.g. --lora style.safetensors:0.8")
         return path, scale
     return text, 1.0
+
+
+def lora_list(value: Any) -> list[tuple[str, float]]:
+    """A prompt-file line's "lora": "PATH[:SCALE]", or a list of such strings or {"path": ..., "scale": ...}
+    objects ([] means none for this line). Raises ValueError with a message for people."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError('lora must be "PATH[:SCALE]" or a list of them (or of {"path": ..., "scale": ...})')
+    out = []
+    for item in items:
+        if isinstance(item, str) and item.strip():
+            out.append(parse_lora(item.strip()))
+        elif isinstance(item, dict) and isinstance(item.get("path"), str) and set(item) <= {"path", "scale"}:
+            scale = item.get("scale", 1.0)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise ValueError(f"lora scale must be a finite number (got {json.dumps(scale)})")
+            out.append((item["path"], float(scale)))
+        else:
+            raise ValueError(f'each lora is "PATH[:SCALE]" or {{"path": ..., "scale": ...}} (got {json.dumps(item)})')
+    return out
 
 
 def check_loras(loras: Sequence[tuple[str | Path, float]]) -> list[tuple[str, float]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -202,3 +203,30 @@ def test_cli_lora_end_to_end(tiny_qwen, tmp_path, one_thread):
     assert not (tmp_path / "bad.png").exists()
     missing = runner.invoke(app, [*base, "-o", str(tmp_path / "m.png"), "--lora", str(tmp_path / "nope.safetensors")])
     assert missing.exit_code == 1 and "does not exist" in missing.stderr
+
+
+def test_prompt_file_lines_choose_their_own_loras(tiny_qwen, tmp_path, one_thread):
+    pipe = qimg.load(tiny_qwen, device="cpu")
+    style = _write_kohya(tmp_path / "style.safetensors", _lora_tensors(pipe, 4, 6), alpha=4.0)
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "a fox", "name": "plain", "lora": []}\n'
+        f'{{"prompt": "a fox", "name": "half", "lora": ["{style}:0.5"]}}\n'
+        f'{{"prompt": "a fox", "name": "full", "lora": [{{"path": "{style}", "scale": 1.0}}]}}\n'
+        '{"prompt": "a fox", "name": "default"}\n')
+    base = ["generate", "--prompts", str(tmp_path / "p.jsonl"), "--model", str(tiny_qwen), "--device", "cpu",
+            "--steps", "1", "--width", "32", "--height", "32", "--seed", "1", "-o", str(tmp_path / "out")]
+    runner = CliRunner()
+    result = runner.invoke(app, [*base, "--lora", f"{style}:-1"])
+    assert result.exit_code == 0, result.output
+    scales = {n: [lo["scale"] for lo in qimg.read_params(tmp_path / "out" / f"{n}.png").get("loras", [])]
+              for n in ("plain", "half", "full", "default")}
+    assert scales == {"plain": [], "half": [0.5], "full": [1.0], "default": [-1.0]}
+    pixels = {n: np.asarray(Image.open(tmp_path / "out" / f"{n}.png")) for n in scales}
+    assert len({p.tobytes() for p in pixels.values()}) == 4  # each scale its own image
+    # Unchanged LoRAs skip on a rerun; a changed --lora regenerates only the lines that use it.
+    again = runner.invoke(app, [*base, "--lora", f"{style}:-0.5"])
+    assert again.exit_code == 0 and "1 to generate, 3 already done" in again.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "lora": [{"path": 3}]}\n')
+    refused = runner.invoke(app, [*base[:2], str(bad), *base[3:]])
+    assert refused.exit_code == 2 and "bad.jsonl:1: each lora is" in refused.stderr

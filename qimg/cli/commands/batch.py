@@ -77,6 +77,8 @@ def run_prompt_file(
 
     def on_event(event: qimg.BatchEvent) -> None:
         item, tag = event.item, f"[{event.position}/{event.total}]"
+        for note in event.notes:
+            out.warn(f"{source}:{item.line}: {note}")
         if event.kind == "skipped":
             out.info(f"{tag} skipped {item.path} (seed {item.request.seed}, {item.reason})")
         elif event.kind == "start" and item.action != "new":

@@ -194,7 +194,8 @@ def generate(
     `qimg info`, replayable with --from, and shown by other tools through an A1111-style `parameters` chunk.
 
     With --prompts FILE, -o is a folder. FILE is .txt (a prompt a line; blank lines and # comments skipped),
-    .jsonl (objects with "prompt" and optional "negative", "seed", "width", "height", "steps", "cfg", "name")
+    .jsonl (objects with "prompt" and optional "negative", "seed", "width", "height", "steps", "cfg", "name",
+    "lora")
     or .csv (a header row naming those columns). A line's values win over the options. The whole file is
     checked before the model loads (a bad line: exit 2, nothing written). Seeds: the line's, else --seed + index,
     else derived from the prompt text, so reruns give the same images. An existing image whose stored prompt,
