@@ -21,10 +21,7 @@ from qimg.batch import (
     BatchItem,
     BatchPlan,
     BatchResult,
-    PromptFileError,
-    PromptLine,
     plan_batch,
-    read_prompts,
     run_batch,
 )
 from qimg.errors import QimgError, UsageError
@@ -32,6 +29,7 @@ from qimg.jobs import Job, check_loras, check_prompt_inputs, parse_lora, prepare
 from qimg.loading.download import DownloadPlan, download, plan_download, quiet_loggers
 from qimg.loading.hub import ModelRef, list_models, resolve_model
 from qimg.png import check_output_path, open_image, read_image, read_params, save_png
+from qimg.prompt_files import PromptFileError, PromptLine, read_prompts
 from qimg.request import GenerateRequest, make_request
 from qimg.runtime.options import RuntimeOptions, Tiling
 from qimg.runtime.planner import RequestShape

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 import qimg
-from qimg.batch import PromptFileError, parse_prompts, plan_batch, prompt_seed, read_prompts, run_batch, slugify
+from qimg.batch import plan_batch, prompt_seed, run_batch, slugify
+from qimg.prompt_files import PromptFileError, parse_prompts, read_prompts
 from qimg.safety import append_manifest, catch_signals, deferred_signals, folder_lock
 from qimg.specs import SPECS
 

@@ -24,11 +24,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save
 
-from qimg.batch import FORMATS, LINE_FIELDS, PromptLine, parse_prompts, read_prompts
 from qimg.embeddings import FORMAT, EmbeddingsFile, PromptEmbeds, load_embeddings
 from qimg.errors import QimgError
 from qimg.loading.checkpoint import open_checkpoint, read_json, safetensors_files, tensor_headers
 from qimg.png import read_params
+from qimg.prompt_files import FORMATS, LINE_FIELDS, PromptLine, parse_prompts, read_prompts
 
 TIME_LIMIT = 5.0  # seconds for one parse of a few hundred bytes: anything near it is a hang, not a slow machine
 

@@ -14,11 +14,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save
 
-from qimg.batch import PromptFileError, parse_prompts, prompt_seed, read_prompts
+from qimg.batch import prompt_seed
 from qimg.embeddings import FORMAT, EmbeddingsFile, PromptEmbeds, load_embeddings, save_embeddings
 from qimg.errors import CheckpointError, ConfigError, InputError
 from qimg.loading.checkpoint import read_json, safetensors_files, tensor_headers
 from qimg.png import read_params
+from qimg.prompt_files import PromptFileError, parse_prompts, read_prompts
 
 # --- prompt files ----------------------------------------------------------------------------------------------
 

@@ -251,14 +251,7 @@ def go_online(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
     # And a guard: a request for any other host fails at once instead of reaching out.
-    real_getaddrinfo = socket.getaddrinfo
-
-    def local_only(host: str, *args: object, **kwargs: object) -> list:
-        if host not in ("127.0.0.1", "localhost"):
-            raise OSError(f"test tried to reach {host}")
-        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    refuse_other_hosts(monkeypatch)
     # Small read chunks, so that a transfer cut half-way has written most of what it received (the default, 10 MB,
     # is larger than these tiny files: a cut would then lose everything and resuming would be invisible).
     monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
@@ -280,3 +273,15 @@ def hf_hub(tiny_qwen_repo: Repo, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hu
         yield server
     finally:
         server.stop()
+
+
+def refuse_other_hosts(monkeypatch) -> None:
+    """A guard: a lookup of any host but this machine fails at once instead of reaching out."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def local_only(host: str, *args: object, **kwargs: object) -> list:
+        if host not in ("127.0.0.1", "localhost"):
+            raise OSError(f"test tried to reach {host}")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)

@@ -20,7 +20,7 @@ from qimg.loading.download import DownloadError, HubUnreachableError, allow_patt
 from qimg.loading.hub import hf_cache_dir, list_models, modelscope_cache_dir, resolve_model
 from qimg.specs import SPECS
 from tests.loading import hub_server
-from tests.loading.hub_server import HubServer, Repo
+from tests.loading.hub_server import HubServer, Repo, refuse_other_hosts
 
 hf_hub, tiny_qwen_repo = hub_server.hf_hub, hub_server.tiny_qwen_repo  # fixtures
 
@@ -356,14 +356,7 @@ def unreachable_modelscope(monkeypatch: pytest.MonkeyPatch) -> str:
     config = pytest.importorskip("modelscope_hub.config")
     url = closed_port_url()
     monkeypatch.setattr(config.get_default_config(), "endpoint", url)
-    real_getaddrinfo = socket.getaddrinfo
-
-    def local_only(host: str, *args: object, **kwargs: object) -> list:
-        if host not in ("127.0.0.1", "localhost"):
-            raise OSError(f"test tried to reach {host}")
-        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    refuse_other_hosts(monkeypatch)
     return url
 
 
