@@ -59,3 +59,18 @@ def sharing_qimg_mmdit(ref: Any, layers: int) -> Any:
         ours = QwenMMDiT(QwenMMDiTParams(num_layers=layers))
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
     return ours.eval().requires_grad_(False)
+
+
+def fp8_compute_copy(model: Any) -> Any:
+    """A QwenMMDiT with FP8 compute linears built from `model`'s tensors (the bf16 ones it replaces are freed once
+    the caller drops its own references to `model`)."""
+    from qimg.families.qwen import mmdit_fp8_layers
+    from qimg.nets.qwen_mmdit import QwenMMDiT
+    from qimg.runtime.fp8 import apply_fp8
+
+    with torch.device("meta"):
+        fresh = QwenMMDiT(model.params)
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    fresh = fresh.eval().requires_grad_(False)
+    apply_fp8(fresh, mmdit_fp8_layers, compute=True)
+    return fresh

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import fp8_compute_copy  # noqa: E402
 from qimg.families.qwen import QWEN_IMAGE  # noqa: E402
-from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers
 from qimg.loading import keymaps  # noqa: E402
 from qimg.loading.hub import ModelRef  # noqa: E402
 from qimg.nets.qwen_mmdit import QwenMMDiT  # noqa: E402
@@ -34,7 +34,6 @@ from qimg.pipelines.prompts import QwenPromptEncoder  # noqa: E402
 from qimg.pipelines.qwen import QwenImagePipeline  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
-from qimg.runtime.fp8 import apply_fp8  # noqa: E402
 from qimg.runtime.options import RuntimeOptions  # noqa: E402
 from qimg.sampling import FlowSchedule  # noqa: E402
 from qimg.specs import SPECS, QwenMMDiTParams, QwenVAEParams  # noqa: E402
@@ -171,13 +170,9 @@ def main() -> None:
             dpipe.transformer = None
             del transformer
             gc.collect()
-            with torch.device("meta"):
-                fresh = QwenMMDiT(QwenMMDiTParams())
-            fresh.load_state_dict(ours_t.state_dict(), assign=True)
-            qpipe.transformer = fresh.eval().requires_grad_(False)
+            qpipe.transformer = fp8_compute_copy(ours_t)
             del ours_t
             gc.collect()
-            apply_fp8(qpipe.transformer, qwen_mmdit_fp8_layers, compute=True)
             torch.cuda.empty_cache()
             compile_blocks(qpipe.transformer.transformer_blocks)
             run("qimg compiled fp8", qimg_call)

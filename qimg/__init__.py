@@ -25,10 +25,20 @@ from qimg.batch import (
     run_batch,
 )
 from qimg.errors import QimgError, UsageError
-from qimg.jobs import Job, check_loras, check_prompt_inputs, parse_lora, prepare_edit, prepare_generate, replay
+from qimg.jobs import (
+    Job,
+    check_loras,
+    check_prompt_inputs,
+    parse_lora,
+    prepare_edit,
+    prepare_generate,
+    preset_hints,
+    replay,
+)
 from qimg.loading.download import DownloadPlan, download, plan_download, quiet_loggers
-from qimg.loading.hub import ModelRef, list_models, resolve_model
+from qimg.loading.hub import ModelRef, list_models, resolve_lora, resolve_model
 from qimg.png import check_output_path, open_image, read_image, read_params, save_png
+from qimg.presets import PRESETS, Preset
 from qimg.prompt_files import PromptFileError, PromptLine, read_prompts
 from qimg.request import GenerateRequest, make_request
 from qimg.runtime.options import RuntimeOptions, Tiling
@@ -54,6 +64,7 @@ _LAZY = {
     "vae_roundtrip": "qimg.roundtrip",
     "psnr": "qimg.metrics",
     "ssim": "qimg.metrics",
+    "TransformerFile": "qimg.loading.single_file",
 }
 
 
@@ -87,6 +98,8 @@ __all__ = [
     "Tiling",
     "edit",
     "inspect_lora",
+    "inspect_transformer",
+    "with_transformer",
     "load_vae",
     "prepare_edit",
     "prepare_generate",
@@ -105,10 +118,14 @@ __all__ = [
     "make_request",
     "open_image",
     "parse_lora",
+    "preset_hints",
+    "PRESETS",
+    "Preset",
     "plan_download",
     "quiet_loggers",
     "read_image",
     "read_params",
+    "resolve_lora",
     "resolve_model",
     "save_embeddings",
     "save_png",
@@ -127,6 +144,8 @@ def load(
     options: RuntimeOptions | None = None,
     *,
     shape: RequestShape | None = None,
+    transformer: str | Path | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
     **overrides: Any,
 ) -> Pipeline:
     """Load a model (a name, repo id or folder in the diffusers layout) as its family's pipeline, whose
@@ -134,11 +153,36 @@ def load(
 
     options (RuntimeOptions, or its fields as keywords: device, dtype, attention, compile, fp8, offload,
     vram_budget, text_encoder_device, vae_tiling) say how it runs; shape (RequestShape: size, CFG, reference
-    pixels) is what the memory plan is made for, default 1024x1024 with CFG (pipe.plan)."""
+    pixels) is what the memory plan is made for, default 1024x1024 with CFG (pipe.plan). transformer: one
+    safetensors file (diffusers or ComfyUI layout, bf16 or FP8) whose weights replace the model's transformer
+    weights (see with_transformer); pipe.notes says what loading did with its FP8 tensors. loras: (path, scale)
+    pairs to apply from the start; options.lora_mode "auto" (the default) and "merge" fold them into the weights
+    as they load (no per-step cost; they then stay for the pipeline's life), "branch" attaches them as side
+    branches that pipe.set_lora_scale / unload_lora / apply_loras can change. pipe.load_lora after loading
+    always attaches a side branch."""
     from qimg import families
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
-    return families.load(ref, _options(options, overrides), shape)
+    if transformer is not None:
+        ref = with_transformer(ref, transformer)
+    return families.load(ref, _options(options, overrides), shape, loras)
+
+
+def with_transformer(model: str | Path | ModelRef, path: str | Path | None) -> ModelRef:
+    """`model` with its transformer weights taken from one safetensors file (None: the folder's own); the file's
+    header is checked now (layout, family, formats), its tensors against the network when the model loads."""
+    from qimg.loading.single_file import with_transformer as _with
+
+    return _with(model, path)
+
+
+def inspect_transformer(path: str | Path, model: str | ModelRef | None = None) -> Any:
+    """A transformer file as qimg reads it (layout, tensors, FP8 format; .summary() is one line), checked against
+    `model`'s family (default Qwen-Image); nothing is loaded."""
+    from qimg.loading.single_file import read_transformer_file
+
+    ref = None if model is None else model if isinstance(model, ModelRef) else resolve_model(model)
+    return read_transformer_file(path, "qwen-image" if ref is None else ref.spec.family)
 
 
 def _split(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -150,17 +194,24 @@ def _split(kwargs: dict[str, Any]) -> dict[str, Any]:
 def generate(model: str | ModelRef, prompt: str | None = None, options: RuntimeOptions | None = None,
              **kwargs: Any) -> list:
     """One-shot text to image: prepare, load (planned for this request) and run. kwargs: prepare_generate's,
-    and RuntimeOptions fields (device, dtype, fp8, ...) on top of `options`."""
+    transformer (a single-file transformer, see with_transformer), and RuntimeOptions fields (device, dtype, fp8,
+    ...) on top of `options`."""
     runtime = _split(kwargs)
+    transformer = kwargs.pop("transformer", None)
+    if transformer is not None:
+        model = with_transformer(model, transformer)
     job = prepare_generate(model, prompt, **kwargs)
     return load(job.ref, options, shape=job.shape, **runtime).run(job)
 
 
 def edit(model: str | ModelRef, prompt: str | None, images: Sequence[Any], options: RuntimeOptions | None = None,
          **kwargs: Any) -> list:
-    """One-shot edit of `images` (paths or PIL): prepare, load and run. kwargs: prepare_edit's, and
+    """One-shot edit of `images` (paths or PIL): prepare, load and run. kwargs: prepare_edit's, transformer, and
     RuntimeOptions fields on top of `options`."""
     runtime = _split(kwargs)
+    transformer = kwargs.pop("transformer", None)
+    if transformer is not None:
+        model = with_transformer(model, transformer)
     job = prepare_edit(model, prompt, images, **kwargs)
     return load(job.ref, options, shape=job.shape, **runtime).run(job)
 

@@ -41,7 +41,7 @@ MANIFEST_NAME = "manifest.jsonl"
 # noise rather than a different picture (--overwrite re-renders on purpose). The dtype counts only when asked
 # for explicitly (plan_batch(dtype=...)), since the default depends on the machine that runs the batch.
 COMPARED_KEYS = ("prompt", "negative", "seed", "steps", "cfg", "width", "height", "max_sequence_length", "strength",
-                 "model")
+                 "preset", "model")
 
 
 # --- planning ------------------------------------------------------------------------------------------------
@@ -173,6 +173,11 @@ def plan_batch(
     out = _check_folder(Path(folder).expanduser())
     wanted_extra = {"model": model_ref.name, **({"dtype": dtype} if dtype else {})}
     keys = COMPARED_KEYS + (("dtype",) if dtype else ())
+    # A single-file transformer is other weights: another image. Compared by the file's path as recorded (None:
+    # the folder's own weights, as in images made without one).
+    transformer = getattr(model_ref, "transformer", None)
+    wanted_extra["transformer"] = None if transformer is None else str(transformer)
+    keys += ("transformer",)
     items: list[BatchItem] = []
     taken: dict[str, int] = {}
     seen: dict[str, int] = {}
@@ -182,8 +187,11 @@ def plan_batch(
         seen[pl.prompt] = occurrence + 1
         line_seed = pl.seed if pl.seed is not None else (
             seed + index if seed is not None else prompt_seed(pl.prompt, occurrence))
-        options = {k: getattr(pl, k) for k in ("negative", "steps", "cfg", "width", "height")}
-        options = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+        options = {k: getattr(pl, k) for k in ("negative", "steps", "cfg", "width", "height", "preset")}
+        # A line's preset is more specific than the command's --steps/--cfg: it brings its own unless the line
+        # gives them too.
+        base = {k: v for k, v in defaults.items() if pl.preset is None or k not in ("steps", "cfg")}
+        options = {**base, **{k: v for k, v in options.items() if v is not None}}
         try:
             request, notes = make_request(spec, pl.prompt, seed=line_seed, **options)
         except InputError as e:

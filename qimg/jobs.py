@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from qimg.errors import InputError, QimgError, UsageError
-from qimg.loading.hub import ModelRef, resolve_model
+from qimg.loading.hub import ModelRef, resolve_lora, resolve_model
 from qimg.png import read_image, read_params
+from qimg.presets import suggest_preset
 from qimg.request import GenerateRequest, check_images, check_task, make_request, request_shape, without_negative
 from qimg.runtime.planner import RequestShape
 from qimg.specs import ALIASES, SPECS, ModelSpec
 
 # What a replay takes from a PNG's stored parameters, when the caller did not give it.
-_REPLAYED = ("seed", "steps", "cfg", "guidance", "width", "height")
+_REPLAYED = ("seed", "steps", "cfg", "guidance", "width", "height", "preset")
 
 
 @dataclass
@@ -86,15 +87,23 @@ def lora_list(value: Any) -> list[tuple[str, float]]:
 
 
 def check_loras(loras: Sequence[tuple[str | Path, float]]) -> list[tuple[str, float]]:
-    """Each LoRA file exists (one line naming it otherwise); paths made absolute, so a job is the same from any
-    folder. The file itself is read when it is attached."""
+    """Each LoRA is a local file or an OWNER/REPO/FILE.safetensors name in the hub caches (one line naming it
+    otherwise: loading.hub.resolve_lora); paths made absolute, so a job is the same from any folder. The file
+    itself is read when it is attached."""
+    return [(str(resolve_lora(path)), float(scale)) for path, scale in loras]
+
+
+def preset_hints(loras: Sequence[tuple[str | Path, float]] | None, request: GenerateRequest) -> list[str]:
+    """A line for each LoRA whose file name says it is a distilled (Lightning) LoRA, when no preset is in use:
+    run at the model's own 50 steps, CFG 4 and schedule it gives noise, and nothing else would say why."""
+    if request.preset is not None:
+        return []
     out = []
-    for path, scale in loras:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            what = "is a folder" if p.is_dir() else "does not exist"
-            raise InputError(f"LoRA file {p} {what}", hint="pass --lora PATH.safetensors[:SCALE]")
-        out.append((str(p.resolve()), float(scale)))
+    for path, _ in loras or ():
+        wanted = suggest_preset(path)
+        if wanted is not None:
+            out.append(f"{Path(path).name} looks like a Lightning LoRA; add --preset {wanted} for the steps, CFG "
+                       "and schedule it was distilled for")
     return out
 
 
@@ -222,6 +231,7 @@ def prepare_generate(
     notes[:0] = read
     if init_size is not None and (request.width, request.height) != init_size:
         notes.append(f"init image is {init_size[0]}x{init_size[1]}; generating {request.width}x{request.height}")
+    notes += preset_hints(loras, request)
     return Job(ref, "generate", request, inputs, extra, notes, None if loras is None else check_loras(loras))
 
 
@@ -260,6 +270,7 @@ def prepare_edit(
     if first is not None and size != first:
         notes.append(f"generating {size[0]}x{size[1]}, resampled to the input's {first[0]}x{first[1]}" if keep_size
                      else f"output is {size[0]}x{size[1]}, input is {first[0]}x{first[1]} (--keep-size to match)")
+    notes += preset_hints(loras, request)
     return Job(ref, "edit", request, inputs, extra, notes, None if loras is None else check_loras(loras))
 
 
@@ -304,7 +315,24 @@ def replay(
     if "init_image" in args and "strength" not in args and stored.get("strength") is not None:
         args["strength"] = stored["strength"]
     args["model"] = model if model is not None else _stored_model(stored, path, default_model)
+    if model is None and stored.get("transformer"):
+        args["model"] = _stored_transformer(args["model"], stored, path, args.setdefault("notes", []))
     return args
+
+
+def _stored_transformer(model: Any, stored: dict[str, Any], png: str | Path, notes: list[str]) -> ModelRef:
+    """The recorded model with the single-file transformer the image was made with: gone is an error, changed
+    since (another hash) a note."""
+    from qimg.loading.single_file import file_sha256, with_transformer
+
+    p = Path(stored["transformer"]).expanduser()
+    if not p.is_file():
+        raise InputError(f"the transformer file {png} was made with is not at {p}",
+                         hint="pass --model (and --transformer FILE) to replay it with other weights")
+    recorded = stored.get("transformer_sha256")
+    if recorded and file_sha256(p) != recorded:
+        notes.append(f"transformer file {p} changed since {png} was made (its content hash differs)")
+    return with_transformer(model, p)
 
 
 def _stored_input(stored: dict[str, Any], key: str, what: str, png: str | Path, notes: list[str]) -> Path:

@@ -1,5 +1,5 @@
 """Prompt files: one prompt a line (.txt), JSON Lines (.jsonl) or CSV (.csv), each line with optional overrides
-(negative, seed, size, steps, cfg, name, lora), read and checked whole before anything runs. Torch-free."""
+(negative, seed, size, steps, cfg, name, preset, lora), read and checked whole before anything runs. Torch-free."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ _EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "cs
 # Per-line keys and the type each must have; a line may leave any of them out except the prompt.
 LINE_FIELDS: dict[str, type] = {
     "prompt": str, "negative": str, "seed": int, "width": int, "height": int, "steps": int, "cfg": float, "name": str,
+    "preset": str,
 }  # fmt: skip
 
 
@@ -39,6 +40,7 @@ class PromptLine:
     steps: int | None = None
     cfg: float | None = None
     name: str | None = None
+    preset: str | None = None  # a name in qimg.PRESETS: its steps, CFG and schedule for this line
     loras: tuple[tuple[str, float], ...] | None = None  # the line's own LoRAs (None: the command's)
 
 

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from qimg.errors import InputError, QimgError
+from qimg.presets import get_preset
 from qimg.runtime.planner import RequestShape
-from qimg.specs import ModelSpec
+from qimg.specs import FlowSchedule, ModelSpec
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_SEQUENCE_LENGTH = 1024  # the Qwen-Image text encoder window the pipelines allow
@@ -37,14 +38,23 @@ class GenerateRequest:
     max_sequence_length: int
     strength: float | None = None  # img2img: how much of the schedule runs (None: text to image from noise)
     guidance: float | None = None  # distilled guidance fed to the model (FLUX.1-dev); None: the family has none
+    preset: str | None = None  # the preset whose settings it took (presets.py), recorded for people and replays
+    # FlowSchedule fields the preset overrides, (field, value) pairs; () runs the model's own schedule
+    schedule: tuple[tuple[str, Any], ...] = ()
 
     @property
     def cfg_enabled(self) -> bool:
         """Qwen's true CFG runs only with a negative prompt and a scale above 1."""
         return self.negative is not None and self.cfg > 1.0
 
+    def flow_schedule(self, base: FlowSchedule) -> FlowSchedule:
+        """The model's schedule with this request's overrides."""
+        return replace(base, **dict(self.schedule)) if self.schedule else base
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["schedule"] = dict(self.schedule)  # JSON-friendly in the PNG; {} for the model's own
+        return out
 
 
 def check_task(spec: ModelSpec, name: str, task: str, error: type[QimgError] = InputError) -> None:
@@ -144,6 +154,7 @@ def make_request(
     init_size: tuple[int, int] | None = None,
     img2img: bool = False,
     guidance: float | None = None,
+    preset: str | None = None,
 ) -> tuple[GenerateRequest, list[str]]:
     """Fill defaults from the spec and validate; returns the request and human notes (snapping) to show.
 
@@ -151,10 +162,20 @@ def make_request(
     --width/--height the output keeps its aspect at the model's default area (as the edit pipelines do),
     rather than being squashed to a square. img2img: the request starts from an init image, so strength
     defaults to DEFAULT_STRENGTH. guidance: distilled guidance, for specs that have it (default: the spec's).
+    preset: a name in presets.PRESETS; its steps and cfg stand in for the spec's defaults (explicit values still
+    win) and its schedule overrides go with the request.
     """
     notes: list[str] = []
     if not prompt or not prompt.strip():
         raise InputError("the prompt is empty", hint="give a prompt, e.g. qimg generate \"a red fox\" -o fox.png")
+    bound = None
+    if preset is not None:
+        try:
+            bound = get_preset(preset)
+        except ValueError as e:
+            raise InputError(str(e), hint="see qimg generate --help") from None
+        steps = bound.steps if steps is None else steps
+        cfg = bound.cfg if cfg is None else cfg
     steps = spec.steps if steps is None else steps
     if not 1 <= steps <= MAX_STEPS:
         raise InputError(f"--steps must be between 1 and {MAX_STEPS} (got {steps})",
@@ -186,5 +207,7 @@ def make_request(
         max_sequence_length=msl,
         strength=strength,
         guidance=guidance,
+        preset=preset,
+        schedule=bound.schedule if bound is not None else (),
     )
     return request, notes

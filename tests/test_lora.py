@@ -230,3 +230,29 @@ def test_prompt_file_lines_choose_their_own_loras(tiny_qwen, tmp_path, one_threa
     bad.write_text('{"prompt": "a", "lora": [{"path": 3}]}\n')
     refused = runner.invoke(app, [*base[:2], str(bad), *base[3:]])
     assert refused.exit_code == 2 and "bad.jsonl:1: each lora is" in refused.stderr
+
+
+def test_a_lora_by_hub_name_runs_from_the_cache_and_records_its_snapshot_path(tiny_qwen, tmp_path, one_thread):
+    """--lora OWNER/REPO/FILE finds the file in the Hugging Face cache layout (a snapshot link to a blob); the PNG
+    records the readable snapshot path, so a batch rerun finds the LoRA unchanged."""
+    import os
+
+    pipe = qimg.load(tiny_qwen, device="cpu")
+    repo = Path(os.environ["HF_HUB_CACHE"]) / "models--someone--styles"
+    (repo / "blobs").mkdir(parents=True)
+    blob = _write_kohya(repo / "blobs" / "0123abcd", _lora_tensors(pipe, 4, 9), alpha=4.0)
+    snapshot = repo / "snapshots" / "c0ffee"
+    snapshot.mkdir(parents=True)
+    (snapshot / "ink.safetensors").symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee", encoding="utf-8")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\n", encoding="utf-8")
+    args = ["generate", "--prompts", str(prompts), "-o", str(tmp_path / "out"), "--model", str(tiny_qwen), "--device",
+            "cpu", "--steps", "1", "--width", "32", "--height", "32", "--lora", "someone/styles/ink.safetensors:0.5"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    stored = qimg.read_params(tmp_path / "out" / "0000-a-fox.png")["loras"][0]
+    assert stored["path"] == str(snapshot.resolve() / "ink.safetensors") and stored["scale"] == 0.5
+    again = CliRunner().invoke(app, [*args, "--json"])
+    assert '"reason": "unchanged"' in again.stdout, again.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -110,6 +111,14 @@ class OffloadMode(str, Enum):
     layer = "layer"
 
 
+class LoRAMode(str, Enum):
+    """How --lora files apply (qimg.RuntimeOptions.lora_mode)."""
+
+    auto = "auto"
+    merge = "merge"
+    branch = "branch"
+
+
 class TextEncoderDevice(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -152,6 +161,7 @@ def runtime_options(
     offload: OffloadMode = OffloadMode.auto,
     vram_budget: float | None = None,
     text_encoder_device: TextEncoderDevice | None = None,
+    lora_mode: LoRAMode = LoRAMode.auto,
 ) -> qimg.RuntimeOptions:
     """The one RuntimeOptions object of a run; its own checks (and the tile sizes) fail here, before loading."""
     return qimg.RuntimeOptions(
@@ -164,6 +174,7 @@ def runtime_options(
         offload=offload.value,
         vram_budget=vram_budget,
         text_encoder_device=text_encoder_device.value if text_encoder_device else None,
+        lora_mode=lora_mode.value,
     )
 
 
@@ -179,9 +190,41 @@ Device = Annotated[
 LoRA = Annotated[
     list[str] | None,
     typer.Option("--lora", metavar="PATH[:SCALE]",
-                 help="Apply a LoRA (diffusers/PEFT, kohya, ComfyUI, DiffSynth or Lightning safetensors) at SCALE "
-                 "(default 1.0; 0 turns it off, negative subtracts it). Repeat to stack several."),
+                 help="Apply a LoRA at SCALE (default 1.0; 0 turns it off, negative subtracts it): a .safetensors "
+                 "file in any dialect qimg reads, or OWNER/REPO/FILE.safetensors from the hub caches (qimg "
+                 "download OWNER/REPO --file FILE fetches it). Repeat to stack several."),
 ]
+
+
+LoRAModeOption = Annotated[
+    LoRAMode,
+    typer.Option("--lora-mode", help="merge: fold the LoRAs into the weights as the model loads (no per-step "
+                 "cost; FP8 is quantised from bf16 + LoRA); branch: run them beside each linear (exact on any "
+                 "base, switchable, ~15% per step at rank 64); auto: merge, except in prompt-file batches whose "
+                 "lines change LoRAs and on FP8-stored --transformer files."),
+]
+TransformerOption = Annotated[
+    Path | None,
+    typer.Option("--transformer", metavar="FILE",
+                 help="Transformer weights from one safetensors file instead of the model folder's: the official "
+                 "key layout or ComfyUI's (model.diffusion_model.), bf16 or FP8 (e4m3fn, with or without scales, "
+                 "kept as FP8 storage). The VAE, text encoder and configs still come from --model."),
+]
+
+
+# Built from qimg.PRESETS so that a new preset is one row of data, not one more edit here.
+PresetName = Enum("PresetName", {name.replace("-", "_"): name for name in qimg.PRESETS}, type=str)  # type: ignore[misc]
+PresetOption = Annotated[
+    PresetName | None,
+    typer.Option("--preset", help="Sampling settings a distilled LoRA or model was made for. lightning-8, "
+                 "lightning-4: 8 or 4 steps, CFG off, shift ln 3 at every size, no terminal shift (the Lightning "
+                 "LoRAs); distill: 15 steps, CFG off (Qwen-Image-Distill-Full). --steps and --cfg still win."),
+]
+
+
+def preset_from(value: Any) -> str | None:
+    """The --preset value as the preset's name."""
+    return None if value is None else str(value.value)
 
 
 def loras_from(values: list[str] | None) -> list[tuple[str, float]]:

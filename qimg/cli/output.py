@@ -179,10 +179,22 @@ def show_plan(out: Output, pipe: Any) -> None:
         out.info(line)
 
 
-def show_lora(out: Output, lora: Any, verbose: bool) -> None:
-    """A LoRA just attached: its summary with --verbose; keys that matched nothing always (a partial match)."""
+def show_loaded(out: Output, pipe: Any, verbose: bool) -> None:
+    """What loading decided: its notes, the memory plan (--verbose), and each LoRA loaded with the model."""
+    for note in getattr(pipe, "notes", ()):
+        out.info(note)
     if verbose:
-        out.info(f"lora: {lora.summary()}")
+        show_plan(out, pipe)
+    adapters = getattr(pipe, "adapters", None)
+    for attached in adapters.attached.values() if adapters is not None else ():
+        show_lora(out, attached.file, verbose, "merged into the weights" if attached.merged else "side branch")
+
+
+def show_lora(out: Output, lora: Any, verbose: bool, how: str = "side branch") -> None:
+    """A LoRA just attached: its summary and how it applies with --verbose; keys that matched nothing always (a
+    partial match)."""
+    if verbose:
+        out.info(f"lora: {lora.summary()}, {how}")
     if lora.unmatched:
         keys = ", ".join(lora.unmatched[:3]) + (", ..." if len(lora.unmatched) > 3 else "")
         out.warn(f"{lora.path.name}: {len(lora.unmatched)} key(s) matched no module of the model and were "

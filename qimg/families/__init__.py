@@ -34,10 +34,12 @@ def get(name: str) -> Family:
     return getattr(importlib.import_module(module), attribute)
 
 
-def load(ref: ModelRef, options: RuntimeOptions, shape: RequestShape | None = None) -> Pipeline:
-    """The family's pipeline for a resolved model, loaded as `options` say, its memory planned for `shape`."""
+def load(ref: ModelRef, options: RuntimeOptions, shape: RequestShape | None = None,
+         loras: Sequence[tuple[str | Path, float]] = ()) -> Pipeline:
+    """The family's pipeline for a resolved model, loaded as `options` say, its memory planned for `shape`, with
+    `loras` ((path, scale) pairs) merged or attached as options.lora_mode says."""
     family = get(ref.spec.family)
-    return family.pipeline.load(ref, family, options, shape)
+    return family.pipeline.load(ref, family, options, shape, loras)
 
 
 def load_vae(ref: ModelRef, options: RuntimeOptions) -> Any:

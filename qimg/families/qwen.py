@@ -9,12 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qimg.errors import CheckpointError
 from qimg.loading import components
 from qimg.loading.checkpoint import safetensors_files, tensor_headers
+from qimg.loading.single_file import TransformerFile
 from qimg.nets.qwen_mmdit import QwenMMDiT
 from qimg.nets.qwen_vae import QwenVAE
 from qimg.pipelines.family import BlockLists, Family
-from qimg.pipelines.memory import denoiser_footprint, footprint
+from qimg.pipelines.memory import denoiser_footprint, footprint, stored_fp8_mode
 from qimg.pipelines.prompts import encode_prompt
 from qimg.pipelines.qwen import QwenImagePipeline
 from qimg.runtime.planner import Footprint, GiB, MiB, Needs, RequestShape
@@ -45,15 +47,17 @@ def text_encoder_fp8_layers(name: str, module: nn.Linear | None) -> bool:
     return _TE_LAYER.match(name) is not None and "visual" not in name and name.endswith(_TE_LINEARS)
 
 
-def transformer_footprint(folder: Path, dtype: torch.dtype, fp8: str | None, tokens: int, batch: int) -> Footprint:
-    """The MMDiT's bytes; activations: the largest per-block working set (hidden states, q/k/v, the 4x MLP) for
-    `tokens` (image + reference + text) tokens of `batch` rows, measured to stay within 16 hidden-state copies."""
+def transformer_footprint(folder: Path, dtype: torch.dtype, fp8: str | None, tokens: int, batch: int,
+                          weights: TransformerFile | None = None) -> Footprint:
+    """The MMDiT's bytes (its weights from `weights`, a single file, when given); activations: the largest
+    per-block working set (hidden states, q/k/v, the 4x MLP) for `tokens` (image + reference + text) tokens of
+    `batch` rows, measured to stay within 16 hidden-state copies."""
     params = components.qwen_mmdit_params(folder)
     size = torch.empty(0, dtype=dtype).element_size()
     act = batch * tokens * params.dim * size * 16 + 64 * MiB
-    if fp8 == "weights":  # each FP8 linear upcasts its weight (fp32, then the compute dtype) just before use
-        act += params.dim * 4 * params.dim * (4 + size)
-    return denoiser_footprint(folder, BLOCKS, mmdit_fp8_layers, dtype, fp8, act)
+    if stored_fp8_mode(fp8, weights, mmdit_fp8_layers) == "weights":
+        act += params.dim * 4 * params.dim * (4 + size)  # an FP8 linear upcasts its weight just before use
+    return denoiser_footprint(folder, BLOCKS, mmdit_fp8_layers, dtype, fp8, act, weights=weights)
 
 
 def text_encoder_footprint(folder: Path, dtype: torch.dtype, fp8: str | None, task: str) -> Footprint:
@@ -91,18 +95,36 @@ def vae_needs(folder: Path, dtype: torch.dtype, pixels: int) -> tuple[Footprint,
     return Footprint(weights, (), untiled), tiled
 
 
-def qwen_needs(root: Path, dtype: torch.dtype, fp8: str | None, task: str, shape: RequestShape) -> Needs:
-    """What a run of this model folder needs on the device for one request shape (edit models add their
-    reference images' tokens)."""
+def qwen_needs(root: Path, dtype: torch.dtype, fp8: str | None, task: str, shape: RequestShape, *,
+               weights: TransformerFile | None = None) -> Needs:
+    """What a run of this model folder (its transformer weights from `weights`, a single file, when given) needs
+    on the device for one request shape (edit models add their reference images' tokens)."""
     pixels = shape.width * shape.height
     tokens = pixels // 256 + shape.ref_pixels // 256 + 1024  # image tokens, reference tokens, text tokens (at most)
     vae, tiled = vae_needs(root / "vae", dtype, max(pixels, shape.ref_pixels))
     return Needs(
-        transformer=transformer_footprint(root / "transformer", dtype, fp8, tokens, 2 if shape.cfg else 1),
+        transformer=transformer_footprint(root / "transformer", dtype, fp8, tokens, 2 if shape.cfg else 1, weights),
         vae=vae,
         vae_tiled_act=tiled,
         text_encoder=text_encoder_footprint(root / "text_encoder", dtype, fp8, task) if shape.text_encoder else None,
     )
+
+
+def load_mmdit(folder: Path, *, device: torch.device | str, dtype: torch.dtype, weights: TransformerFile | None = None,
+               **grouping: object) -> QwenMMDiT:
+    """transformer/ as the folder has it, or with its weights from one file (its config.json still sets the
+    shapes). grouping: load_module's group / on_group."""
+    if weights is None:
+        return components.load_qwen_mmdit(folder, device=device, dtype=dtype, **grouping)  # type: ignore[arg-type]
+    params = components.qwen_mmdit_params(folder)
+    # ComfyUI marks Edit-2511 transformers this way; the folder must be one whose config runs them (zero_cond_t).
+    if "__index_timestep_zero__" in weights.flags and not params.zero_cond_t:
+        raise CheckpointError(f"{weights.path.name} is a Qwen-Image-Edit-2511 transformer (it carries ComfyUI's "
+                              f"__index_timestep_zero__ marker); {folder.parent.name} is not an Edit-2511 model",
+                              hint="use it with --model qwen-image-edit-2511")
+    model = weights.load(lambda: QwenMMDiT(params), device=device, dtype=dtype,
+                         quantisable=lambda name: mmdit_fp8_layers(name, None), **grouping)
+    return model.eval().requires_grad_(False)  # type: ignore[return-value]
 
 
 def load_vae(folder: Path, device: torch.device, dtype: torch.dtype) -> QwenVAE:
@@ -123,7 +145,7 @@ QWEN_IMAGE = Family(
     name="qwen-image",
     pipeline=QwenImagePipeline,
     denoiser_folder="transformer",
-    load_denoiser=components.load_qwen_mmdit,
+    load_denoiser=load_mmdit,
     denoiser_blocks=BLOCKS,
     denoiser_fp8=mmdit_fp8_layers,
     text_encoder_fp8=text_encoder_fp8_layers,

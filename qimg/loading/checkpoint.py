@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -144,12 +144,20 @@ def load_module(
     what: str = "checkpoint",
     group: Callable[[str], str | None] | None = None,
     on_group: Callable[[str, nn.Module], None] | None = None,
+    rename: Mapping[str, str | None] | None = None,
+    convert: Callable[[str, Tensor], Tensor] | None = None,
+    hint: str | None = None,
 ) -> M:
     """Build a module on the meta device and fill it from safetensors files, strictly.
 
     Every tensor the module needs must be present with the right shape, and every tensor in the files must be
     used, unless it matches a `known_unused` glob. `transform(name, tensor)` adapts stored tensors (for example
     3-D conv kernels to the 2-D ones an image-only network runs). Floating tensors are cast to `dtype`.
+
+    Files in another key layout (a single-file checkpoint) give `rename`: stored key -> module name, or None for
+    a tensor the caller reads itself (an FP8 scale, a marker); a key it lacks is unexpected, reported as stored.
+    `convert(name, tensor)` then replaces the cast to `dtype` (it may keep FP8 values as stored or dequantise
+    them); it keeps shapes, which are checked from the headers. `hint` replaces the mismatch error's hint.
 
     With `group(name)` -> prefix (or None), tensors load one group at a time (memory-mapped reads, so the host
     holds one group, not the checkpoint) and `on_group(prefix, module)` runs right after each group is in place: FP8
@@ -160,30 +168,41 @@ def load_module(
         module = build()
     expected = module.state_dict()
     unused = tuple(known_unused)
-    where = open_checkpoint(files)
-    unexpected = [n for n in where if n not in expected and not any(fnmatch.fnmatchcase(n, p) for p in unused)]
+    where: dict[str, tuple[Any, str]] = {}  # module name -> (open file, key in it)
+    unexpected: list[str] = []
+    for key, handle in open_checkpoint(files).items():
+        name = key if rename is None else rename.get(key, "")
+        if name is None:
+            continue
+        if name in expected:
+            where[name] = (handle, key)
+        elif not any(fnmatch.fnmatchcase(name or key, p) for p in unused):
+            unexpected.append(key)
     misshapen: list[str] = []
     if transform is None:
         for name in expected:
             if name in where:
-                shape = tuple(where[name].get_slice(name).get_shape())
+                shape = _shape(where[name])
                 if shape != tuple(expected[name].shape):
                     misshapen.append(f"{name} {shape} != {tuple(expected[name].shape)}")
     missing = sorted(set(expected) - set(where))
-    check_keys(what, missing, unexpected, misshapen)
-    _check_dtypes(what, files, where, expected)
+    check_keys(what, missing, unexpected, misshapen, hint)
+    _check_dtypes(what, where, expected)
 
     def read(names: list[str]) -> dict[str, Tensor]:
         state = {}
         for name in names:
-            tensor = where[name].get_tensor(name)
+            handle, key = where[name]
+            tensor = handle.get_tensor(key)
             if transform is not None:
                 tensor = transform(name, tensor)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
-                    misshapen.append(f"{name} {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
-                    continue
-            if dtype is not None and tensor.is_floating_point():
+            if convert is not None:
+                tensor = convert(name, tensor)
+            elif dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                misshapen.append(f"{name} {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
+                continue
             state[name] = tensor.to(device)
         return state
 
@@ -197,21 +216,26 @@ def load_module(
         if on_group is not None:
             on_group(prefix, module)
     state = read(groups.get(None, []))
-    check_keys(what, [], [], misshapen)
+    check_keys(what, [], [], misshapen, hint)
     module.load_state_dict(state, strict=False, assign=True)
     return module
+
+
+def _shape(entry: tuple[Any, str]) -> tuple[int, ...]:
+    handle, key = entry
+    return tuple(handle.get_slice(key).get_shape())
 
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
-def _check_dtypes(what: str, files: list[Path], where: dict[str, Any], expected: dict[str, Tensor]) -> None:
+def _check_dtypes(what: str, where: dict[str, tuple[Any, str]], expected: dict[str, Tensor]) -> None:
     """Weights the network computes in floating point must be stored as floats: integer tensors there are a
     quantisation format qimg does not read (or a damaged file), and would fail deep inside a matmul."""
     wrong = sorted(
-        (name, where[name].get_slice(name).get_dtype())
-        for name, t in expected.items()
-        if name in where and t.is_floating_point() and where[name].get_slice(name).get_dtype() not in _FLOAT_DTYPES
+        (name, handle.get_slice(key).get_dtype())
+        for name, (handle, key) in where.items()
+        if expected[name].is_floating_point() and handle.get_slice(key).get_dtype() not in _FLOAT_DTYPES
     )
     if wrong:
         name, dtype = wrong[0]
@@ -221,7 +245,8 @@ def _check_dtypes(what: str, files: list[Path], where: dict[str, Any], expected:
         )
 
 
-def check_keys(what: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:
+def check_keys(what: str, missing: list[str], unexpected: list[str], misshapen: list[str], hint: str | None = None
+               ) -> None:
     """One CheckpointError listing every missing, unexpected and misshapen tensor of a component, if any."""
     if missing or unexpected or misshapen:
         parts = []
@@ -233,5 +258,5 @@ def check_keys(what: str, missing: list[str], unexpected: list[str], misshapen: 
             parts.append(f"{len(misshapen)} with the wrong shape ({_short(misshapen)})")
         raise CheckpointError(
             f"{what} does not match the network: " + "; ".join(parts),
-            hint="the files belong to another model or are incomplete; re-download the model",
+            hint=hint or "the files belong to another model or are incomplete; re-download the model",
         )

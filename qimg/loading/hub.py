@@ -1,5 +1,6 @@
 """Where a model's files are: resolve --model (an alias, a hub repo id, or a local folder) to a folder in the
-diffusers layout and the spec its own model_index.json names. Never downloads: see qimg/loading/download.py.
+diffusers layout and the spec its own model_index.json names; resolve --lora (a local file, or OWNER/REPO/FILE of a
+hub repo) to a file. Never downloads: see qimg/loading/download.py.
 
 Names are looked up only in the standard caches, so files that another tool downloaded are reused:
   * Hugging Face: HF_HUB_CACHE, else HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
@@ -22,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qimg.errors import ConfigError, ModelNotFoundError
+from qimg.errors import ConfigError, InputError, ModelNotFoundError
 from qimg.specs import (
     ALIASES,
     INDISTINGUISHABLE_FROM,
@@ -52,6 +53,9 @@ SOURCES = ("hf", "modelscope")  # also the order in which the caches are searche
 SOURCE_NAMES = {"hf": "Hugging Face", "modelscope": "ModelScope"}
 # owner/name, as both hubs spell repo ids.
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A LoRA by its hub name, OWNER/REPO/FILE.safetensors (FILE may sit in subfolders): what `qimg download` prints.
+LORA_NAME = re.compile(rf"(?P<repo>{REPO_ID.pattern})/(?P<file>(?:[^/\\]+/)*[^/\\]+\.safetensors)", re.IGNORECASE)
+LORA_HINT = "pass --lora PATH.safetensors[:SCALE]"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class ModelRef:
     name: str  # what the user asked for, as recorded in image metadata
     # Which of the folder's files chose the spec, as a sentence for --verbose ("" when built by hand).
     chosen_by: str = ""
+    # One safetensors file whose weights replace the folder's transformer weights (the configs, VAE, text
+    # encoder and scheduler still come from the folder); set by qimg.with_transformer, recorded in PNGs.
+    transformer: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -108,9 +115,64 @@ def modelscope_cache_dir() -> Path:
     return _env_path(os.environ.get("MODELSCOPE_CACHE") or "~/.cache/modelscope")
 
 
-def download_command(name: str, source: str = "hf") -> str:
-    """The exact command that fetches `name`, for error hints."""
-    return f"qimg download {shlex.quote(name)}" + (f" --source {source}" if source != "hf" else "")
+def download_command(name: str, source: str = "hf", files: tuple[str, ...] = ()) -> str:
+    """The exact command that fetches `name` (only `files` of it, when given), for error hints."""
+    return (f"qimg download {shlex.quote(name)}" + "".join(f" --file {shlex.quote(f)}" for f in files)
+            + (f" --source {source}" if source != "hf" else ""))
+
+
+def resolve_lora(name: str | Path) -> Path:
+    """--lora's file: a local path, else a name OWNER/REPO/FILE.safetensors looked up in the Hugging Face cache,
+    then the ModelScope cache (where `qimg download OWNER/REPO --file FILE` puts it). Never touches the network.
+
+    A cache hit is returned as its path in the snapshot (parents resolved, the file's own link kept): the name
+    stays readable in messages and image metadata, where the blob it links to is a bare hash.
+    """
+    name = str(name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        # Absolute and normalised, links kept: a path this function returned for a hub cache's snapshot entry
+        # must come back as itself when checked again (a batch checks the command's LoRAs, then each line's).
+        return Path(os.path.abspath(path))
+    if path.is_dir():
+        raise InputError(f"LoRA file {path} is a folder", hint=LORA_HINT)
+    m = LORA_NAME.fullmatch(name)
+    if m is None or any(part in (".", "..") for part in m["file"].split("/")):
+        raise InputError(f"LoRA file {path} does not exist", hint=LORA_HINT)
+    repo_id, file = m["repo"], m["file"]
+    for source in SOURCES:
+        for folder in repo_folders(source, repo_id):
+            found = folder / file
+            if found.is_file():  # follows the link: a snapshot entry whose blob was deleted does not count
+                return found.parent.resolve() / found.name
+    raise InputError(
+        f"LoRA {name} is not a local file, and {file} of {repo_id} is in neither {hf_cache_dir()} nor "
+        f"{modelscope_cache_dir()}",
+        hint=f"run: {download_command(repo_id, files=(file,))}",
+    )
+
+
+def repo_folders(source: str, repo_id: str) -> list[Path]:
+    """Every copy of `repo_id` in one hub's cache, the current one first: for Hugging Face the snapshot refs/main
+    names, then the other snapshots newest first; for ModelScope the folders modelscope itself reuses, then any
+    other snapshot. Unlike _hf_folders, older snapshots count: a single file fetched at an older commit is still
+    that file, where a model is only trusted whole."""
+    if not REPO_ID.fullmatch(repo_id):
+        return []
+    if source == "hf":
+        repo_dir = hf_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+        folders = _newest_first(repo_dir / "snapshots")
+        try:
+            head = repo_dir / "snapshots" / (repo_dir / "refs" / "main").read_text(encoding="utf-8").strip()
+        except OSError:  # no refs/main: fetched by commit or tag only
+            head = None
+        if head is not None and head.is_dir():
+            folders.insert(0, head)
+    else:
+        owner, name = repo_id.split("/", 1)
+        snapshots = modelscope_cache_dir() / "models" / f"{owner}--{name}" / "snapshots"
+        folders = [*_modelscope_folders(repo_id), *_newest_first(snapshots)]
+    return list(dict.fromkeys(folders))
 
 
 def resolve_model(model: str | Path) -> ModelRef:

@@ -77,9 +77,11 @@ LORA_DIALECTS: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...
     ("comfy", "diffusion_model.", "dotted", ("*",), ("*",)),  # ComfyUI, ai-toolkit, musubi --target other
     ("kohya", "lora_unet_", "underscored", ("*",), ("*",)),  # musubi, sd-scripts, OneTrainer KOHYA_LORA
     ("kohya", "lora_transformer_", "underscored", ("*",), ("*",)),  # OneTrainer's older naming
+    ("lycoris", "lycoris_", "underscored", ("lycoris", "kohya"), ("*",)),  # the LyCORIS library (SimpleTuner)
     ("diffsynth", "", "dotted", ("peft_default",), ("*",)),  # DiffSynth-Studio: PEFT keys with the adapter name
     ("lightning", "", "dotted", ("kohya",), ("*",)),  # ModelTC Qwen-Image-Lightning (lightx2v)
     ("diffusers", "", "dotted", ("peft", "legacy"), ("*",)),  # diffusers save_lora_adapter: no prefix
+    ("lycoris", "", "dotted", ("lycoris",), ("*",)),  # bare module names: ComfyUI's Qwen-Image key map takes them
 )
 # (key suffix, what it holds, style); the variants ComfyUI accepts (comfy/weight_adapter/lora.py)
 LORA_SUFFIXES: tuple[tuple[str, str, str], ...] = (
@@ -97,8 +99,28 @@ LORA_SUFFIXES: tuple[tuple[str, str, str], ...] = (
     ("_lora.up.weight", "up", "legacy"),
     (".lora_linear_layer.down.weight", "down", "legacy"),
     (".lora_linear_layer.up.weight", "up", "legacy"),
+    # LyCORIS (KohakuBlueleaf/LyCORIS lycoris/modules/loha.py, lokr.py; ComfyUI comfy/weight_adapter/): the role is
+    # the tensor's own name. LoHa: delta W = (w1_a @ w1_b) * (w2_a @ w2_b); LoKr: kron(W1, W2), each W whole or a pair.
+    (".hada_w1_a", "hada_w1_a", "lycoris"),
+    (".hada_w1_b", "hada_w1_b", "lycoris"),
+    (".hada_w2_a", "hada_w2_a", "lycoris"),
+    (".hada_w2_b", "hada_w2_b", "lycoris"),
+    (".lokr_w1", "lokr_w1", "lycoris"),
+    (".lokr_w1_a", "lokr_w1_a", "lycoris"),
+    (".lokr_w1_b", "lokr_w1_b", "lycoris"),
+    (".lokr_w2", "lokr_w2", "lycoris"),
+    (".lokr_w2_a", "lokr_w2_a", "lycoris"),
+    (".lokr_w2_b", "lokr_w2_b", "lycoris"),
     (".alpha", "alpha", "*"),  # kohya's 0-d alpha; any dialect may carry one, and it is always applied
 )
+# The adapter kinds, by the roles that make one whole: each kind is a tuple of factors, each factor the role sets that
+# may give it (LoKr stores W1 and W2 either whole or as a low-rank pair, never both). An alpha may come with any kind.
+# A module whose roles make no whole kind is reported unmatched, like half a LoRA pair.
+LORA_KINDS: dict[str, tuple[tuple[tuple[str, ...], ...], ...]] = {
+    "LoRA": ((("down", "up"),),),
+    "LoHa": ((("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),),),
+    "LoKr": ((("lokr_w1",), ("lokr_w1_a", "lokr_w1_b")), (("lokr_w2",), ("lokr_w2_a", "lokr_w2_b"))),
+}
 # Names only one family's networks have, as key tokens ("." and "_" both separate tokens): a file naming them was
 # made for that family. FLUX's diffusers names share transformer_blocks.i.attn.to_q with Qwen-Image, so only these
 # tell the two apart; the SAI model-spec header (modelspec.architecture) is read as well.
@@ -108,12 +130,12 @@ LORA_FAMILY_MARKERS: dict[str, tuple[str, ...]] = {
 }
 LORA_FAMILY_ARCHITECTURES: dict[str, tuple[str, ...]] = {"flux": ("flux",)}  # modelspec.architecture prefixes
 LORA_FAMILY_NAMES: dict[str, str] = {"flux": "FLUX", "qwen-image": "Qwen-Image"}
-# Adapters that are not a low-rank pair (down, up): read as one they would apply the wrong change, so they are
-# refused by name until the reader builds their dense delta. (kind, key tokens, hint)
+# Adapters qimg cannot apply exactly: refused by name, since read as a LoRA they would apply the wrong change.
+# (kind, key tokens, hint)
 LORA_UNSUPPORTED: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("LyCORIS (LoKr/LoHa)", ("lycoris", "lokr_w1", "lokr_w2", "lokr_t2", "hada_w1_a", "hada_w1_b", "hada_w2_a",
-                             "hada_w2_b", "hada_t1", "hada_t2"),
-     "use a plain LoRA of the same adapter, or convert it to one"),
+    # LyCORIS writes Tucker cores only for conv kernels larger than 1x1 (use_tucker); these denoisers have none
+    ("LyCORIS Tucker (conv)", ("hada_t1", "hada_t2", "lokr_t1", "lokr_t2"),
+     "Tucker cores are for conv kernels and this denoiser's LoRA targets are linears; train without use_tucker"),
     ("DoRA", ("dora_scale", "lora_magnitude_vector"), "use a plain LoRA of the same adapter"),
 )
 # Key prefixes of text-encoder adapters: qimg applies LoRAs to the denoiser only, so these are reported unmatched.

@@ -1,9 +1,11 @@
-"""LoRA files as trainers write them, read into one form: denoiser module name -> (down, up, alpha).
+"""LoRA files as trainers write them, read into two forms: denoiser module name -> a low-rank pair (down, up, alpha),
+or a Kronecker pair (LyCORIS LoKr: w1, w2, scale).
 
-The dialects (diffusers/PEFT, kohya/musubi, ComfyUI/ai-toolkit, DiffSynth, Lightning) differ only in key prefixes,
-key suffixes and where alpha lives; those are the tables in keymaps.py (LORA_DIALECTS, LORA_SUFFIXES). Reading is
-loud: a shape that does not fit, a file made for another family, an adapter kind that is not a low-rank pair, or a
-file naming no module of the model is an error. Keys that name nothing are returned for the caller to report.
+The dialects (diffusers/PEFT, kohya/musubi, ComfyUI/ai-toolkit, DiffSynth, Lightning, LyCORIS) differ only in key
+prefixes, key suffixes and where alpha lives; those are the tables in keymaps.py (LORA_DIALECTS, LORA_SUFFIXES,
+LORA_KINDS). A LyCORIS LoHa is exactly a low-rank pair and is read as one (loading/adapters.py). Reading is loud: a
+shape that does not fit, a file made for another family, an adapter kind qimg cannot apply exactly (DoRA, Tucker), or
+a file naming no module of the model is an error. Keys that name nothing are returned for the caller to report.
 Safetensors only: nothing is ever unpickled.
 """
 
@@ -22,11 +24,13 @@ from safetensors import safe_open
 from torch import Tensor
 
 from qimg.errors import CheckpointError, InputError
+from qimg.loading.adapters import MISFIT, Adapter, LoHaModule, LoKrModule, LoRAModule, loha_pair, lokr_rank, lokr_w
 from qimg.loading.keymaps import (
     LORA_DIALECTS,
     LORA_FAMILY_ARCHITECTURES,
     LORA_FAMILY_MARKERS,
     LORA_FAMILY_NAMES,
+    LORA_KINDS,
     LORA_SUFFIXES,
     LORA_TEXT_ENCODER_PREFIXES,
     LORA_UNSUPPORTED,
@@ -45,64 +49,56 @@ _HINT_DAMAGED = "re-download the LoRA, or save it again"
 _HINT_OTHER_MODEL = "the LoRA was made for another model (or another size of this one)"
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: tensors do not compare to one bool
-class LoRAModule:
-    """One low-rank adapter on one linear (Hu et al. 2021): delta W = strength * scale * up @ down."""
-
-    down: Tensor  # A (rank, in_features), as stored
-    up: Tensor  # B (out_features, rank), as stored
-    # As stored, or rank where the file has none. An rsLoRA config (scale alpha / sqrt(rank)) is stored here as
-    # lora_alpha * sqrt(rank), so that `scale` is what its trainer applied.
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-
 @dataclass(frozen=True)
 class LoRAFile:
     """A LoRA file read against one denoiser: its adapters by module name, and the keys that named nothing."""
 
     path: Path
-    dialect: str  # "diffusers", "kohya", "comfy", "diffsynth", "lightning"
+    dialect: str  # "diffusers", "kohya", "comfy", "diffsynth", "lightning", "lycoris"
     family: str  # the family its keys name
-    modules: dict[str, LoRAModule]  # denoiser module name ("transformer_blocks.3.attn.to_q") -> adapter
+    modules: dict[str, Adapter]  # denoiser module name ("transformer_blocks.3.attn.to_q") -> adapter
     unmatched: tuple[str, ...]  # tensor keys that named no module of the model, or were not understood
     metadata: dict[str, str]  # the safetensors header metadata
 
     def describe(self) -> dict[str, Any]:
-        """Everything `qimg lora inspect` shows: file, dialect, family, ranks, alphas, targets by kind, size,
-        the keys that matched nothing, the header metadata."""
-        kinds: dict[str, int] = {}
+        """Everything `qimg lora inspect` shows: file, dialect, family, adapter kinds, ranks and alphas as the file
+        states them, targets by layer, size, the keys that matched nothing, the header metadata."""
+        targets: dict[str, int] = {}
         for name in self.modules:
-            kind = re.sub(r"^[a-z_]+\.\d+\.", "", name)  # "transformer_blocks.3.attn.to_q" -> "attn.to_q"
-            kinds[kind] = kinds.get(kind, 0) + 1
-        params = sum(m.down.numel() + m.up.numel() for m in self.modules.values())
+            target = re.sub(r"^[a-z_]+\.\d+\.", "", name)  # "transformer_blocks.3.attn.to_q" -> "attn.to_q"
+            targets[target] = targets.get(target, 0) + 1
         return {
             "path": str(self.path),
             "size_bytes": self.path.stat().st_size,
             "dialect": self.dialect,
             "family": self.family,
             "modules": len(self.modules),
-            "parameters": params,
-            "ranks": sorted({m.rank for m in self.modules.values()}),
-            "alphas": sorted({m.alpha for m in self.modules.values()}),
-            "targets": dict(sorted(kinds.items())),
+            "kinds": self._kinds(),
+            "parameters": sum(m.parameters for m in self.modules.values()),
+            "ranks": sorted({m.file_rank for m in self.modules.values() if m.file_rank is not None}),
+            "alphas": sorted({m.file_alpha for m in self.modules.values() if m.file_alpha is not None}),
+            "targets": dict(sorted(targets.items())),
             "unmatched": list(self.unmatched),
             "metadata": dict(self.metadata),
         }
 
     def summary(self) -> str:
-        """One line: dialect, modules matched, rank(s), alpha(s), unmatched count."""
-        ranks = {m.rank for m in self.modules.values()}
-        alphas = {m.alpha for m in self.modules.values()}
-        return (f"{self.dialect} LoRA: {len(self.modules)} modules, rank {_values(ranks)}, alpha {_values(alphas)}, "
+        """One line: dialect, modules matched (by kind, where any is not a plain LoRA), rank(s), alpha(s), unmatched
+        count. A LoKr with both factors whole has no rank: "full"."""
+        kinds = self._kinds()
+        by_kind = "" if set(kinds) <= {"LoRA"} else " (" + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")"
+        stated = [(m.file_rank, m.file_alpha) for m in self.modules.values()]
+        ranks = _values({r for r, _ in stated if r is not None})
+        if any(r is None for r, _ in stated):
+            ranks = "full" if ranks == "-" else ranks + "/full"
+        alphas = _values({a for _, a in stated if a is not None})
+        return (f"{self.dialect} LoRA: {len(self.modules)} modules{by_kind}, rank {ranks}, alpha {alphas}, "
                 f"{len(self.unmatched)} unmatched keys")
+
+    def _kinds(self) -> dict[str, int]:
+        """Adapters by kind, in LORA_KINDS order."""
+        found = Counter(m.kind for m in self.modules.values())
+        return {kind: found[kind] for kind in LORA_KINDS if found[kind]}
 
 
 @dataclass(frozen=True)
@@ -169,23 +165,24 @@ def read_lora(path: str | Path, linears: Mapping[str, tuple[int, int]], family: 
         if role != "alpha":
             dialect_of.setdefault((dialect.prefix, module), dialect.name)
 
-    pairs: dict[str, dict[str, str]] = {}
+    adapters: dict[str, tuple[str, dict[str, str]]] = {}  # module -> (kind, its keys by role)
     found: Counter[str] = Counter()
     for where, group in groups.items():
         module = where[1]
-        if "down" not in group or "up" not in group:  # half an adapter, or an alpha alone: nothing to apply
+        kind = _kind(shown, module, group)
+        if kind is None:  # half an adapter, or an alpha alone: nothing to apply
             unmatched.extend(group.values())
             guesses[dialect_of.get(where, "unknown")] += 1
             continue
-        if module in pairs:
-            raise CheckpointError(f"{shown} holds two LoRAs for {module} ({_show(pairs[module]['down'])} and "
-                                  f"{_show(group['down'])})", hint="the file mixes two LoRAs; save each on its own")
-        pairs[module] = group
+        if module in adapters:
+            raise CheckpointError(f"{shown} holds two LoRAs for {module} ({_show(_first(adapters[module][1]))} and "
+                                  f"{_show(_first(group))})", hint="the file mixes two LoRAs; save each on its own")
+        adapters[module] = (kind, group)
         found[dialect_of[where]] += 1
 
-    for module, group in pairs.items():
-        _check_fit(shown, handle, module, group, linears[module])
-    if not pairs:
+    for module, (kind, group) in adapters.items():
+        _check_fit(shown, handle, module, kind, group, linears[module])
+    if not adapters:
         guess = (guesses.most_common(1)[0][0] if guesses else "unknown")
         if keys and all(k.startswith(LORA_TEXT_ENCODER_PREFIXES) for k in keys):
             hint = "it holds text-encoder adapters only; qimg applies LoRAs to the denoiser"
@@ -196,17 +193,7 @@ def read_lora(path: str | Path, linears: Mapping[str, tuple[int, int]], family: 
         raise InputError(f"{shown}: no key of this LoRA matches the {family} transformer ({len(keys)} keys; "
                          f"dialect {guess})", hint=hint)
 
-    modules = {}
-    for module, group in pairs.items():
-        down, up = _tensor(shown, handle, group["down"]), _tensor(shown, handle, group["up"])
-        rank = int(down.shape[0])
-        if "alpha" in group:
-            alpha = _stored_alpha(shown, handle, group["alpha"], rank)
-        elif config is not None:
-            alpha = _config_alpha(shown, config, module, rank)
-        else:
-            alpha = float(rank)  # no alpha anywhere: the PEFT convention, delta W = up @ down
-        modules[module] = LoRAModule(down=down, up=up, alpha=alpha)
+    modules = {module: _BUILD[kind](shown, handle, module, group, config) for module, (kind, group) in adapters.items()}
     order = {key: i for i, key in enumerate(keys)}
     return LoRAFile(path=path, dialect=found.most_common(1)[0][0], family=family, modules=modules,
                     unmatched=tuple(sorted(unmatched, key=order.__getitem__)), metadata=metadata)
@@ -293,19 +280,88 @@ def _locate(key: str, linears: Mapping[str, tuple[int, int]], underscored: Mappi
     return fits, None, None
 
 
-def _check_fit(shown: str, handle: Any, module: str, group: dict[str, str], linear: tuple[int, int]) -> None:
-    """down (rank, in) and up (out, rank), floating point, from the header alone."""
-    out, inp = linear
-    down, up = handle.get_slice(group["down"]), handle.get_slice(group["up"])
-    for key, view in ((group["down"], down), (group["up"], up)):
+def _kind(shown: str, module: str, group: dict[str, str]) -> str | None:
+    """The adapter kind (LORA_KINDS) a module's keys make whole, or None where they make none (half a pair, an alpha
+    alone). Keys of two kinds on one module, or a LoKr factor stored both whole and as a pair, are refused."""
+    roles = set(group) - {"alpha"}
+    kinds = [kind for kind, factors in LORA_KINDS.items()
+             if any(roles & set(given) for alternatives in factors for given in alternatives)]
+    if len(kinds) > 1:
+        raise CheckpointError(f"{shown} holds {' and '.join(kinds)} tensors for {module} ({_show(_first(group))} ...)",
+                              hint="the file mixes two LoRAs; save each on its own")
+    if not kinds:
+        return None
+    for alternatives in LORA_KINDS[kinds[0]]:
+        given = [alt for alt in alternatives if roles & set(alt)]
+        if len(given) > 1:
+            keys = ", ".join(_show(group[r]) for alt in given for r in alt if r in group)
+            raise CheckpointError(f"{shown}: the {kinds[0]} for {module} stores one factor twice ({keys})",
+                                  hint=_HINT_DAMAGED)
+        if not given or not set(given[0]) <= roles:
+            return None
+    return kinds[0]
+
+
+def _first(group: dict[str, str]) -> str:
+    """A module's first key that is not its alpha (names it in messages)."""
+    return next((key for role, key in group.items() if role != "alpha"), next(iter(group.values())))
+
+
+def _check_fit(shown: str, handle: Any, module: str, kind: str, group: dict[str, str],
+               linear: tuple[int, int]) -> None:
+    """Floating-point matrices whose shapes fit the linear (out, in), from the header alone."""
+    views = {role: handle.get_slice(key) for role, key in group.items() if role != "alpha"}
+    for role, view in views.items():
         if view.get_dtype() not in _MATRIX_DTYPES:
-            raise CheckpointError(f"{shown}: {_show(key)} is stored as {view.get_dtype()}, not floating point",
+            raise CheckpointError(f"{shown}: {_show(group[role])} is stored as {view.get_dtype()}, not floating point",
                                   hint="qimg reads LoRAs stored as fp32, fp16, bf16 (or FP8)")
-    d, u = tuple(down.get_shape()), tuple(up.get_shape())
-    if not (len(d) == 2 and len(u) == 2 and d[0] >= 1 and d[1] == inp and u == (out, d[0])):
-        raise CheckpointError(
-            f"{shown}: the LoRA for {module} has down {d} and up {u}; its linear is ({out}, {inp}), so down must be "
-            f"(rank, {inp}) and up ({out}, rank)", hint=_HINT_OTHER_MODEL)
+    shapes = {role: tuple(view.get_shape()) for role, view in views.items()}
+    must = MISFIT[kind](shapes, linear)
+    if must is not None:
+        order = [r for factor in LORA_KINDS[kind] for alternative in factor for r in alternative if r in shapes]
+        has = ", ".join(f"{r} {shapes[r]}" for r in order[:-1]) + f" and {order[-1]} {shapes[order[-1]]}"
+        raise CheckpointError(f"{shown}: the {kind} for {module} has {has}; its linear is {linear}, so {must}",
+                              hint=_HINT_OTHER_MODEL)
+
+
+def _build_lora(shown: str, handle: Any, module: str, group: dict[str, str], config: dict[str, Any] | None
+                ) -> LoRAModule:
+    down, up = _tensor(shown, handle, group["down"]), _tensor(shown, handle, group["up"])
+    rank = int(down.shape[0])
+    if "alpha" in group:
+        alpha = _stored_alpha(shown, handle, group["alpha"], rank)
+    elif config is not None:
+        alpha = _config_alpha(shown, config, module, rank)
+    else:
+        alpha = float(rank)  # no alpha anywhere: the PEFT convention, delta W = up @ down
+    return LoRAModule(down=down, up=up, alpha=alpha)
+
+
+def _build_loha(shown: str, handle: Any, module: str, group: dict[str, str], config: dict[str, Any] | None
+                ) -> LoHaModule:
+    w1a, w1b, w2a, w2b = (_tensor(shown, handle, group[r]) for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a",
+                                                                       "hada_w2_b"))
+    r1, r2 = int(w1b.shape[0]), int(w2b.shape[0])
+    alpha = _lycoris_alpha(shown, handle, group, r1)
+    down, up = loha_pair(w1a, w1b, w2a, w2b)
+    return LoHaModule(down=down, up=up, alpha=alpha * r2, ranks=(r1, r2), loha_alpha=alpha)
+
+
+def _build_lokr(shown: str, handle: Any, module: str, group: dict[str, str], config: dict[str, Any] | None
+                ) -> LoKrModule:
+    tensors = {role: _tensor(shown, handle, key) for role, key in group.items() if role != "alpha"}
+    rank = lokr_rank({role: tuple(t.shape) for role, t in tensors.items()})
+    alpha = None if rank is None else _lycoris_alpha(shown, handle, group, rank)
+    return LoKrModule(w1=lokr_w(tensors, 1), w2=lokr_w(tensors, 2), scale=1.0 if rank is None else alpha / rank,
+                      rank=rank, alpha=alpha, parameters=sum(t.numel() for t in tensors.values()))
+
+
+_BUILD = {"LoRA": _build_lora, "LoHa": _build_loha, "LoKr": _build_lokr}
+
+
+def _lycoris_alpha(shown: str, handle: Any, group: dict[str, str], rank: int) -> float:
+    """A LyCORIS module's `.alpha`, or its rank where it has none (LyCORIS: no alpha means scale 1)."""
+    return _stored_alpha(shown, handle, group["alpha"], rank) if "alpha" in group else float(rank)
 
 
 def _tensor(shown: str, handle: Any, key: str) -> Tensor:

@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,6 +26,7 @@ from qimg.embeddings import EmbeddingsFile, PromptEmbeds
 from qimg.errors import GPUMemoryError, InputError, NumericsError
 from qimg.loading import components
 from qimg.loading.hub import ModelRef
+from qimg.loading.single_file import TransformerFile, file_sha256, fp8_notes, read_transformer_file
 from qimg.pipelines import memory
 from qimg.pipelines.common import Progress, latents_to_images
 from qimg.pipelines.family import Family
@@ -118,43 +120,70 @@ class Pipeline(abc.ABC):
     # Told each stage of a run as it starts ("prompt", "encode", "denoise", "decode"), for progress displays.
     on_stage: Callable[[str], None] | None = None
     adapters: LoRAs | None = None  # LoRAs attached to the denoiser (made on the first load_lora)
+    # ref.transformer read (a single-file transformer), and its sha256 for the PNG, hashed while the model loads.
+    transformer_file: TransformerFile | None = None
+    transformer_digest: Future[str] | None = None
+    notes: tuple[str, ...] = ()  # what loading decided that a user may want to know (one line each)
 
     prompt_encoder: ClassVar[Any] = None  # the family's prompt encoder class: (ref, family, device, dtype, ...)
 
     @classmethod
-    def load(cls, ref: ModelRef, family: Family, options: RuntimeOptions, shape: RequestShape | None = None
-             ) -> Pipeline:
-        """Load a model folder as a memory plan for `shape` places it, then apply the runtime features asked
-        for: the attention kernel (process-wide), FP8 linears, regional compile."""
+    def load(cls, ref: ModelRef, family: Family, options: RuntimeOptions, shape: RequestShape | None = None,
+             loras: Sequence[tuple[str | Path, float]] = ()) -> Pipeline:
+        """Load a model folder (its transformer weights from ref.transformer, one file, when set) as a memory plan
+        for `shape` places it, then apply the runtime features asked for: the attention kernel (process-wide),
+        FP8 linears, regional compile. loras: (path, scale) pairs applied as options.lora_mode says (merged into
+        the weights as they load, or attached as side branches once loaded)."""
         dev, dt = resolve_device(options)
         shape = shape or RequestShape()
         root = ref.path
+        weights = None if ref.transformer is None else read_transformer_file(ref.transformer, family.name)
+        fp8 = memory.stored_fp8_mode(options.fp8, weights, family.denoiser_fp8)
+        merged, deltas = [], None
+        if loras:
+            from qimg.pipelines.loras import read_for_merge  # LoRA code loads with the first LoRA
+
+            merged, deltas = read_for_merge(loras, options.lora_mode, family, root / family.denoiser_folder,
+                                            weights)
         try:
             memory.cap_process_memory(dev, options)
-            plan, needs = memory.make_plan(family, root, ref.spec.task, dev, dt, options, shape)
+            plan, needs = memory.make_plan(family, root, ref.spec.task, dev, dt, options, shape, weights=weights)
         except PlanError as e:
-            raise GPUMemoryError(str(e), hint=fitting_flags(options.fp8)) from None
+            raise GPUMemoryError(str(e), hint=fitting_flags(fp8)) from None
+        digest, notes = None, []
+        if weights is not None:
+            pool = ThreadPoolExecutor(1)  # hashing a 20 GB file takes seconds: do it while the weights load
+            digest = pool.submit(file_sha256, weights.path)
+            pool.shutdown(wait=False)
+            notes = fp8_notes(weights, options.fp8, lambda name: family.denoiser_fp8(name, None),  # type: ignore[arg-type]
+                              str(dt).removeprefix("torch."))
         prompts = cls.prompt_encoder(ref, family, dev, dt, fp8=options.fp8, plan=plan, residency=None)
         if shape.text_encoder:
             prompts.load_tokenizers()  # small files, read first: a broken one fails before gigabytes load
         try:
             vae = family.load_vae(root / "vae", dev, dt)
             transformer, offloaded = memory.load_denoiser(family, root / family.denoiser_folder, dev, dt, plan,
-                                                          fp8=options.fp8)
+                                                          fp8=options.fp8, weights=weights, merge=deltas)
         except torch.OutOfMemoryError as e:
-            raise out_of_memory(family, ref, dev, dt, options.fp8) from e
+            raise out_of_memory(family, ref, dev, dt, fp8) from e
         use_attention(options.attention, dev)
         if options.compile:
             compile_blocks(family.denoiser_blocks.modules(transformer))
             vae.decoder.compile()
         residency = None if offloaded is None else Residency({"transformer": offloaded}, plan.phases)
-        return cls(
+        pipe = cls(
             ref=ref, family=family, options=options, transformer=transformer, vae=vae,
             schedule=components.load_schedule(root / "scheduler"),
             prompts=dataclasses.replace(prompts, residency=residency),
             torch_device=dev, torch_dtype=dt, plan=plan, needs=needs, residency=residency,
-            transformer_offload=offloaded, shape=shape,
+            transformer_offload=offloaded, shape=shape, transformer_file=weights, transformer_digest=digest,
+            notes=tuple(notes),
         )
+        for path, strength, lora in merged:
+            pipe._loras().record_merged(path, strength, lora)
+        if loras and not merged:
+            pipe.apply_loras(loras)
+        return pipe
 
     # -- the family's part --------------------------------------------------------------------------------------
 
@@ -212,6 +241,23 @@ class Pipeline(abc.ABC):
         return str(self.torch_dtype).removeprefix("torch.")
 
     @property
+    def fp8_mode(self) -> str | None:
+        """The denoiser's FP8 mode: the one asked for, or "weights" when its single file stores FP8 linears."""
+        return memory.stored_fp8_mode(self.options.fp8, self.transformer_file, self.family.denoiser_fp8)
+
+    def weights_params(self) -> dict[str, str]:
+        """What a PNG records about a single-file transformer: its path and short sha256 (nothing without one)."""
+        if self.transformer_file is None:
+            return {}
+        params = {"transformer": str(self.transformer_file.path)}
+        try:
+            digest = self.transformer_digest or None
+            params["transformer_sha256"] = digest.result() if digest else file_sha256(self.transformer_file.path)
+        except OSError:  # the file went away after loading: the image is still good, its hash unknown
+            pass
+        return params
+
+    @property
     def text_encoder_loaded(self) -> bool:
         return self.prompts.loaded
 
@@ -262,9 +308,10 @@ class Pipeline(abc.ABC):
             return
         try:
             plan, needs = memory.make_plan(self.family, self.ref.path, self.ref.spec.task, self.torch_device,
-                                           self.torch_dtype, self.options, shape, keep=self.plan)
+                                           self.torch_dtype, self.options, shape, keep=self.plan,
+                                           weights=self.transformer_file)
         except PlanError as e:
-            raise GPUMemoryError(f"{shape.width}x{shape.height}: {e}", hint=fitting_flags(self.options.fp8)) from None
+            raise GPUMemoryError(f"{shape.width}x{shape.height}: {e}", hint=fitting_flags(self.fp8_mode)) from None
         if self.transformer_offload is not None:
             self.transformer_offload.stream(plan.streamed.get("transformer", ()))
         self.plan, self.needs, self.shape = plan, needs, shape
@@ -281,7 +328,7 @@ class Pipeline(abc.ABC):
         try:
             yield
         except torch.OutOfMemoryError as e:
-            raise out_of_memory(self.family, self.ref, self.torch_device, self.torch_dtype, self.options.fp8) from e
+            raise out_of_memory(self.family, self.ref, self.torch_device, self.torch_dtype, self.fp8_mode) from e
 
     def _request(
         self, prompt: str | None, embeddings: EmbeddingsFile | None, init_size: Any, img2img: bool,
@@ -323,6 +370,7 @@ class Pipeline(abc.ABC):
             **request.as_dict(),
             "cfg_enabled": request.cfg_enabled,
             "model": self.ref.name,
+            **self.weights_params(),
             "model_family": self.ref.spec.family,
             "dtype": self.dtype,
             "qimg_version": __version__,
@@ -438,7 +486,8 @@ def out_of_memory(family: Family, ref: ModelRef, device: torch.device, dtype: to
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(cuda_index(device))
     try:
-        needs = family.needs(ref.path, dtype, fp8 or "weights", ref.spec.task, RequestShape())
+        weights = None if ref.transformer is None else read_transformer_file(ref.transformer, family.name)
+        needs = family.needs(ref.path, dtype, fp8 or "weights", ref.spec.task, RequestShape(), weights=weights)
         hint = suggest(needs, free, fp8=fp8 is not None)
     except Exception:  # the hint is a courtesy; never let it hide the real error
         hint = "try --offload layer --fp8 weights, --tiled-vae, or a smaller --width/--height"

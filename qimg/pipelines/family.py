@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from qimg.embeddings import EmbeddingsFile
-    from qimg.runtime.planner import Needs, RequestShape
+    from qimg.runtime.planner import Needs
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,13 @@ class BlockLists:
         return offset + int(i)
 
 
-# (folder, device, dtype, group=..., on_group=...) -> the network, loaded strictly (see loading.checkpoint).
+# (folder, device, dtype, group=..., on_group=..., [weights=TransformerFile]) -> the network, loaded strictly (see
+# loading.checkpoint). With weights (a single file, loading/single_file.py) the config still comes from `folder`;
+# the FP8 linears the file stores and denoiser_fp8 selects load as nn.Linear holding e4m3 weights, which
+# pipelines.memory then makes FP8 linears.
 DenoiserLoader = Callable[..., nn.Module]
-# (root, dtype, fp8 mode, task, request shape) -> what a run needs on the device.
-NeedsEstimator = Callable[[Path, "torch.dtype", "str | None", str, "RequestShape"], "Needs"]
+# (root, dtype, fp8 mode, task, request shape, weights=TransformerFile | None) -> what a run needs on the device.
+NeedsEstimator = Callable[..., "Needs"]
 # (ref, options, request, images, family=record) -> the prompt embeddings file, loading only the text encoder(s).
 PromptEncoderFn = Callable[..., "EmbeddingsFile"]
 

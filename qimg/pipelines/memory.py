@@ -5,20 +5,25 @@ Loading a denoiser reads one block at a time (memory-mapped), puts it on the dev
 on it in order: FP8 quantisation first, then whatever else a caller adds (LoRA), and last the placement: keep
 it on the device (resident plan) or pack it into pinned host memory (offload plans). So neither the host nor
 the device ever holds the whole checkpoint in the compute dtype.
+
+A single-file transformer (loading/single_file.py) loads the same way; the FP8 weights it stores become FP8
+linears as they are (their scale broadcast per row), before anything else runs on the block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from qimg.loading.checkpoint import safetensors_files, tensor_headers
+from qimg.loading.single_file import TransformerFile
 from qimg.pipelines.family import BlockLists, Family
 from qimg.runtime.devices import cuda_index
-from qimg.runtime.fp8 import Predicate, apply_fp8
+from qimg.runtime.fp8 import FP8Linear, Predicate, apply_fp8
+from qimg.runtime.merge import Delta, merge_deltas
 from qimg.runtime.offload import HostCopy, Offloaded, module_tensors
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import Footprint, GiB, MemoryPlan, Needs, RequestShape, plan_memory
@@ -59,12 +64,30 @@ def footprint(
 
 
 def denoiser_footprint(
-    folder: Path, blocks: BlockLists, predicate: Predicate, dtype: torch.dtype, fp8: str | None, act: int
+    folder: Path, blocks: BlockLists, predicate: Predicate, dtype: torch.dtype, fp8: str | None, act: int,
+    *, weights: TransformerFile | None = None,
 ) -> Footprint:
-    """A block-structured denoiser's device bytes from its safetensors headers; `act` its activation peak."""
+    """A block-structured denoiser's device bytes from its safetensors headers (those of `weights`, a single
+    file, when given: its FP8-stored linears stay FP8 with or without `fp8`); `act` its activation peak."""
     size = torch.empty(0, dtype=dtype).element_size()
-    chosen = None if fp8 is None else (lambda name: predicate(name, None))  # type: ignore[arg-type]
-    return footprint(tensor_headers(safetensors_files(folder)), blocks.key, size, chosen, act)
+
+    def quantisable(name: str) -> bool:
+        return predicate(name, None)  # type: ignore[arg-type]
+
+    if weights is None:
+        chosen = None if fp8 is None else quantisable
+        return footprint(tensor_headers(safetensors_files(folder)), blocks.key, size, chosen, act)
+    kept = weights.kept_fp8(quantisable)
+    return footprint(weights.tensors, blocks.key, size,
+                     lambda name: name in kept or (fp8 is not None and quantisable(name)), act)
+
+
+def stored_fp8_mode(fp8: str | None, weights: TransformerFile | None, predicate: Predicate) -> str | None:
+    """The FP8 mode the denoiser runs in: the one asked for, else "weights" when a single file stores linears
+    the family runs in FP8 (they load as FP8 storage either way), else None."""
+    if fp8 is not None or weights is None:
+        return fp8
+    return "weights" if weights.kept_fp8(lambda name: predicate(name, None)) else None  # type: ignore[arg-type]
 
 
 def device_budget(device: torch.device, options: RuntimeOptions) -> int | None:
@@ -80,11 +103,12 @@ def device_budget(device: torch.device, options: RuntimeOptions) -> int | None:
 
 def make_plan(
     family: Family, root: Path, task: str, device: torch.device, dtype: torch.dtype, options: RuntimeOptions,
-    shape: RequestShape, *, keep: MemoryPlan | None = None,
+    shape: RequestShape, *, keep: MemoryPlan | None = None, weights: TransformerFile | None = None,
 ) -> tuple[MemoryPlan, Needs]:
     """The plan for one request shape on `device` (on the CPU everything is resident). keep: re-plan within an
-    earlier plan's offload mode and budget (a request of another shape on a loaded pipeline)."""
-    needs = family.needs(root, dtype, options.fp8, task, shape)
+    earlier plan's offload mode and budget (a request of another shape on a loaded pipeline). weights: a
+    single-file transformer in place of the folder's."""
+    needs = family.needs(root, dtype, options.fp8, task, shape, weights=weights)
     budget = keep.budget if keep is not None else device_budget(device, options)
     mode = keep.mode if keep is not None else options.offload
     if device.type != "cuda":
@@ -112,6 +136,51 @@ def fp8_transform(predicate: Predicate, mode: str) -> BlockTransform:
     return transform
 
 
+def fp8_linear_from_stored(weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                           dtype: torch.dtype, compute: bool) -> FP8Linear:
+    """An FP8Linear holding stored e4m3 values (N, K) as they are, with their scale (one number, or one per
+    output row; None: 1) broadcast to its per-row (1, N) fp32 scale: never dequantised and quantised again."""
+    n, k = weight.shape
+    with torch.device("meta"):  # the constructor quantises the shell's weight: on meta that reads no data
+        linear = FP8Linear(nn.Linear(k, n, bias=False, dtype=dtype), compute)
+    scale = torch.ones(1) if scale is None else scale.float().reshape(-1)
+    linear.weight_fp8 = weight.detach()
+    linear.weight_scale = scale.to(weight.device).expand(n).reshape(1, n).contiguous()
+    linear.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
+
+
+def stored_fp8_transform(weights: TransformerFile, dtype: torch.dtype, mode: str | None) -> BlockTransform:
+    """Turn the linears a single file loaded with e4m3 weights into FP8 linears (compute mode with --fp8
+    compute, storage otherwise)."""
+
+    def transform(prefix: str, block: nn.Module) -> None:
+        for name, linear in list(block.named_modules()):
+            if not isinstance(linear, nn.Linear) or linear.weight.dtype != torch.float8_e4m3fn:
+                continue
+            qualified = f"{prefix}.{name}" if prefix else name
+            scale = weights.scale(f"{qualified}.weight")
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, child, fp8_linear_from_stored(linear.weight, scale, linear.bias, dtype,
+                                                          mode == "compute"))
+
+    return transform
+
+
+def merge_transform(merge: Mapping[str, Sequence[tuple[Delta, float]]], merged: set[str]) -> BlockTransform:
+    """Add LoRA deltas into a block's linears as it loads (names are qualified by the block prefix); the names
+    done go into `merged`."""
+
+    def transform(prefix: str, block: nn.Module) -> None:
+        lead = f"{prefix}."
+        wanted = {name: deltas for name, deltas in merge.items() if name.startswith(lead)}
+        if wanted:
+            merged.update(merge_deltas(block, wanted, prefix))
+
+    return transform
+
+
 def load_denoiser(
     family: Family,
     folder: Path,
@@ -121,13 +190,21 @@ def load_denoiser(
     *,
     fp8: str | None = None,
     transforms: Sequence[BlockTransform] = (),
+    weights: TransformerFile | None = None,
+    merge: Mapping[str, Sequence[tuple[Delta, float]]] | None = None,
 ) -> tuple[nn.Module, Offloaded | None]:
-    """The family's denoiser, loaded block by block. Each block runs, in this order: FP8 quantisation (when
-    asked), the caller's `transforms`, then placement: kept on the device under a resident plan, else packed
-    into pinned host memory and handed to an Offloaded that streams the blocks the plan says."""
+    """The family's denoiser, loaded block by block (from `weights`, a single file, when given). Each block
+    runs, in this order: the file's FP8 weights made FP8 linears, the LoRA deltas of `merge` added into the bf16
+    weights (module name -> [(delta, strength)]: runtime/merge.py), FP8 quantisation (when asked: so FP8 is
+    quantised from bf16 + delta), the caller's `transforms`, then placement: kept on the device under a resident
+    plan, else packed into pinned host memory and handed to an Offloaded that streams the blocks the plan says."""
     keep = plan.mode == "none"
     blocks = family.denoiser_blocks
-    steps = ([fp8_transform(family.denoiser_fp8, fp8)] if fp8 is not None else []) + list(transforms)
+    stored = [] if weights is None else [stored_fp8_transform(weights, dtype, fp8)]
+    merged: set[str] = set()
+    merging = [] if not merge else [merge_transform(merge, merged)]
+    steps = (stored + merging + ([fp8_transform(family.denoiser_fp8, fp8)] if fp8 is not None else [])
+             + list(transforms))
     packed: dict[str, HostCopy] = {}
 
     def on_block(prefix: str, model: nn.Module) -> None:
@@ -137,7 +214,16 @@ def load_denoiser(
         if not keep:
             packed[prefix] = HostCopy(module_tensors(block))
 
-    model = family.load_denoiser(folder, device=device, dtype=dtype, group=blocks.prefix, on_group=on_block)
+    source = {} if weights is None else {"weights": weights}
+    model = family.load_denoiser(folder, device=device, dtype=dtype, group=blocks.prefix, on_group=on_block, **source)
+    for step in stored:  # FP8 linears outside the blocks (none for families that keep those in bf16)
+        step("", model)
+    if merge:  # LoRA targets outside the blocks (input and output projections, embeddings), before any packing
+        rest = {name: deltas for name, deltas in merge.items() if name not in merged}
+        merged.update(merge_deltas(model, rest))
+        missing = sorted(set(merge) - merged)
+        if missing:
+            raise ValueError(f"LoRA targets {', '.join(missing[:3])} are not linears of the loaded denoiser")
     if keep:
         return model, None
     copies = {blocks.index(model, prefix): copy for prefix, copy in packed.items()}

@@ -116,7 +116,7 @@ def run_qwen(
     dev = pipe.torch_device
     gh, gw = req.height // 16, req.width // 16  # packed token grid
     gen = torch.Generator("cpu").manual_seed(req.seed)
-    sigmas = flow_sigmas(req.steps, pipe.schedule, gh * gw).to(dev)
+    sigmas = flow_sigmas(req.steps, req.flow_schedule(pipe.schedule), gh * gw).to(dev)
     after_step = None
     if init_image is None:
         x = _noise_tokens(gen, gh, gw, cond.embeds.dtype).to(dev, torch.float32)
@@ -162,7 +162,7 @@ def run_qwen_edit(
         refs.append(pack(pipe.vae.normalize(mean)))
         shapes.append((1, h // 16, w // 16))
     x = _noise_tokens(torch.Generator("cpu").manual_seed(req.seed), gh, gw, cond.embeds.dtype).to(dev, torch.float32)
-    sigmas = flow_sigmas(req.steps, pipe.schedule, gh * gw).to(dev)  # mu from the target tokens only
+    sigmas = flow_sigmas(req.steps, req.flow_schedule(pipe.schedule), gh * gw).to(dev)  # mu from the target tokens only
     pipe.phase("denoise")
     velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, shapes, torch.cat(refs, 1),
                             norm_rescale=pipe.family.cfg_norm_rescale)

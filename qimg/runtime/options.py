@@ -16,6 +16,10 @@ SCALE = 8  # pixels per latent along each axis: the tile grid unit (the Qwen-Ima
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "sage")
 FP8_MODES = ("compute", "weights")
 OFFLOAD_MODES = ("auto", "none", "model", "layer")
+# How LoRAs given at load apply: merged into the weights as they load (no per-step cost, fixed for the process),
+# as a side branch (switchable, ~15% per step at rank 64 on an H200: bench/results/lora_step_h200.json), or auto:
+# merged where the weights load from bf16 (FP8 is then quantised from bf16 + delta), a branch on FP8-stored files.
+LORA_MODES = ("auto", "merge", "branch")
 TEXT_ENCODER_DEVICES = ("cpu", "cuda")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 MIN_VRAM_BUDGET = 0.5  # GiB: below this not even one streamed block and its activations fit
@@ -60,6 +64,7 @@ class RuntimeOptions:
     vram_budget: float | None = None  # GiB this process may use; None: the memory free at load
     text_encoder_device: str | None = None  # cpu or cuda; None: the device, within the plan
     vae_tiling: Tiling | None = None  # encode/decode by blended tiles
+    lora_mode: str = "auto"  # LORA_MODES: how the LoRAs given to qimg.load apply
 
     def __post_init__(self) -> None:
         if self.device is not None and not _DEVICE.fullmatch(str(self.device)):
@@ -68,6 +73,7 @@ class RuntimeOptions:
         _one_of("attention backend", self.attention, ATTENTION_BACKENDS)
         _one_of("FP8 mode", self.fp8, FP8_MODES, optional=True)
         _one_of("offload mode", self.offload, OFFLOAD_MODES)
+        _one_of("LoRA mode", self.lora_mode, LORA_MODES)
         _one_of("text encoder device", self.text_encoder_device, TEXT_ENCODER_DEVICES, optional=True)
         if self.vram_budget is not None and not (
             isinstance(self.vram_budget, (int, float)) and math.isfinite(self.vram_budget)

@@ -111,6 +111,8 @@ SETUPS: dict[str, Callable[[Path, Path, pytest.MonkeyPatch], None]] = {
     "unmatched_lora": lambda tmp, m, mp: _lora(tmp, "lora_unet_nothing_here", 2, 2),
     "flux_lora": lambda tmp, m, mp: _lora(tmp, "lora_unet_double_blocks_0_img_attn_qkv", 32, 96),
     "misshapen_lora": lambda tmp, m, mp: _lora(tmp, "lora_unet_transformer_blocks_0_attn_to_q", 7, 5),
+    "tucker_lora": lambda tmp, m, mp: save_file({f"lycoris_transformer_blocks_0_attn_to_q.{k}": torch.zeros(2, 2, 3, 3)
+                                                 for k in ("hada_t1", "hada_t2")}, str(tmp / "l.safetensors")),
     "interrupt": lambda tmp, m, mp: mp.setattr(qimg, "load", _interrupt),
     "interrupt_batch": lambda tmp, m, mp: (SETUPS["prompts_txt"](tmp, m, mp), mp.setattr(qimg, "load", _interrupt)),
 }

@@ -85,9 +85,11 @@ def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[FakePipeline]:
     """Replace qimg.load with one that returns FakePipelines; the list collects them for inspection."""
     made: list[FakePipeline] = []
 
-    def load(model: Any, options: qimg.RuntimeOptions | None = None, *, shape: Any = None, **overrides: Any) -> Any:
+    def load(model: Any, options: qimg.RuntimeOptions | None = None, *, shape: Any = None, loras: Any = (),
+             **overrides: Any) -> Any:
         options = (options or qimg.RuntimeOptions()).replace(**overrides)
         made.append(FakePipeline(model, options.device, options.dtype))
+        made[-1].loras = list(loras)  # what qimg.load was asked to merge or attach
         made[-1].options = options  # vae_tiling, attention, compile, fp8: the runtime features asked for
         made[-1].shape = shape
         made[-1].vae_tiling = options.vae_tiling

@@ -14,11 +14,12 @@ from typer.testing import CliRunner
 
 import qimg
 from qimg.cli.main import app
+from qimg.loading.hub import resolve_lora
 from tests.loading import hub_server
-from tests.loading.hub_server import HubServer
+from tests.loading.hub_server import EIGHT_STEPS, FOUR_STEPS, LIGHTNING, HubServer
 from tests.loading.test_hub import VAE, closed_port_url, modelscope_logs, place, unreachable_modelscope
 
-hf_hub, tiny_qwen_repo = hub_server.hf_hub, hub_server.tiny_qwen_repo  # fixtures
+hf_hub, tiny_qwen_repo, lora_hub = hub_server.hf_hub, hub_server.tiny_qwen_repo, hub_server.lora_hub  # fixtures
 modelscope_logs = modelscope_logs  # a fixture
 
 
@@ -121,7 +122,7 @@ def test_modelscope_source_wiring(runner: CliRunner, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(ms_api.HubApi, "get_model_files", lambda self, model_id, **kw: files)
     monkeypatch.setattr(ms_snapshot, "snapshot_download", fake_snapshot)
-    monkeypatch.setattr("qimg.loading.download._check_reachable", lambda endpoint, hint: None)  # never dialled
+    monkeypatch.setattr("qimg.loading.download_modelscope._check_reachable", lambda endpoint, hint: None)  # no dial
     dry = _run(runner, "download", "qwen-image-2512", "--source", "modelscope", "--dry-run")
     assert dry.exit_code == 0 and dry.stdout.startswith("Qwen/Qwen-Image-2512 on modelscope (master)")
     assert seen == {}
@@ -173,3 +174,37 @@ def test_help_has_examples(runner: CliRunner) -> None:
     for command in ("download", "models"):
         result = _run(runner, command, "--help")
         assert result.exit_code == 0 and f"qimg {command}" in result.stdout.split("Examples:")[1]
+
+
+# --- LoRA files ------------------------------------------------------------------------------------------------
+
+
+def test_download_a_lora_file_prints_its_lora_name(runner: CliRunner, lora_hub: HubServer) -> None:
+    result = _run(runner, "download", LIGHTNING, "--file", "*8steps*")
+    assert result.exit_code == 0, result.output
+    name = f"{LIGHTNING}/{EIGHT_STEPS}"
+    assert result.stdout == f"{name}\n"  # stdout holds the --lora name alone: LORA=$(qimg download ... -q)
+    assert f"{LIGHTNING} on hf (main, commit " in result.stderr and ": 1 file, 3.0 kB" in result.stderr
+    assert f"fetched {EIGHT_STEPS} (3.0 kB)" in result.stderr
+    assert f"use it with: qimg generate PROMPT -o OUT.png --model MODEL --lora {name}" in result.stderr
+    path = resolve_lora(name)
+    assert path.read_bytes() == lora_hub.repos[LIGHTNING].files[EIGHT_STEPS]
+    assert f"ready: {name} ({path})" in result.stderr
+    quiet = _run(runner, "download", LIGHTNING, "--file", EIGHT_STEPS, "--file", FOUR_STEPS, "--quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout.splitlines() == [f"{LIGHTNING}/{FOUR_STEPS}", name] and quiet.stderr == ""
+
+
+def test_lora_dry_run_and_errors(runner: CliRunner, lora_hub: HubServer) -> None:
+    dry = _run(runner, "download", LIGHTNING, "--file", "*.safetensors", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    lines = dry.stdout.splitlines()
+    assert lines[0].startswith(f"{LIGHTNING} on hf (main, commit ")
+    assert lines[0].endswith(f"models--lightx2v--Qwen-Image-Lightning/snapshots/{lora_hub.repos[LIGHTNING].commit}")
+    assert lines[-1] == "total: 3 files, 5.5 kB; to fetch: 3 files, 5.5 kB"
+    assert ".bin" not in dry.stdout and "README" not in dry.stdout
+    line = _one_error(_run(runner, "download", LIGHTNING, "--file", "*16steps*"))  # no match: exit 1
+    assert line == f"error: {LIGHTNING} on Hugging Face has no .safetensors file matching '*16steps*'"
+    line = _one_error(_run(runner, "download", LIGHTNING), code=2)  # several and no --file: pick one
+    assert "holds 3 .safetensors files" in line and "pick with --file" in line
+    assert not any(Path(os.environ["HF_HOME"]).rglob("*.safetensors"))

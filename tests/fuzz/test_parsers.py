@@ -107,7 +107,8 @@ def utf8(text: str) -> bytes:
 
 VALID = {"prompt": st.text(max_size=16), "negative": st.text(max_size=8), "seed": st.integers(0, 2**32 - 1),
          "width": st.integers(16, 2048), "height": st.integers(16, 2048), "steps": st.integers(1, 50),
-         "cfg": st.floats(0, 20), "name": st.text(max_size=8)}
+         "cfg": st.floats(0, 20), "name": st.text(max_size=8),
+         "preset": st.sampled_from(["lightning-8", "lightning-4", "distill"]) | st.text(max_size=8)}
 
 
 @st.composite

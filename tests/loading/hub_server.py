@@ -285,3 +285,28 @@ def refuse_other_hosts(monkeypatch) -> None:
         return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(socket, "getaddrinfo", local_only)
+
+
+# A LoRA repo as lightx2v/Qwen-Image-Lightning is laid out: several variants, a pickle twin, a README; plus a
+# subfolder, and a repo holding a single LoRA.
+LIGHTNING = "lightx2v/Qwen-Image-Lightning"
+EIGHT_STEPS = "Qwen-Image-Lightning-8steps-V1.0.safetensors"
+FOUR_STEPS = "Qwen-Image-Lightning-4steps-V1.0.safetensors"
+NESTED = "sub/dir/style.safetensors"
+SINGLE = "someone/one-lora"
+LORA_REPOS = {
+    LIGHTNING: {EIGHT_STEPS: b"8" * 3000, FOUR_STEPS: b"4" * 2000, NESTED: b"s" * 500,
+                "Qwen-Image-Lightning-8steps-V1.0.bin": b"a pickle qimg never fetches", "README.md": b"# lightning\n"},
+    SINGLE: {"one.safetensors": b"1" * 1000, "README.md": b"# one\n"},
+}
+
+
+@pytest.fixture
+def lora_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """A running local hub serving the LoRA repos (no model: nothing to build), HF_ENDPOINT pointing at it."""
+    server = HubServer(repos={name: Repo(name, files) for name, files in LORA_REPOS.items()}).start()
+    go_online(monkeypatch, server.url)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -319,7 +319,7 @@ def test_modelscope_download_wiring(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
     monkeypatch.setattr(ms_api.HubApi, "get_model_files", fake_listing)
     monkeypatch.setattr(ms_snapshot, "snapshot_download", fake_snapshot)
-    monkeypatch.setattr("qimg.loading.download._check_reachable", lambda endpoint, hint: None)  # never dialled
+    monkeypatch.setattr("qimg.loading.download_modelscope._check_reachable", lambda endpoint, hint: None)  # no dial
     events = Events()
     path = qimg.download("qwen-image", source="modelscope", progress=events)
     (listing_args, listing_kw), (args, kwargs) = calls
@@ -380,7 +380,7 @@ def test_modelscope_listing_failures_are_short_and_its_retries_silent(
     monkeypatch: pytest.MonkeyPatch, modelscope_logs: list[logging.LogRecord]
 ) -> None:
     ms_api = importlib.import_module("modelscope.hub.api")
-    monkeypatch.setattr("qimg.loading.download._check_reachable", lambda endpoint, hint: None)
+    monkeypatch.setattr("qimg.loading.download_modelscope._check_reachable", lambda endpoint, hint: None)
     raised: list[Exception] = []
     levels = [logging.getLogger(name).level for name in ("modelscope", "modelscope_hub")]
 

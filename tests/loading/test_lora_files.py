@@ -433,13 +433,12 @@ def test_integer_alpha_is_read(tmp_path):
 
 
 @pytest.mark.parametrize("key, kind", [
-    ("lycoris_transformer_blocks_0_attn_to_q.lokr_w1", "LyCORIS"),
-    ("lora_unet_transformer_blocks_0_attn_to_q.lokr_w2_a", "LyCORIS"),
-    ("lora_unet_transformer_blocks_0_attn_to_q.hada_w1_a", "LyCORIS"),
+    ("lycoris_transformer_blocks_0_attn_to_q.hada_t1", "LyCORIS Tucker"),  # LoKr/LoHa: tests/loading/test_lycoris.py
+    ("lora_unet_transformer_blocks_0_attn_to_q.lokr_t2", "LyCORIS Tucker"),
     ("diffusion_model.transformer_blocks.0.attn.to_q.dora_scale", "DoRA"),
     ("transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector", "DoRA"),
 ])
-def test_adapters_that_are_not_a_low_rank_pair_are_refused(tmp_path, key, kind):
+def test_adapters_qimg_cannot_apply_exactly_are_refused(tmp_path, key, kind):
     path = _write(tmp_path / "l.safetensors", "kohya", _adapters(), alpha=1.0, extra={key: torch.randn(4, 4)})
     with pytest.raises(InputError, match=f"is a {kind}.* file .*; qimg does not read {kind}.* files yet") as e:
         read_lora(path, LINEARS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 
 from qimg.errors import QimgError
 from qimg.loading.keymaps import LORA_SUFFIXES
-from qimg.loading.lora import LoRAFile, read_lora
+from qimg.loading.lora import LoKrModule, LoRAFile, read_lora
 
 LINEARS = {
     "transformer_blocks.0.attn.to_q": (8, 8),
@@ -25,8 +26,8 @@ PREFIXES = ["", "transformer.", "diffusion_model.", "lora_unet_", "lora_transfor
             "lora_te1_", "text_encoder.", "lycoris_", "junk/"]
 MODULES = [*LINEARS, *(m.replace(".", "_") for m in LINEARS), "transformer_blocks.7.attn.to_q",
            "double_blocks.0.img_attn.qkv", "single_transformer_blocks.0.proj_mlp", "img_in", "", "."]
-SUFFIXES = [s for s, _, _ in LORA_SUFFIXES] + [".lokr_w1", ".hada_w1_a", ".dora_scale", ".weight", ".bias",
-                                               ".lora_B.bias", ".diff", "", "."]
+SUFFIXES = [s for s, _, _ in LORA_SUFFIXES] + [".lokr_t2", ".hada_t1", ".dora_scale", ".weight", ".bias",
+                                               ".lora_B.bias", ".diff", "", "."]  # LORA_SUFFIXES holds LyCORIS's
 SHAPES = [(), (1,), (2,), (2, 8), (8, 2), (2, 16), (24, 2), (0, 8), (8, 0), (3, 8), (8, 3), (2, 8, 1, 1), (1, 1)]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int8, torch.uint8,
@@ -82,10 +83,37 @@ def adapters(draw):
     return module, state
 
 
+# LyCORIS adapters by role: LoHa, and LoKr with each W whole or a pair
+LYCORIS = [("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), ("lokr_w1", "lokr_w2"),
+           ("lokr_w1", "lokr_w2_a", "lokr_w2_b"), ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")]
+
+
+@st.composite
+def lycoris(draw):
+    """Whole LoHa / LoKr sets, with shapes that fit or nearly fit, so that reads get past key matching."""
+    prefix = draw(st.sampled_from(PREFIXES))
+    module = draw(st.sampled_from([*LINEARS, "transformer_blocks.7.attn.to_q"]))
+    name = prefix + (module.replace(".", "_") if prefix.endswith("_") else module)
+    roles = draw(st.sampled_from(LYCORIS))
+    out, inp = LINEARS.get(module, (8, 8))
+    a, b = draw(st.sampled_from([(2, 2), (1, inp), (2, 4), (0, 2)]))
+    c, d = out // max(a, 1), inp // max(b, 1)
+    rank = draw(st.sampled_from([1, 2, 2, 0]))
+    shapes = {"hada_w1_a": (out, rank), "hada_w1_b": (rank, inp), "hada_w2_a": (out, 1), "hada_w2_b": (1, inp),
+              "lokr_w1": (a, b), "lokr_w2": (c, d), "lokr_w1_a": (a, rank), "lokr_w1_b": (rank, b),
+              "lokr_w2_a": (c, rank), "lokr_w2_b": (rank, draw(st.sampled_from([d, d, d + 1])))}
+    dtype = draw(st.one_of(st.sampled_from(FLOATS), st.sampled_from(FLOATS), st.sampled_from(DTYPES)))
+    state = {f"{name}.{role}": (shapes[role], dtype, 1.0) for role in roles}
+    if draw(st.booleans()):
+        state[name + ".alpha"] = ((), draw(st.sampled_from(DTYPES)), draw(st.sampled_from(VALUES)))
+    return module, state
+
+
 @st.composite
 def files(draw):
     state = draw(st.dictionaries(names, tensors, max_size=6))
-    for _, extra in draw(st.lists(adapters(), min_size=1, max_size=4, unique_by=lambda a: a[0])):
+    for _, extra in draw(st.lists(st.one_of(adapters(), lycoris()), min_size=1, max_size=4,
+                                  unique_by=lambda a: a[0])):
         state.update(extra)
     return state
 
@@ -116,7 +144,10 @@ def test_read_lora_reads_or_raises_a_one_line_qimg_error(state, metadata, cut):
         assert set(result.modules) <= set(LINEARS)
         assert len(result.unmatched) + 2 * len(result.modules) <= len(state)
         for name, module in result.modules.items():
-            assert tuple(module.up.shape) == (LINEARS[name][0], module.rank)
+            if isinstance(module, LoKrModule):
+                assert tuple(module.dense_delta().shape) == LINEARS[name] and math.isfinite(module.scale)
+                continue
+            assert tuple(module.up.shape) == (LINEARS[name][0], module.rank)  # a LoRA, or a LoHa as its pair
             assert tuple(module.down.shape) == (module.rank, LINEARS[name][1])
             assert module.rank >= 1 and module.scale == module.alpha / module.rank
         result.summary()

@@ -10,7 +10,15 @@ from torch import nn
 
 from qimg.nets.qwen_mmdit import qwen_rope
 from qimg.runtime.fp8 import FP8Linear, apply_fp8
-from qimg.runtime.lora import LoRALinear, attach_lora, blocks_of, detach_lora, lora_names, set_lora_strength
+from qimg.runtime.lora import (
+    Kronecker,
+    LoRALinear,
+    attach_lora,
+    blocks_of,
+    detach_lora,
+    lora_names,
+    set_lora_strength,
+)
 from qimg.runtime.offload import Offloaded
 from tests.fixtures import randomize_
 from tests.runtime.test_offload import TINY, _inputs, _model
@@ -90,6 +98,60 @@ def test_strength_zero_is_the_base_output_bit_for_bit():
     assert not torch.equal(model(x), base)
     set_lora_strength(model, "fine", 0.0)
     assert torch.equal(model(x), base)
+
+
+def _kron(seed: int, shapes=((3, 2), (2, 4))) -> Kronecker:
+    gen = torch.Generator().manual_seed(seed)
+    return Kronecker(*(torch.randn(*s, generator=gen) for s in shapes), 0.5)
+
+
+def test_a_kronecker_branch_equals_the_dense_kron_merged_by_hand():
+    """LoKr: kron(W1, W2) @ x through W1 @ X @ W2^T, never the (a*c, b*d) matrix; stacked with a low-rank pair."""
+    model = _linear()  # 8 -> 6: W1 (3, 2) and W2 (2, 4)
+    lin = model[0]
+    kron, (down, up) = _kron(1), _pair(2, 8, 6, seed=2)
+    attach_lora(model, "k", {"0": kron}, strength=0.8)
+    attach_lora(model, "l", {"0": (down, up, 0.25)})
+    assert set(dict(model[0].named_buffers())) == {"adapters.0.w1", "adapters.0.w2", "adapters.1.down",
+                                                   "adapters.1.up"}
+    delta = model[0].adapters[0].dense_delta()
+    assert delta.dtype == torch.float32 and torch.equal(delta, torch.kron(kron.w1, kron.w2) * 0.5)
+    merged = lin.weight + 0.8 * delta + 0.25 * up @ down
+    x = _x()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), F.linear(x, merged, lin.bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x) - lin(x), F.linear(x, 0.8 * delta + model[0].adapters[1].dense_delta()),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_kronecker_adapter_at_strength_zero_is_the_base_and_detaches():
+    model = _linear()
+    lin = model[0]
+    x = _x()
+    base = lin(x)
+    broken = _kron(3)
+    broken.w2[0, 0] = float("inf")  # 0 * inf would leak a NaN if the branch ran
+    attach_lora(model, "broken", {"0": broken}, strength=0.0)
+    attach_lora(model, "fine", {"0": _kron(4)})
+    assert not torch.equal(model(x), base)
+    set_lora_strength(model, "fine", 0.0)
+    assert torch.equal(model(x), base)
+    detach_lora(model, "broken")
+    detach_lora(model, "fine")
+    assert model[0] is lin and torch.equal(model(x), base)
+
+
+def test_kronecker_shapes_that_do_not_fit_are_refused_before_any_change():
+    model = _linear()
+    lin = model[0]
+    w1, w2 = _kron(5)[:2]
+    for bad, what in ((Kronecker(w1, w2[:, :2], 1.0), r"is \(6, 4\), needs \(6, 8\)"),
+                      (Kronecker(w1[None], w2, 1.0), "2-D"),
+                      (Kronecker(w1[:, :0], w2, 1.0), "non-empty"),
+                      (Kronecker(w1, w2, float("nan")), "finite")):
+        with pytest.raises(ValueError, match=what):
+            attach_lora(model, "k", {"0": bad})
+        assert model[0] is lin and lora_names(model) == []
 
 
 def test_set_lora_strength_rescales_the_branch():
@@ -268,6 +330,7 @@ def test_a_wrapped_block_compiles_with_fullgraph():
     args = (x, c, temb, rope, None)
     attach_lora(block, "a", {"attn.to_q": _pair(2, D, D, 1) + (0.5,), "img_mlp.net.2": _pair(2, 4 * D, D, 2) + (1.0,)})
     attach_lora(block, "b", {"attn.to_q": _pair(3, D, D, 3) + (0.25,)}, strength=0.0)
+    attach_lora(block, "c", {"attn.to_q": _kron(4, ((4, 8), (8, 4))), "img_mlp.net.2": _kron(5, ((4, 16), (8, 8)))})
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     with torch.inference_mode():
         for strengths in ((1.0, 0.0), (0.6, 1.5), (0.0, 0.0)):  # a strength change re-specialises, never goes stale
@@ -278,5 +341,27 @@ def test_a_wrapped_block_compiles_with_fullgraph():
                 torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-6)
         detach_lora(block, "a")
         detach_lora(block, "b")
+        detach_lora(block, "c")
         for e, f in zip(block(*args), compiled(*args), strict=True):  # module swaps are seen as well
             torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("_dynamo_reset")
+def test_a_strength_change_reuses_the_compiled_graph():
+    """The strength is a tensor the compiled graph reads: changing it (to any non-zero value) compiles nothing new,
+    where a Python float would re-specialise the whole block (seconds on the full-size model)."""
+    from torch._dynamo.testing import CompileCounter
+
+    block = _model().transformer_blocks[0]
+    gen = torch.Generator().manual_seed(4)
+    args = (torch.randn(1, 12, D, generator=gen), torch.randn(1, 5, D, generator=gen), torch.randn(1, D),
+            qwen_rope([(1, 3, 4)], 5, TINY.axes_dims_rope, TINY.rope_theta), None)
+    attach_lora(block, "a", {"attn.to_q": _pair(2, D, D, 1) + (0.5,)})
+    counter = CompileCounter()
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    with torch.inference_mode():
+        for strength in (1.0, 0.5, -0.7, 2.0):
+            set_lora_strength(block, "a", strength)
+            for e, f in zip(block(*args), compiled(*args), strict=True):
+                torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1

@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 import qimg
-from qimg.cli.output import Output, params_token_warnings, show_lora, show_plan
+from qimg.cli.output import Output, params_token_warnings, show_loaded
 
 
 class PromptsFormat(str, Enum):
@@ -40,12 +40,15 @@ def run_prompt_file(
     runtime: qimg.RuntimeOptions,
     loras: list[tuple[str, float]] | None = None,
     verbose: bool = False,
+    transformer: Path | None = None,
 ) -> None:
     """Check the whole file and plan every output, load the model once (only if something is left to do), run."""
     if folder.suffix.lower() == ".png":
         raise qimg.UsageError(f"with --prompts, -o names a folder (got {folder})", hint="e.g. -o out/")
     lines = qimg.read_prompts(prompts, prompts_format.value)
     ref = qimg.resolve_model(model)
+    if transformer is not None:
+        ref = qimg.with_transformer(ref, transformer)
     if ref.spec.task != "t2i":
         raise qimg.UsageError(f"{model} is an edit model", hint="prompt files run with text-to-image models")
     source = "<stdin>" if str(prompts) == "-" else str(prompts)
@@ -56,6 +59,18 @@ def run_prompt_file(
     for item in plan.items:
         for note in item.notes:
             out.warn(f"{source}:{item.line}: {note}")
+    hinted: dict[str, None] = {}  # one hint per LoRA file, not one per line
+    for item in plan.items:
+        hinted.update(dict.fromkeys(qimg.preset_hints(item.loras, item.request)))
+    for hint in hinted:
+        out.warn(hint)
+    # One LoRA set for every line to run: it goes in with the weights (merged under --lora-mode auto). Lines that
+    # change LoRAs need them switchable: side branches, attached line by line.
+    sets = {item.loras for item in plan.todo}
+    at_load = list(next(iter(sets))) if len(sets) == 1 else []
+    if len(sets) > 1 and runtime.lora_mode == "merge":
+        raise qimg.UsageError("--lora-mode merge needs the same LoRAs on every line, and these lines change them",
+                              hint="use --lora-mode auto or branch, or run one batch per LoRA set")
     count = f"{len(plan.items)} prompt{'s' if len(plan.items) != 1 else ''}"
     out.info(f"{count} from {source}: {len(plan.todo)} to generate, {len(plan.skipped)} already done")
     started = time.perf_counter()
@@ -64,12 +79,9 @@ def run_prompt_file(
     def load() -> Any:
         load_started = time.perf_counter()
         with out.status(f"loading {ref.name}"):
-            pipe = qimg.load(ref, runtime, shape=plan.shape)
+            pipe = qimg.load(ref, runtime, shape=plan.shape, loras=at_load)
         out.info(f"loaded {ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - load_started:.1f} s")
-        if verbose:
-            show_plan(out, pipe)
-        for lora in pipe.apply_loras(loras) if loras else ():
-            show_lora(out, lora, verbose)
+        show_loaded(out, pipe, verbose)
         return pipe
 
     def steps(item: qimg.BatchItem) -> Any:

@@ -1,4 +1,5 @@
-"""qimg download: fetch a model's files into the standard cache. Parse -> plan -> public API -> render."""
+"""qimg download: fetch a model's files, or a LoRA file of a repo, into the standard cache. Parse -> plan ->
+public API -> render."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ Examples:
   qimg download Qwen/Qwen-Image-2512 --revision main --local-dir /data/models/Qwen-Image-2512
   HF_ENDPOINT=https://hf-mirror.com qimg download qwen-image --quiet
   qimg generate "a red fox in snow" -o fox.png --model qwen-image
+  qimg download lightx2v/Qwen-Image-Lightning --file '*8steps*' --dry-run
+  qimg download lightx2v/Qwen-Image-Lightning --file Qwen-Image-Lightning-8steps-V1.0.safetensors
+  qimg generate "a red fox" -o fox.png --model qwen-image --preset lightning-8 \\
+      --lora lightx2v/Qwen-Image-Lightning/Qwen-Image-Lightning-8steps-V1.0.safetensors
 """
 
 # Loggers of the hub libraries: their warnings (e.g. a retried connection) are progress talk, not errors.
@@ -47,9 +52,15 @@ def download(
     ctx: typer.Context,  # read by the error mapping in main.py (root --debug)
     model: Annotated[
         str,
-        typer.Argument(help="A model alias (see: qimg models) or a repo id such as Qwen/Qwen-Image.",
-                       show_default=False, autocompletion=complete_alias),
+        typer.Argument(help="A model alias (see: qimg models), a repo id such as Qwen/Qwen-Image, or a LoRA repo "
+                       "such as lightx2v/Qwen-Image-Lightning.", show_default=False, autocompletion=complete_alias),
     ],
+    file: Annotated[
+        list[str] | None,
+        typer.Option("--file", metavar="NAME", show_default=False,
+                     help="Fetch only this .safetensors file of the repo (a LoRA): its name in the repo, or a glob "
+                     "such as '*8steps*'. Repeatable."),
+    ] = None,
     source: Annotated[
         Source, typer.Option("--source", help="The hub: hf (Hugging Face, honours HF_ENDPOINT) or modelscope.")
     ] = Source.hf,
@@ -58,16 +69,18 @@ def download(
     ] = None,
     local_dir: Annotated[
         Path | None,
-        typer.Option("--local-dir", help="Put the files in this folder (then pass it to --model) instead of the "
-                     "hub's cache."),
+        typer.Option("--local-dir", help="Put the files in this folder (then pass it to --model, or a file in it "
+                     "to --lora) instead of the hub's cache."),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the files that would be fetched, with sizes; fetch nothing.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and the folder).")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and the folder, or the --lora names).")
+    ] = False,
     debug: Debug = False,
 ) -> None:
-    """Download the files a model needs, and only those (safetensors weights, configs, tokenizer).
+    """Download the files a model needs, and only those (safetensors weights, configs, tokenizer); or LoRA files.
 
     They go to the standard cache of the hub, where `--model NAME` finds them: the Hugging Face cache
     (HF_HUB_CACHE, else HF_HOME/hub) or the ModelScope cache (MODELSCOPE_CACHE); files another tool downloaded
@@ -75,10 +88,16 @@ def download(
     sizes and hashes the hub lists. HF_TOKEN is sent for private or gated repos; HF_HUB_OFFLINE=1 refuses to
     download. When the hub cannot be reached, a complete copy already on disk counts as downloaded (with a note).
     On success the model folder is printed on stdout.
+
+    LoRAs: --file fetches the .safetensors files it names from any repo. A repo that is not a model needs no
+    --file when it holds a single .safetensors file; with several, qimg lists them and asks which. On success
+    the name to pass to --lora (OWNER/REPO/FILE, found in the cache without the network) is printed on stdout,
+    one line per file.
     """
     out = Output(quiet=quiet)
     with quiet_hub_loggers(quiet), out.status(f"listing {model} on {source.value}"):
-        plan = qimg.plan_download(model, source=source.value, revision=revision, local_dir=local_dir)
+        plan = qimg.plan_download(model, source=source.value, revision=revision, local_dir=local_dir,
+                                  files=tuple(file or ()))
     if dry_run:
         print_plan(plan)
         return
@@ -87,14 +106,31 @@ def download(
     elif plan.unreachable is not None:
         out.note(f"{plan.unreachable}: the complete copy on disk is used as it is, without checking for updates")
     present = sum(f.present for f in plan.files)
-    out.info(f"{describe(plan)}: {len(plan.files)} files, {format_size(plan.total_size)}"
+    out.info(f"{describe(plan)}: {count(plan.files)}, {format_size(plan.total_size)}"
              + (f" ({present} already here, {format_size(plan.fetch_size)} to fetch)" if present else ""))
     with quiet_hub_loggers(quiet), progress_for(out, plan) as progress:
         path = qimg.download(plan, progress=progress)
+    if plan.kind == "files":
+        print_loras(out, plan, path)
+        return
     use = str(path) if plan.local_dir else plan.name
     out.info(f"ready: {path}")
     out.info(f"use it with: qimg generate PROMPT -o OUT.png --model {use}")
     typer.echo(str(path))
+
+
+def print_loras(out: Output, plan: Any, folder: Path) -> None:
+    """Where each file is (stderr) and the --lora name for it (stdout, one a line: LORA=$(qimg download ... -q))."""
+    for f, name in zip(plan.files, plan.lora_names, strict=True):
+        where = folder / f.path
+        out.info(f"ready: {name}" + (f" ({where})" if str(where) != name else ""))
+    out.info(f"use it with: qimg generate PROMPT -o OUT.png --model MODEL --lora {plan.lora_names[0]}")
+    for name in plan.lora_names:
+        typer.echo(name)
+
+
+def count(files: Any) -> str:
+    return "1 file" if len(files) == 1 else f"{len(files)} files"
 
 
 def describe(plan: Any) -> str:
@@ -110,8 +146,9 @@ def print_plan(plan: Any) -> None:
     for f in plan.files:
         size = format_size(f.size) if f.size is not None else "?"
         typer.echo(f"  {size:>10}  {f.path}" + ("  (already here)" if f.present else ""))
-    typer.echo(f"total: {len(plan.files)} files, {format_size(plan.total_size)}; "
-               f"to fetch: {sum(not f.present for f in plan.files)} files, {format_size(plan.fetch_size)}")
+    to_fetch = [f for f in plan.files if not f.present]
+    typer.echo(f"total: {count(plan.files)}, {format_size(plan.total_size)}; "
+               f"to fetch: {count(to_fetch)}, {format_size(plan.fetch_size)}")
 
 
 def format_size(n: int) -> str:

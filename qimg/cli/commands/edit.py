@@ -19,16 +19,21 @@ from qimg.cli.options import (
     Device,
     DType,
     LoRA,
+    LoRAMode,
+    LoRAModeOption,
     Offload,
     OffloadMode,
+    PresetOption,
     Quiet,
     TextEncoderPlace,
     TiledVAE,
     TileOverlap,
     TileSize,
+    TransformerOption,
     Verbose,
     VramBudget,
     loras_from,
+    preset_from,
     require_model,
     runtime_options,
 )
@@ -42,6 +47,8 @@ Examples:
   qimg edit "the cat from Picture 1 on the sofa of Picture 2" -i cat.png -i sofa.png -o out.png \\
       --model qwen-image-edit-2509 --seed 7
   qimg edit "remove the car" -i photo.jpg -o clean.png --keep-size
+  qimg edit "make it snow" -i street.png -o snow.png --model qwen-image-edit-2509 --preset lightning-4 \\
+      --lora Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors
 """
 
 
@@ -61,8 +68,11 @@ def edit(
                      help="An edit model: a name (qwen-image-edit, -2509, -2511), a repo id, or a local folder."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; random when omitted (and then printed).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps. Default: the model's (50).")] = None,
-    cfg: Annotated[float | None, typer.Option(help="True-CFG scale; 1 or less turns CFG off. Default: 4.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps. Default: the preset's, else the model's (50).")
+                     ] = None,
+    cfg: Annotated[float | None, typer.Option(help="True-CFG scale; 1 or less turns CFG off. Default: the preset's, "
+                                              "else 4.")] = None,
+    preset: PresetOption = None,
     negative: Annotated[str | None, typer.Option(help="Negative prompt. Default: a single space.")] = None,
     width: Annotated[
         int | None, typer.Option(help="Output width. Default: about 1 MP at the last image's aspect.")
@@ -87,6 +97,8 @@ def edit(
     vram_budget: VramBudget = None,
     text_encoder_device: TextEncoderPlace = None,
     lora: LoRA = None,
+    lora_mode: LoRAModeOption = LoRAMode.auto,
+    transformer: TransformerOption = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
@@ -101,10 +113,11 @@ def edit(
     out = Output(quiet=quiet)
     model = require_model(model)
     runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
-                              vram_budget, text_encoder_device)
+                              vram_budget, text_encoder_device, lora_mode)
+    ref = qimg.with_transformer(model, transformer) if transformer is not None else model
     path = qimg.check_output_path(output, overwrite=overwrite)
     options = dict(prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
-                   height=height, loras=loras_from(lora) or None)
-    job = qimg.prepare_edit(model, prompt, image, keep_size=keep_size,
+                   height=height, loras=loras_from(lora) or None, preset=preset_from(preset))
+    job = qimg.prepare_edit(ref, prompt, image, keep_size=keep_size,
                             **{k: v for k, v in options.items() if v is not None})
     run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, verbose=verbose)

@@ -21,20 +21,25 @@ from qimg.cli.options import (
     Device,
     DType,
     LoRA,
+    LoRAMode,
+    LoRAModeOption,
     Offload,
     OffloadMode,
+    PresetOption,
     Quiet,
     TextEncoderPlace,
     TiledVAE,
     TileOverlap,
     TileSize,
+    TransformerOption,
     Verbose,
     VramBudget,
     loras_from,
+    preset_from,
     require_model,
     runtime_options,
 )
-from qimg.cli.output import Output, params_token_warnings, show_lora, show_plan
+from qimg.cli.output import Output, params_token_warnings, show_loaded
 
 EXAMPLES = """\
 Examples:
@@ -43,6 +48,7 @@ Examples:
   qimg generate "a lighthouse at dusk, oil painting" -o lighthouse.png --model qwen-image
   QIMG_MODEL=qwen-image qimg generate "a red fox in snow" -o fox.png --seed 7 --steps 30
   qimg generate "a poster that says hello" -o poster.png --width 1664 --height 928 --cfg 1
+  qimg generate "a red fox" -o fox.png --preset lightning-8 --lora Qwen-Image-Lightning-8steps-V1.1.safetensors
   qimg generate "a cat" -o cat.png --device cuda:1 --dtype bfloat16 --quiet --overwrite
   qimg generate "the same street at night" -o night.png --init-image street.png --strength 0.7
   qimg generate "a red door" -o door.png --init-image house.png --mask door-mask.png
@@ -89,11 +95,13 @@ def generate(
         typer.Option(help="Random seed; random when omitted (and then printed). With --prompts: a base, the "
                      "prompt at index i (from 0) gets SEED + i."),
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps. Default: the model's.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps. Default: the preset's, else the model's.")
+                     ] = None,
     cfg: Annotated[
         float | None,
-        typer.Option(help="True-CFG scale; 1 or less turns CFG off. Default: the model's."),
+        typer.Option(help="True-CFG scale; 1 or less turns CFG off. Default: the preset's, else the model's."),
     ] = None,
+    preset: PresetOption = None,
     negative: Annotated[
         str | None,
         typer.Option(help="Negative prompt for CFG. Default: the model's (a single space)."),
@@ -179,6 +187,8 @@ def generate(
     vram_budget: VramBudget = None,
     text_encoder_device: TextEncoderPlace = None,
     lora: LoRA = None,
+    lora_mode: LoRAModeOption = LoRAMode.auto,
+    transformer: TransformerOption = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
     overwrite: Annotated[
@@ -195,7 +205,7 @@ def generate(
 
     With --prompts FILE, -o is a folder. FILE is .txt (a prompt a line; blank lines and # comments skipped),
     .jsonl (objects with "prompt" and optional "negative", "seed", "width", "height", "steps", "cfg", "name",
-    "lora")
+    "preset", "lora")
     or .csv (a header row naming those columns). A line's values win over the options. The whole file is
     checked before the model loads (a bad line: exit 2, nothing written). Seeds: the line's, else --seed + index,
     else derived from the prompt text, so reruns give the same images. An existing image whose stored prompt,
@@ -212,25 +222,28 @@ def generate(
         if batch_only:
             raise qimg.UsageError(f"{batch_only[0]} needs --prompts", hint="it applies to prompt-file batches only")
     runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
-                              vram_budget, text_encoder_device)
+                              vram_budget, text_encoder_device, lora_mode)
     if prompts is not None:
         run_prompt_file(
             out, prompts=prompts, prompts_format=prompts_format, folder=output, model=require_model(model),
+            transformer=transformer,
             name_template=name_template, seed=seed,
             defaults={"negative": negative, "steps": steps, "cfg": cfg, "width": width, "height": height,
-                      "max_sequence_length": max_sequence_length},
+                      "max_sequence_length": max_sequence_length, "preset": preset_from(preset)},
             overwrite=overwrite, fail_fast=fail_fast, json_out=json_out, runtime=runtime, verbose=verbose,
             loras=qimg.check_loras(loras_from(lora)),
         )
         return
     args = dict(prompt=prompt, prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg,
                 width=width, height=height, init_image=init_image, mask=mask, strength=strength,
-                max_sequence_length=max_sequence_length, loras=loras_from(lora) or None)
+                max_sequence_length=max_sequence_length, loras=loras_from(lora) or None, preset=preset_from(preset))
     if from_image is not None:
         given = model if _on_command_line(ctx, "model") else None  # the stored model beats QIMG_MODEL
         args = qimg.replay(from_image, model=given, default_model=model, **args)
     else:
         args["model"] = require_model(model)
+    if transformer is not None:
+        args["model"] = qimg.with_transformer(args["model"], transformer)
     try:
         # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
         path = qimg.check_output_path(output, overwrite=overwrite)
@@ -287,16 +300,15 @@ def run_and_save(
         out.warn(note)
     out.info(f"seed: {job.request.seed}")  # always: a random seed is otherwise lost with the terminal
     out.info(cfg_summary(job.request))
+    if verbose and job.request.preset is not None:
+        out.info(qimg.PRESETS[job.request.preset].describe())
     started = time.perf_counter()
     # SIGTERM as Ctrl-C: save_png's cleanup then runs, so a killed run leaves no temporary file.
     with qimg.catch_signals():
         with out.status(f"loading {job.ref.name}"):
-            pipe = qimg.load(job.ref, runtime, shape=job.shape)
+            pipe = qimg.load(job.ref, runtime, shape=job.shape, loras=job.loras or ())
         out.info(f"loaded {job.ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
-        if verbose:
-            show_plan(out, pipe)
-        for lora in pipe.apply_loras(job.loras) if job.loras else ():
-            show_lora(out, lora, verbose)
+        show_loaded(out, pipe, verbose)
         with out.steps("denoising") as progress:
             images = pipe.run(job, progress, on_stage=progress.stage)
         params = images[0].info.get("qimg", {})

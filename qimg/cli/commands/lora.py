@@ -51,11 +51,13 @@ def inspect(
 def describe_lines(info: dict[str, Any]) -> list[str]:
     """The inspection for people, a fact a line."""
     targets = ", ".join(f"{kind} x{n}" for kind, n in info["targets"].items())
+    kinds = "".join(f"{n} {kind}, " for kind, n in info.get("kinds", {}).items())
     lines = [
         f"file: {info['path']} ({info['size_bytes'] / 2**20:.1f} MiB)",
         f"dialect: {info['dialect']}, for {info['family']}",
-        f"modules: {info['modules']} ({info['parameters']:,} parameters)",
-        f"rank: {'/'.join(str(r) for r in info['ranks'])}; alpha: {'/'.join(f'{a:g}' for a in info['alphas'])}",
+        f"modules: {info['modules']} ({kinds}{info['parameters']:,} parameters)",
+        f"rank: {'/'.join(str(r) for r in info['ranks']) or 'full'}; "
+        f"alpha: {'/'.join(f'{a:g}' for a in info['alphas']) or '-'}",
         f"targets: {targets}",
     ]
     if info["unmatched"]:
