@@ -63,6 +63,7 @@ _LAZY = {
     "save_latents": "qimg.roundtrip",
     "vae_roundtrip": "qimg.roundtrip",
     "psnr": "qimg.metrics",
+    "TrainConfig": "qimg.training.trainer",
     "ssim": "qimg.metrics",
     "TransformerFile": "qimg.loading.single_file",
 }
@@ -126,6 +127,8 @@ __all__ = [
     "read_image",
     "read_params",
     "resolve_lora",
+    "train_lora",
+    "TrainConfig",
     "resolve_model",
     "save_embeddings",
     "save_png",
@@ -166,6 +169,42 @@ def load(
     if transformer is not None:
         ref = with_transformer(ref, transformer)
     return families.load(ref, _options(options, overrides), shape, loras)
+
+
+def train_lora(
+    config: Any,
+    run_dir: str | Path,
+    options: RuntimeOptions | None = None,
+    *,
+    resume: bool = False,
+    on_event: Any = None,
+) -> Path:
+    """Train a LoRA as `config` (qimg.training.trainer.TrainConfig) says, in the folder `run_dir` (cache, state,
+    log.csv, lora.safetensors); returns the LoRA file. The data is checked whole before the model loads. resume:
+    continue the run saved in `run_dir` (its fixed settings must match). on_event(dict) hears "cached", "step"
+    and "saved" events."""
+    from qimg.safety import folder_lock
+    from qimg.training.data import bucket_for
+    from qimg.training.trainer import Trainer, read_state, resumed_config, train_items
+
+    run_dir = Path(run_dir).expanduser()
+    state = read_state(run_dir) if run_dir.is_dir() else None
+    if resume:
+        if state is None:
+            raise UsageError(f"{run_dir} holds no training state to resume", hint="start the run without --resume")
+        config = resumed_config(config, state)
+    elif state is not None or (run_dir / "lora.safetensors").exists():
+        raise UsageError(f"{run_dir} already holds a training run",
+                         hint="add --resume to continue it, or pass another -o")
+    ref = resolve_model(config.model)
+    items = train_items(config, ref)
+    largest = max((bucket_for(i.width, i.height, max_pixels=config.max_pixels) for i in items),
+                  key=lambda size: size[0] * size[1])
+    with folder_lock(run_dir, create=True):
+        pipe = load(ref, options, shape=RequestShape(width=largest[0], height=largest[1], cfg=False))
+        trainer = Trainer(config, run_dir, pipe, on_event=on_event)
+        trainer.prepare(items, resume=state if resume else None)
+        return trainer.run()
 
 
 def with_transformer(model: str | Path | ModelRef, path: str | Path | None) -> ModelRef:

@@ -132,3 +132,48 @@ def test_the_cli_merges_a_fixed_set_and_branches_when_lines_change_it(tiny_qwen,
                                 "--lora", str(files["b"])])
     assert fixed.exit_code == 0, fixed.output
     assert all(qimg.read_params(p)["loras"][0]["merged"] for p in (tmp_path / "fixed").glob("*.png"))
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["auto", "branch"])
+def test_whole_image_with_a_kohya_lora_matches_diffusers(tiny_qwen_pipe_and_dir, files, mode, one_thread):
+    """The generate image with a kohya LoRA (alpha applied) equals diffusers' pipeline after load_lora_weights on
+    the same file (its kohya conversion bakes the alpha in), merged as qimg's default does and as a side branch."""
+    ref, folder = tiny_qwen_pipe_and_dir
+    ours = qimg.load(folder, device="cpu", dtype="float32", loras=[(files["a"], 0.7)], lora_mode=mode)
+    assert [a.merged for a in ours.adapters.attached.values()] == [mode == "auto"]
+    call = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", true_cfg_scale=4.0, num_inference_steps=2,
+                width=64, height=48)
+    ref.load_lora_weights(str(files["a"]), adapter_name="kohya")
+    ref.set_adapters(["kohya"], [0.7])
+    try:
+        with torch.no_grad():
+            want = ref(**call, generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
+    finally:
+        ref.delete_adapters("kohya")
+    image = np.asarray(ours.generate("a lighthouse at dusk", negative="blurry", cfg=4.0, steps=2, width=64,
+                                     height=48, seed=5)[0]).astype(np.int16)
+    # fp32 on both sides; the merged weights round (W + dW) once where the branch rounds x @ dW: uint8 values
+    # within rounding distance of .5 may land one level apart.
+    assert np.abs(image - np.round(want * 255).astype(np.int16)).max() <= 1
+    plain = np.asarray(qimg.load(folder, device="cpu", dtype="float32").generate(
+        "a lighthouse at dusk", negative="blurry", cfg=4.0, steps=2, width=64, height=48, seed=5)[0])
+    assert np.abs(plain.astype(np.int16) - image).max() > 8  # the LoRA visibly changes the image
+
+
+def test_runs_from_saved_prompt_embeddings_take_loras_too(tiny_qwen, files, tmp_path, one_thread):
+    runner = CliRunner()
+    embeds = tmp_path / "fox.safetensors"
+    made = runner.invoke(app, ["encode-prompt", "a fox", "-o", str(embeds), "--model", str(tiny_qwen), "--device",
+                               "cpu"])
+    assert made.exit_code == 0, made.output
+    base = ["generate", "--prompt-embeds", str(embeds), "--model", str(tiny_qwen), "--device", "cpu", "--steps", "1",
+            "--width", "32", "--height", "32", "--seed", "4"]
+    plain = runner.invoke(app, [*base, "-o", str(tmp_path / "plain.png")])
+    styled = runner.invoke(app, [*base, "-o", str(tmp_path / "styled.png"), "--lora", f"{files['b']}:0.9"])
+    assert plain.exit_code == 0 and styled.exit_code == 0, styled.output
+    record = qimg.read_params(tmp_path / "styled.png")["loras"][0]
+    assert (record["scale"], record["ranks"], record["alphas"], record["unmatched"]) == (0.9, [2], [2.0], 0)
+    assert not np.array_equal(np.asarray(qimg.open_image(tmp_path / "plain.png")),
+                              np.asarray(qimg.open_image(tmp_path / "styled.png")))

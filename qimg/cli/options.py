@@ -206,9 +206,10 @@ LoRAModeOption = Annotated[
 TransformerOption = Annotated[
     Path | None,
     typer.Option("--transformer", metavar="FILE",
-                 help="Transformer weights from one safetensors file instead of the model folder's: the official "
-                 "key layout or ComfyUI's (model.diffusion_model.), bf16 or FP8 (e4m3fn, with or without scales, "
-                 "kept as FP8 storage). The VAE, text encoder and configs still come from --model."),
+                 help="Transformer weights from one safetensors file (or a sharded release's folder or "
+                 "*.safetensors.index.json) instead of the model folder's: the official key layout or ComfyUI's "
+                 "(model.diffusion_model.), bf16 or FP8 (e4m3fn, with or without scales, kept as FP8 storage). "
+                 "The VAE, text encoder and configs still come from --model."),
 ]
 
 

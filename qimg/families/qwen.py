@@ -55,7 +55,7 @@ def transformer_footprint(folder: Path, dtype: torch.dtype, fp8: str | None, tok
     params = components.qwen_mmdit_params(folder)
     size = torch.empty(0, dtype=dtype).element_size()
     act = batch * tokens * params.dim * size * 16 + 64 * MiB
-    if stored_fp8_mode(fp8, weights, mmdit_fp8_layers) == "weights":
+    if stored_fp8_mode(fp8, weights) == "weights":
         act += params.dim * 4 * params.dim * (4 + size)  # an FP8 linear upcasts its weight just before use
     return denoiser_footprint(folder, BLOCKS, mmdit_fp8_layers, dtype, fp8, act, weights=weights)
 
@@ -122,8 +122,7 @@ def load_mmdit(folder: Path, *, device: torch.device | str, dtype: torch.dtype, 
         raise CheckpointError(f"{weights.path.name} is a Qwen-Image-Edit-2511 transformer (it carries ComfyUI's "
                               f"__index_timestep_zero__ marker); {folder.parent.name} is not an Edit-2511 model",
                               hint="use it with --model qwen-image-edit-2511")
-    model = weights.load(lambda: QwenMMDiT(params), device=device, dtype=dtype,
-                         quantisable=lambda name: mmdit_fp8_layers(name, None), **grouping)
+    model = weights.load(lambda: QwenMMDiT(params), device=device, dtype=dtype, **grouping)
     return model.eval().requires_grad_(False)  # type: ignore[return-value]
 
 

@@ -80,6 +80,9 @@ class TransformerFile:
     foreign: tuple[str, ...]  # keys outside the layout's prefix: unexpected, reported by the strict load
     flags: tuple[str, ...]  # ComfyUI marker tensors found (FLAGS)
     fp8_format: str  # "" (no FP8), "e4m3fn", "ComfyUI scaled fp8", "ComfyUI quantised ops"
+    # The safetensors files (one, or a sharded release's shards) and each key's file; `path` is what was named.
+    files: tuple[Path, ...] = ()
+    where: dict[str, Path] = dataclasses.field(default_factory=dict)
 
     def rename(self) -> dict[str, str | None]:
         """Key in the file -> module name, or None for keys the loader reads past (scales, markers)."""
@@ -92,20 +95,23 @@ class TransformerFile:
         return [n.removesuffix(".weight") for n, (dt, shape) in self.tensors.items()
                 if dt == FP8 and len(shape) == 2 and n.endswith(".weight")]
 
-    def kept_fp8(self, quantisable: Callable[[str], bool]) -> set[str]:
-        """The FP8-stored linears that load as FP8 (the family runs them in FP8); the rest are upcast."""
-        return {name for name in self.fp8_linears() if quantisable(name)}
+    def kept_fp8(self) -> set[str]:
+        """The FP8-stored linears, which load as FP8 storage as stored. Upcasting one would change no number (the
+        file rounded it already) and only use more memory: ComfyUI's files store the modulation linears (6.8B
+        parameters of Qwen-Image) in e4m3 too. Which of them run FP8 matmuls is the family's choice."""
+        return set(self.fp8_linears())
 
-    def upcast_fp8(self, quantisable: Callable[[str], bool]) -> int:
-        """How many stored e4m3 tensors load in the compute dtype (norms, biases, linears the family keeps)."""
-        kept = {f"{n}.weight" for n in self.kept_fp8(quantisable)}
+    def upcast_fp8(self) -> int:
+        """How many stored e4m3 tensors load in the compute dtype (norms, biases: everything but linear weights)."""
+        kept = {f"{n}.weight" for n in self.kept_fp8()}
         return sum(1 for n, (dt, _) in self.tensors.items() if dt == FP8 and n not in kept)
 
     def summary(self) -> str:
         """One line: file, layout, tensor count, FP8 kind."""
         n_fp8 = len(self.fp8_linears())
         fp8 = f", {n_fp8} linears in FP8 ({self.fp8_format})" if n_fp8 else ""
-        return f"{self.path.name}: {self.layout} layout, {len(self.tensors)} tensors{fp8}"
+        shards = f" in {len(self.files)} shards" if len(self.files) > 1 else ""
+        return f"{self.path.name}: {self.layout} layout, {len(self.tensors)} tensors{shards}{fp8}"
 
     @property
     def what(self) -> str:
@@ -113,20 +119,27 @@ class TransformerFile:
         return f"{_show(self.path.name)} ({self.layout} layout)"
 
     @functools.cached_property
-    def _handle(self) -> Any:
+    def _handles(self) -> dict[Path, Any]:
+        return {}
+
+    def _handle(self, key: str) -> Any:
+        """The open file that holds `key`."""
         from safetensors import safe_open
 
-        try:
-            return safe_open(str(self.path), framework="pt", device="cpu")
-        except Exception as e:  # truncated data, or the file changed since its header was read
-            raise CheckpointError(f"{_show(self.path)} is not a readable safetensors file ({_show(e)})",
-                                  hint="re-download it") from None
+        path = self.where.get(key, self.path)
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # truncated data, or the file changed since its header was read
+                raise CheckpointError(f"{_show(path)} is not a readable safetensors file ({_show(e)})",
+                                      hint="re-download it") from None
+        return self._handles[path]
 
     def scale(self, weight: str) -> Tensor | None:
         """The fp32 scale of a stored FP8 weight (module name "...to_q.weight"): one number, or one per output row
         (shape (N,)); None when the file stores none (the values are the weights)."""
         key = self.scales.get(weight)
-        return None if key is None else self._handle.get_tensor(key).float().reshape(-1)
+        return None if key is None else self._handle(key).get_tensor(key).float().reshape(-1)
 
     def dequantize(self, name: str, tensor: Tensor) -> Tensor:
         """A stored e4m3 tensor as the fp32 values it stands for (exact up to the one product with its scale)."""
@@ -137,14 +150,14 @@ class TransformerFile:
         return value * (scale.reshape(-1, *([1] * (value.ndim - 1))) if scale.numel() > 1 else scale.reshape(()))
 
     def load(self, build: Callable[[], nn.Module], *, device: torch.device | str, dtype: torch.dtype,
-             quantisable: Callable[[str], bool], **grouping: Any) -> nn.Module:
-        """The network `build` makes, filled from this file, strictly. The FP8 linears `quantisable` accepts
-        keep their stored e4m3 weights (an nn.Linear holding them, for the caller to turn into an FP8 linear
-        with `scale`); every other tensor is cast, FP8 ones dequantised, to `dtype`. grouping: load_module's
-        group / on_group (block-by-block loading)."""
+             **grouping: Any) -> nn.Module:
+        """The network `build` makes, filled from this file, strictly. The FP8-stored linears keep their e4m3
+        weights (an nn.Linear holding them, for the caller to turn into an FP8 linear with `scale`); every other
+        tensor is cast, FP8 ones dequantised, to `dtype`. grouping: load_module's group / on_group (block-by-block
+        loading)."""
         from qimg.loading.checkpoint import load_module
 
-        kept = {f"{n}.weight" for n in self.kept_fp8(quantisable)}
+        kept = {f"{n}.weight" for n in self.kept_fp8()}
 
         def convert(name: str, tensor: Tensor) -> Tensor:
             if name in kept:
@@ -155,8 +168,8 @@ class TransformerFile:
 
         hint = (f"the file is not a {self.family} transformer of the variant and size transformer/config.json "
                 "describes, or it is incomplete")
-        return load_module(build, [self.path], device=device, dtype=dtype, rename=self.rename(), convert=convert,
-                           what=self.what, hint=hint, **grouping)
+        return load_module(build, list(self.files or (self.path,)), device=device, dtype=dtype, rename=self.rename(),
+                           convert=convert, what=self.what, hint=hint, **grouping)
 
 
 def read_transformer_file(path: str | Path, family: str = "qwen-image") -> TransformerFile:
@@ -164,9 +177,20 @@ def read_transformer_file(path: str | Path, family: str = "qwen-image") -> Trans
     tensors qimg can read. Anything else is one line saying what the file looks like."""
     path = Path(path).expanduser()
     shown = _show(path)
-    header = _read_header(path, shown)
-    metadata = header.pop("__metadata__", None)
-    metadata = metadata if isinstance(metadata, dict) else {}
+    files = _weight_files(path, shown)
+    header: dict[str, Any] = {}
+    where: dict[str, Path] = {}
+    metadata: dict[str, Any] = {}
+    for file in files:
+        part = _read_header(file, _show(file))
+        meta = part.pop("__metadata__", None)
+        metadata.update(meta if isinstance(meta, dict) else {})
+        twice = next((k for k in part if k in header), None)
+        if twice is not None:
+            raise CheckpointError(f"{shown}: tensor {_show(twice)} is in both {where[twice].name} and {file.name}",
+                                  hint="the shards are of two different releases; re-download them")
+        header.update(part)
+        where.update(dict.fromkeys(part, file))
     keys = list(header)
     if not keys:
         raise CheckpointError(f"{shown} holds no tensors", hint="re-download it")
@@ -202,7 +226,7 @@ def read_transformer_file(path: str | Path, family: str = "qwen-image") -> Trans
         if weight not in tensors:  # a scale of nothing: reported as unexpected by the strict load
             foreign.append(key)
             del scales[weight]
-    _check_formats(shown, header, tensors, scales, marker, prefix, metadata, path)
+    _check_formats(shown, header, tensors, scales, marker, prefix, metadata, where)
     fp8_format = ""
     if any(dt == FP8 for dt, _ in tensors.values()):
         quant_ops = any(k.endswith(".comfy_quant") for k in skipped) or "_quantization_metadata" in metadata
@@ -210,7 +234,8 @@ def read_transformer_file(path: str | Path, family: str = "qwen-image") -> Trans
                       else "e4m3fn" if not scales else "e4m3fn, scaled")
     return TransformerFile(path=path.resolve(), family=family, layout=layout, prefix=prefix, tensors=tensors,
                            stored=stored, scales=scales, skipped=tuple(skipped), foreign=tuple(foreign),
-                           flags=tuple(flags), fp8_format=fp8_format)
+                           flags=tuple(flags), fp8_format=fp8_format, files=tuple(f.resolve() for f in files),
+                           where={k: f.resolve() for k, f in where.items()})
 
 
 def with_transformer(model: str | Path | ModelRef, path: str | Path | None) -> ModelRef:
@@ -227,14 +252,20 @@ def with_transformer(model: str | Path | ModelRef, path: str | Path | None) -> M
 
 def fp8_notes(found: TransformerFile, fp8: str | None, quantisable: Callable[[str], bool], dtype: str) -> list[str]:
     """What loading this file does with its FP8 tensors, as lines a CLI can print (none for a bf16 file)."""
-    kept, upcast = len(found.kept_fp8(quantisable)), found.upcast_fp8(quantisable)
+    kept = found.kept_fp8()
+    upcast = found.upcast_fp8()
     notes = []
-    if kept and fp8 is None:
-        notes.append(f"{found.path.name} stores {kept} linears in FP8 ({found.fp8_format}): they stay FP8 (as with "
-                     f"--fp8 weights, computing in {dtype}), since upcasting them would only use more memory")
+    if kept and fp8 != "compute":
+        notes.append(f"{found.path.name} stores {len(kept)} linears in FP8 ({found.fp8_format}): they stay FP8 as "
+                     f"stored (as with --fp8 weights, computing in {dtype}); upcasting them would only use more memory")
+    elif kept:
+        storage = sum(1 for name in kept if not quantisable(name))
+        if storage:
+            notes.append(f"{storage} of the {len(kept)} FP8 linears of {found.path.name} (modulation, embeddings, "
+                         f"input and output layers) stay FP8 storage computing in {dtype}, as --fp8 keeps them")
     if upcast:
-        notes.append(f"{upcast} FP8 tensors of {found.path.name} that qimg runs in {dtype} (modulation, "
-                     "embeddings, norms, biases, input and output layers) were upcast to it")
+        notes.append(f"{upcast} FP8 tensors of {found.path.name} that are not linear weights (norms, biases) were "
+                     f"upcast to {dtype}")
     return notes
 
 
@@ -242,8 +273,13 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: str | Path) -> str:
-    """The first 16 hex digits of a file's sha256 (recorded in PNGs), computed once per file version."""
+    """The first 16 hex digits of a file's sha256 (recorded in PNGs), computed once per file version. A sharded
+    release (a folder or its index) hashes the list of its shards' names and hashes."""
     path = Path(path)
+    if path.is_dir() or path.name.endswith(INDEX_SUFFIX):
+        shards = _weight_files(path, _show(path))
+        listing = "".join(f"{f.name} {file_sha256(f)}\n" for f in shards)
+        return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:16]
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
@@ -256,6 +292,33 @@ def file_sha256(path: str | Path) -> str:
 
 
 # -- header checks ------------------------------------------------------------------------------------------------
+
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def _weight_files(path: Path, shown: str) -> list[Path]:
+    """The safetensors files of a transformer named as one file, a sharded release's index, or a folder holding
+    one index (or one file; DiffSynth's Qwen-Image-Distill-Full ships as diffusion_pytorch_model-0000N shards)."""
+    from qimg.loading.checkpoint import safetensors_files
+
+    try:
+        is_dir = path.is_dir()
+    except OSError:
+        is_dir = False
+    if path.name.endswith(INDEX_SUFFIX) and path.is_file():
+        return safetensors_files(path.parent, path.name.removesuffix(INDEX_SUFFIX))
+    if not is_dir:
+        return [path]
+    indexes = sorted(path.glob("*" + INDEX_SUFFIX))
+    if len(indexes) == 1:
+        return safetensors_files(path, indexes[0].name.removesuffix(INDEX_SUFFIX))
+    files = sorted(path.glob("*.safetensors"))
+    if not indexes and len(files) == 1:
+        return files
+    what = f"{len(indexes)} shard indexes" if indexes else f"{len(files)} .safetensors files and no index"
+    raise InputError(f"{shown} is a folder with {what}", hint="pass the transformer's .safetensors file, or the "
+                     "index of its shards (*.safetensors.index.json); a whole model folder goes to --model")
 
 
 def _read_header(path: Path, shown: str) -> dict[str, Any]:
@@ -336,7 +399,7 @@ def _layout(shown: str, keys: list[str], family: str) -> tuple[str, str]:
 
 def _check_formats(shown: str, header: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]],
                    scales: dict[str, str], marker: str | None, prefix: str, metadata: dict[str, Any],
-                   path: Path) -> None:
+                   where: dict[str, Path]) -> None:
     """Refuse, by name, every stored format qimg has no kernel for; check each FP8 scale's shape."""
     bnb = next((n for n in tensors if any(p in BITSANDBYTES_TOKENS or p.startswith("quant_state")
                                           for p in n.split("."))), None)
@@ -347,7 +410,7 @@ def _check_formats(shown: str, header: dict[str, Any], tensors: dict[str, tuple[
     if kind is not None and kind not in (FP8, "F32"):  # ComfyUI: the marker's dtype is the FP8 kind (F32: e4m3fn)
         raise CheckpointError(f"{shown} is scaled FP8 of kind {_show(kind, 20)}; qimg reads FP8 e4m3fn only",
                               hint=_HINT_RELEASE)
-    formats = _comfy_formats(shown, header, prefix, metadata, path)
+    formats = _comfy_formats(shown, header, prefix, metadata, where)
     other = next(((layer, f) for layer, f in formats.items() if f != COMFY_FP8_FORMAT), None)
     if other is not None:
         raise CheckpointError(f"{shown} stores layers as ComfyUI {_show(other[1], 40)} (e.g. {_show(other[0])}); "
@@ -371,8 +434,8 @@ def _check_formats(shown: str, header: dict[str, Any], tensors: dict[str, tuple[
                                   "(block-wise scales are not read)", hint=_HINT_RELEASE)
 
 
-def _comfy_formats(shown: str, header: dict[str, Any], prefix: str, metadata: dict[str, Any], path: Path
-                   ) -> dict[str, str]:
+def _comfy_formats(shown: str, header: dict[str, Any], prefix: str, metadata: dict[str, Any],
+                   where: dict[str, Path]) -> dict[str, str]:
     """Layer -> ComfyUI quantisation format, from the per-layer `.comfy_quant` JSON tensors or the header's
     `_quantization_metadata`."""
     formats: dict[str, str] = {}
@@ -383,11 +446,14 @@ def _comfy_formats(shown: str, header: dict[str, Any], prefix: str, metadata: di
         except (ValueError, AttributeError, TypeError):
             raise CheckpointError(f"{shown} has an unreadable _quantization_metadata header",
                                   hint="re-download it") from None
-    records = [k for k in header if k.endswith(".comfy_quant")]
-    if records:
+    records: dict[Path, list[str]] = {}
+    for key in header:
+        if key.endswith(".comfy_quant"):
+            records.setdefault(where[key], []).append(key)
+    for path, keys in records.items():
         with open(path, "rb") as f:
             start = 8 + int.from_bytes(f.read(8), "little")  # tensor offsets count from the header's end
-            for key in records:
+            for key in keys:
                 try:
                     begin, end = header[key]["data_offsets"]
                     f.seek(start + int(begin))

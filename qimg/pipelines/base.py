@@ -138,7 +138,7 @@ class Pipeline(abc.ABC):
         shape = shape or RequestShape()
         root = ref.path
         weights = None if ref.transformer is None else read_transformer_file(ref.transformer, family.name)
-        fp8 = memory.stored_fp8_mode(options.fp8, weights, family.denoiser_fp8)
+        fp8 = memory.stored_fp8_mode(options.fp8, weights)
         merged, deltas = [], None
         if loras:
             from qimg.pipelines.loras import read_for_merge  # LoRA code loads with the first LoRA
@@ -243,7 +243,7 @@ class Pipeline(abc.ABC):
     @property
     def fp8_mode(self) -> str | None:
         """The denoiser's FP8 mode: the one asked for, or "weights" when its single file stores FP8 linears."""
-        return memory.stored_fp8_mode(self.options.fp8, self.transformer_file, self.family.denoiser_fp8)
+        return memory.stored_fp8_mode(self.options.fp8, self.transformer_file)
 
     def weights_params(self) -> dict[str, str]:
         """What a PNG records about a single-file transformer: its path and short sha256 (nothing without one)."""

@@ -36,12 +36,14 @@ class AttachedLoRA:
     strength: float
     file: LoRAFile
     sha256: str
-    merged: bool = False  # folded into the weights as they loaded (merged_at_load), not a side branch
+    merged: bool = False  # folded into the weights as the model loaded (read_for_merge), not a side branch
 
     def as_dict(self) -> dict[str, Any]:
         """What a PNG records about it (enough to find the same file and apply it the same way)."""
+        info = self.file.describe()
         return {"name": self.name, "path": str(self.path), "scale": self.strength, "sha256": self.sha256,
-                "dialect": self.file.dialect, "modules": len(self.file.modules), "merged": self.merged}
+                "dialect": self.file.dialect, "modules": len(self.file.modules), "ranks": info["ranks"],
+                "alphas": info["alphas"], "unmatched": len(self.file.unmatched), "merged": self.merged}
 
 
 def _sha256(path: Path) -> str:
@@ -61,14 +63,7 @@ class LoRAs:
         self.attached: dict[str, AttachedLoRA] = {}
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """The denoiser's linear modules by name -> (out, in), wrapped or not (adapters keep the base's name)."""
-        out = {}
-        for name, module in self.model.named_modules():
-            base = module.base if isinstance(module, LoRALinear) else module
-            if name.endswith(".base") or not hasattr(base, "in_features") or not hasattr(base, "out_features"):
-                continue
-            out[name] = (int(base.out_features), int(base.in_features))
-        return out
+        return model_linears(self.model)
 
     def load(self, path: str | Path, strength: float = 1.0, name: str | None = None) -> LoRAFile:
         """Read and attach a LoRA file; returns what was read (its summary and any keys that matched nothing)."""
@@ -121,7 +116,7 @@ class LoRAs:
         return [a.as_dict() for a in self.attached.values()]
 
     def record_merged(self, path: Path, strength: float, lora: LoRAFile) -> None:
-        """Note a LoRA that merged_at_load folded into the weights (for the PNG, and so apply keeps it)."""
+        """Note a LoRA merged into the weights as the model loaded (for the PNG, and so that apply keeps it)."""
         name = self._free_name(path.stem)
         self.attached[name] = AttachedLoRA(name, path, float(strength), lora, _sha256(path), merged=True)
 
@@ -150,6 +145,17 @@ class LoRAs:
         self.offload.repack(indices, rest=None in prefixes)
 
 
+def model_linears(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """A loaded denoiser's linear modules by name -> (out, in), wrapped or not (adapters keep the base's name)."""
+    out = {}
+    for name, module in model.named_modules():
+        base = module.base if isinstance(module, LoRALinear) else module
+        if name.endswith(".base") or not hasattr(base, "in_features") or not hasattr(base, "out_features"):
+            continue
+        out[name] = (int(base.out_features), int(base.in_features))
+    return out
+
+
 def read_for_merge(wanted: Sequence[tuple[str | Path, float]], mode: str, family: Family, folder: Path,
                    weights: TransformerFile | None = None
                    ) -> tuple[list[tuple[Path, float, LoRAFile]], dict[str, list[tuple[Delta, float]]] | None]:
@@ -168,13 +174,13 @@ def read_for_merge(wanted: Sequence[tuple[str | Path, float]], mode: str, family
         files.append((path, float(strength), lora))
         for module, adapter in lora.modules.items():
             deltas.setdefault(module, []).append((_delta_on(adapter), float(strength)))
-    stored = set() if weights is None else weights.kept_fp8(lambda name: family.denoiser_fp8(name, None))
+    stored = set() if weights is None else weights.kept_fp8()
     clash = sorted(stored & set(deltas))
     if clash:
         if mode == "auto":
             return [], None
-        raise InputError(f"{weights.path.name if weights else 'the transformer'} stores {clash[0]} (and "
-                         f"{len(clash) - 1} more LoRA targets) in FP8: merging would round the LoRA into e4m3",
+        raise InputError(f"{weights.path.name if weights else 'the transformer'} stores {len(clash)} of the LoRA's "
+                         f"targets in FP8 (e.g. {clash[0]}): merging would round the LoRA into e4m3",
                          hint="use --lora-mode branch (auto picks it for such files)")
     return files, deltas
 

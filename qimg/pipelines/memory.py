@@ -77,17 +77,17 @@ def denoiser_footprint(
     if weights is None:
         chosen = None if fp8 is None else quantisable
         return footprint(tensor_headers(safetensors_files(folder)), blocks.key, size, chosen, act)
-    kept = weights.kept_fp8(quantisable)
+    kept = weights.kept_fp8()
     return footprint(weights.tensors, blocks.key, size,
                      lambda name: name in kept or (fp8 is not None and quantisable(name)), act)
 
 
-def stored_fp8_mode(fp8: str | None, weights: TransformerFile | None, predicate: Predicate) -> str | None:
+def stored_fp8_mode(fp8: str | None, weights: TransformerFile | None) -> str | None:
     """The FP8 mode the denoiser runs in: the one asked for, else "weights" when a single file stores linears
-    the family runs in FP8 (they load as FP8 storage either way), else None."""
+    in FP8 (they load as FP8 storage either way), else None."""
     if fp8 is not None or weights is None:
         return fp8
-    return "weights" if weights.kept_fp8(lambda name: predicate(name, None)) else None  # type: ignore[arg-type]
+    return "weights" if weights.kept_fp8() else None
 
 
 def device_budget(device: torch.device, options: RuntimeOptions) -> int | None:
@@ -150,9 +150,10 @@ def fp8_linear_from_stored(weight: torch.Tensor, scale: torch.Tensor | None, bia
     return linear
 
 
-def stored_fp8_transform(weights: TransformerFile, dtype: torch.dtype, mode: str | None) -> BlockTransform:
-    """Turn the linears a single file loaded with e4m3 weights into FP8 linears (compute mode with --fp8
-    compute, storage otherwise)."""
+def stored_fp8_transform(weights: TransformerFile, dtype: torch.dtype, mode: str | None, predicate: Predicate
+                         ) -> BlockTransform:
+    """Turn the linears a single file loaded with e4m3 weights into FP8 linears: FP8 matmuls under --fp8 compute
+    for the linears the family's predicate allows, storage (upcast per use) for the rest and otherwise."""
 
     def transform(prefix: str, block: nn.Module) -> None:
         for name, linear in list(block.named_modules()):
@@ -162,8 +163,8 @@ def stored_fp8_transform(weights: TransformerFile, dtype: torch.dtype, mode: str
             scale = weights.scale(f"{qualified}.weight")
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, child, fp8_linear_from_stored(linear.weight, scale, linear.bias, dtype,
-                                                          mode == "compute"))
+            compute = mode == "compute" and predicate(qualified, None)  # type: ignore[arg-type]
+            setattr(parent, child, fp8_linear_from_stored(linear.weight, scale, linear.bias, dtype, compute))
 
     return transform
 
@@ -200,7 +201,7 @@ def load_denoiser(
     plan, else packed into pinned host memory and handed to an Offloaded that streams the blocks the plan says."""
     keep = plan.mode == "none"
     blocks = family.denoiser_blocks
-    stored = [] if weights is None else [stored_fp8_transform(weights, dtype, fp8)]
+    stored = [] if weights is None else [stored_fp8_transform(weights, dtype, fp8, family.denoiser_fp8)]
     merged: set[str] = set()
     merging = [] if not merge else [merge_transform(merge, merged)]
     steps = (stored + merging + ([fp8_transform(family.denoiser_fp8, fp8)] if fp8 is not None else [])

@@ -112,7 +112,7 @@ class _Branch(nn.Module):
 
     def _keep(self, name: str, tensor: Tensor) -> None:
         # Inference stores the matrices as buffers (no grad, not in the base's state_dict: saving adapters is the
-        # LoRA file writer's job). Training will register them here as nn.Parameters (fp32 master copies) instead;
+        # LoRA file writer's job). Training turns them into nn.Parameters (fp32 master copies: trainable_lora);
         # the forward reads them the same way.
         self.register_buffer(name, tensor.detach(), persistent=False)
 
@@ -300,6 +300,27 @@ def attach_lora(
         add(module, name, t1.detach().to(device=device, dtype=store_dtype, copy=True),
             t2.detach().to(device=device, dtype=store_dtype, copy=True), scale, strength)
     return [target for target, *_ in plan]
+
+
+def trainable_lora(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Turn adapter `name`'s matrices into trainable fp32 parameters (the master copies a trainer keeps; the
+    forward casts them to the activation dtype, so gradients reach them in fp32). Returns them by
+    "<module>.<down|up>" (or w1/w2), in the model's module order, for the optimizer and the LoRA writer."""
+    params: dict[str, nn.Parameter] = {}
+    for target, wrapper in _wrappers(model):
+        for adapter in wrapper.adapters:
+            if adapter.name != name:
+                continue
+            for key, tensor in list(adapter._buffers.items()):
+                if tensor is None:
+                    continue
+                del adapter._buffers[key]
+                param = nn.Parameter(tensor.detach().float(), requires_grad=True)
+                adapter.register_parameter(key, param)
+                params[f"{target}.{key}"] = param
+    if not params:
+        raise ValueError(f"no LoRA named {name!r} is attached (attached: {', '.join(lora_names(model)) or 'none'})")
+    return params
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -31,6 +31,11 @@ def _g(*args: str) -> tuple[str, ...]:
             "--width", "32", "--height", "32", *args)
 
 
+def _t(*args: str) -> tuple[str, ...]:
+    return ("train-lora", "--model", "{model}", "--data", "{tmp}/data", "-o", "{tmp}/run", "--device", "cpu",
+            "--resolution", "256", "--steps", "1", *args)
+
+
 CASES: tuple[Case, ...] = (
     # -- the model --------------------------------------------------------------------------------------------
     Case("model-missing", "the model folder does not exist", _g("--model", "{tmp}/nowhere"), 1, "does not exist"),
@@ -213,6 +218,15 @@ CASES: tuple[Case, ...] = (
          "names a file, not a repo"),
     Case("download-lora-offline", "download --file with HF_HUB_OFFLINE set and the file not in the cache",
          ("download", "lightx2v/Qwen-Image-Lightning", "--file", "*8steps*"), 1, "HF_HUB_OFFLINE is set"),
+    # -- train-lora (nothing is created before the data and the settings check out) ----------------------------
+    Case("train-no-caption", "an image of the training folder has no .txt caption", _t(), 1, "caption",
+         setup="train_no_caption"),
+    Case("train-bad-targets", "--targets names no target set", _t("--targets", "everything"), 2,
+         "unknown --targets"),
+    Case("train-edit-model", "train-lora on an edit model (not trained yet)", _t("--model", "{edit}"), 2,
+         "is an edit model", setup="train_data"),
+    Case("train-resume-nothing", "--resume in a folder that holds no run", _t("--resume"), 2,
+         "holds no training state", setup="train_data"),
     # -- replay and info --------------------------------------------------------------------------------------
     Case("from-no-params", "--from a PNG that qimg did not write", ("generate", "--from", "{tmp}/in.png", "-o",
          "{out}"), 1, "carries no qimg parameters", setup="input_image"),

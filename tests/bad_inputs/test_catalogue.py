@@ -73,6 +73,13 @@ def _read_only(*args, **kwargs):
 
 
 # name -> setup(case folder, its model copy, monkeypatch); a setup that damages {model} works on the copy.
+def _train_data(tmp: Path, *, caption: bool) -> None:
+    (tmp / "data").mkdir()
+    Image.new("RGB", (256, 256), (200, 30, 30)).save(tmp / "data" / "a.png")
+    if caption:
+        (tmp / "data" / "a.txt").write_text("a red square", encoding="utf-8")
+
+
 SETUPS: dict[str, Callable[[Path, Path, pytest.MonkeyPatch], None]] = {
     "remove_model_index": lambda tmp, m, mp: (m / "model_index.json").unlink(),
     "corrupt_model_index": lambda tmp, m, mp: (m / "model_index.json").write_text("{not json"),
@@ -92,6 +99,8 @@ SETUPS: dict[str, Callable[[Path, Path, pytest.MonkeyPatch], None]] = {
     "corrupt_tokenizer": lambda tmp, m, mp: (m / "tokenizer" / "tokenizer.json").write_text('{"version": '),
     "pickled_text_encoder": lambda tmp, m, mp: _pickled_text_encoder(m),
     "input_image": lambda tmp, m, mp: Image.new("RGB", (40, 32), (200, 30, 30)).save(tmp / "in.png"),
+    "train_data": lambda tmp, m, mp: _train_data(tmp, caption=True),
+    "train_no_caption": lambda tmp, m, mp: _train_data(tmp, caption=False),
     "existing_output": lambda tmp, m, mp: (tmp / "out.png").write_bytes(b"an earlier image"),
     "png_folder": lambda tmp, m, mp: (tmp / "dir.png").mkdir(),
     "read_only_folder": lambda tmp, m, mp: mp.setattr("tempfile.mkstemp", _read_only),

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import qimg
 from qimg.errors import CheckpointError, InputError
 from qimg.families.qwen import QWEN_IMAGE, mmdit_fp8_layers, qwen_needs
-from qimg.loading.single_file import read_transformer_file
+from qimg.loading.single_file import file_sha256, read_transformer_file
 from qimg.nets.qwen_mmdit import qwen_rope
 from qimg.pipelines import memory
 from qimg.pipelines.prompts import QwenPromptEncoder
@@ -155,17 +155,17 @@ def test_fp8_file_loads_as_fp8_storage_with_the_dequantised_math(tiny_qwen, stat
     prefix = "" if style == "rowwise" else COMFY
     model, _ = _load(tiny_qwen, path)
     kept = [n for n, m in model.named_modules() if isinstance(m, FP8Linear)]
-    assert kept and kept == [n for n, m in model.named_modules() if mmdit_fp8_layers(n, None)]
+    # Every linear the file stores in e4m3 stays FP8 storage, the modulation ones too: upcasting them would change
+    # no number and cost memory (6.8B parameters of Qwen-Image).
+    assert sorted(kept) == sorted(k.removeprefix(prefix).removesuffix(".weight") for k, v in stored.items()
+                                  if v.dtype == E4M3 and v.ndim == 2)
+    assert "transformer_blocks.0.img_mod.1" in kept and any(mmdit_fp8_layers(n, None) for n in kept)
     for name in kept:
         m = model.get_submodule(name)
         # The stored e4m3 bytes as they are (never requantised), and the scale broadcast per row.
         assert torch.equal(m.weight_fp8.view(torch.uint8), stored[prefix + name + ".weight"].view(torch.uint8))
         assert m.weight_scale.shape == (1, m.out_features) and m.compute is False
         assert torch.equal(m.weight_fp8.float() * m.weight_scale.t(), values[name + ".weight"])
-    # Linears the family runs in the compute dtype (modulation here) are dequantised to it.
-    modulation = model.transformer_blocks[0].img_mod[1]
-    assert type(modulation) is torch.nn.Linear and modulation.weight.dtype == torch.float32
-    assert torch.equal(modulation.weight, values["transformer_blocks.0.img_mod.1.weight"])
     # The reference: the same network with every weight set to the value its stored form stands for, in fp32.
     reference = _save(tmp_path / "dequantised.safetensors", values)
     plain, _ = _load(tiny_qwen, reference)
@@ -195,7 +195,9 @@ def test_fp8_compute_and_quantisation_of_bf16_layers_compose(tiny_qwen, state, t
     del tensors[key + ".scale_weight"], tensors[key + ".scale_input"]
     model, _ = _load(tiny_qwen, _save(path, tensors), fp8="compute")
     fp8 = {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
-    assert all(m.compute for m in fp8.values()) and "transformer_blocks.1.attn.to_q" in fp8
+    # FP8 matmuls only where qimg's own --fp8 compute puts them; modulation and the outer layers stay storage.
+    assert all(m.compute == mmdit_fp8_layers(n, None) for n, m in fp8.items())
+    assert "transformer_blocks.1.attn.to_q" in fp8 and not fp8["transformer_blocks.0.img_mod.1"].compute
 
 
 def test_fp8_file_streamed_and_with_a_lora_gives_the_resident_result(tiny_qwen, state, baseline, tmp_path):
@@ -370,3 +372,34 @@ def test_cli_transformer_is_recorded_replayed_and_compared(tiny_qwen, state, tmp
     assert runner.invoke(app, [*batch, "--transformer", str(path)]).exit_code == 0
     rerun = runner.invoke(app, batch)
     assert rerun.exit_code == 0 and "transformer differ" in rerun.stderr, rerun.output
+
+
+def test_a_sharded_release_loads_from_its_folder_or_index(tiny_qwen, state, tmp_path, one_thread):
+    """DiffSynth's Qwen-Image-Distill-Full ships as diffusion_pytorch_model-0000N-of-0000M shards with an index:
+    --transformer takes the folder or the index, and the weights are the folder's own, bit for bit."""
+    shards = tmp_path / "distill"
+    shards.mkdir()
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:]), start=1):
+        file = f"diffusion_pytorch_model-0000{i}-of-00002.safetensors"
+        _save(shards / file, {k: state[k] for k in part})
+        weight_map.update(dict.fromkeys(part, file))
+    index = shards / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}), encoding="utf-8")
+    folder, _ = memory.load_denoiser(QWEN_IMAGE, tiny_qwen / "transformer", CPU, torch.float32, RESIDENT)
+    for named in (shards, index):
+        found = read_transformer_file(named)
+        assert len(found.files) == 2 and "in 2 shards" in found.summary()
+        model, _ = _load(tiny_qwen, named)
+        got, want = model.state_dict(), folder.state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert len(file_sha256(shards)) == 16 and file_sha256(shards) == file_sha256(index)
+    _save(shards / "diffusion_pytorch_model-00002-of-00002.safetensors", {k: state[k] for k in names[half:-1]})
+    with pytest.raises(qimg.QimgError, match="does not match the network"):
+        _load(tiny_qwen, shards)  # a shard short of a tensor: strict, as for the folder
+    index.unlink()
+    with pytest.raises(qimg.QimgError, match=r"a folder with 2 \.safetensors files and no index") as e:
+        qimg.with_transformer(tiny_qwen, shards)
+    assert "\n" not in _one_line(e)

@@ -1,0 +1,98 @@
+"""qimg train-lora: LoRA training on a folder of captioned images. Parse -> config -> public API -> progress."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import qimg
+from qimg.cli.options import MODEL_ENV, Debug, Device, DType, Quiet, require_model, runtime_options
+from qimg.cli.output import Output
+
+EXAMPLES = """\
+Examples:
+
+\b
+  qimg train-lora --model qwen-image --data photos/ -o runs/fox --steps 1000
+  qimg train-lora --model qwen-image --data photos/metadata.jsonl -o runs/fox --rank 32 --alpha 32 --lr 5e-5
+  qimg train-lora --model qwen-image --data photos/ -o runs/fox --resume --steps 2000
+  qimg generate "a photo of sks fox" -o fox.png --model qwen-image --lora runs/fox/lora.safetensors
+"""
+
+
+def train_lora(
+    ctx: typer.Context,  # read by the error mapping in main.py (root --debug)
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="A folder of images with same-name .txt captions, or a metadata.jsonl / "
+                     ".csv (image, prompt) file or the folder holding one."),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", metavar="RUN_DIR",
+                     help="The run's folder: lora.safetensors, lora-stepN.safetensors, log.csv, cache/, state/."),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", envvar=MODEL_ENV, help="The text-to-image model to train on (a name, repo id "
+                     "or folder)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps in all (a resumed run may raise it).")] = 2000,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (stored in the file; scale = alpha / rank).")] = 16.0,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate, constant after a 10-step warmup.")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Seeds the adapter's start, the noise, the timesteps and the data "
+                                      "order.")] = 0,
+    resolution: Annotated[int, typer.Option(help="Images train at their own aspect in buckets of at most "
+                                            "RESOLUTION^2 pixels (never upscaled).")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step (from one bucket).")] = 1,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Batches whose gradients add up per step.")] = 1,
+    targets: Annotated[str, typer.Option(help="Which linears of each block train: attn, attn-mlp (the 12 "
+                                         "attention and MLP linears) or all (adds modulation).")] = "attn-mlp",
+    save_every: Annotated[int, typer.Option("--save-every", help="Save the LoRA and the resumable state every N "
+                                            "steps.")] = 250,
+    keep: Annotated[int, typer.Option(help="Keep the last N lora-stepN.safetensors files.")] = 4,
+    fmt: Annotated[str, typer.Option("--format", help="The LoRA file's keys: diffusers (header alpha; diffusers, "
+                                     "ComfyUI and qimg load it), comfy or kohya (.alpha tensors).")] = "diffusers",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in RUN_DIR exactly where it "
+                                         "stopped.")] = False,
+    device: Device = None,
+    dtype: Annotated[DType | None, typer.Option(help="Compute dtype of the frozen model. Default: bfloat16 on "
+                                                "CUDA, float32 on CPU.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per event (step, saved) on "
+                                           "stdout.")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Train a LoRA for a Qwen-Image text-to-image model on your images.
+
+    The data is checked whole before the model loads (a missing caption, an unreadable or too small image: one
+    line, exit 1). Latents and prompt embeddings are computed once into RUN_DIR/cache (a changed image or caption
+    recomputes only that one), then the text encoder is freed. Every --save-every steps and at the end, the LoRA
+    is written (checked to load back with every key matched) with the state to resume from; Ctrl-C or SIGTERM
+    saves too and exits 130, and --resume then continues exactly as an uninterrupted run would.
+    """
+    out = Output(quiet=quiet)
+    config = qimg.TrainConfig(
+        model=require_model(model), data=str(data.expanduser().resolve()), steps=steps, rank=rank, alpha=alpha,
+        lr=lr, seed=seed, resolution=resolution, batch_size=batch_size, grad_accum=grad_accum, targets=targets,
+        save_every=save_every, keep=keep, format=fmt,
+    )
+    runtime = runtime_options(device, dtype)
+    with qimg.catch_signals(), out.steps("training") as progress:
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "step":
+                progress(event["step"], event["steps"])
+            elif event["event"] == "saved":
+                out.info(f"saved {event['path']} (step {event['step']})")
+            elif event["event"] == "cached" and event["done"] == event["total"]:
+                out.info(f"cached latents and prompt embeddings of {event['total']} image(s)")
+            if json_out and event["event"] != "cached":
+                typer.echo(json.dumps(event, ensure_ascii=False))
+
+        path = qimg.train_lora(config, output, runtime, resume=resume, on_event=on_event)
+    out.info(f"wrote {path}")

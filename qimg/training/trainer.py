@@ -1,0 +1,428 @@
+"""LoRA training for the Qwen-Image family's denoiser: flow matching on cached latents and prompt embeddings.
+
+One step: x_t = (1 - t) x0 + t noise, the model predicts the velocity noise - x0 (MSE), with t = sigmoid(N(0, 1))
+shifted for the image's token count (musubi-tuner's `qwen_shift`: mu linear from 256 tokens -> 0.5 to 8192 ->
+0.9, t' = e^mu t / (1 + (e^mu - 1) t)). The adapters are runtime/lora.py's side branches with fp32 master weights
+(trainable_lora); the base model stays frozen in its load dtype. AdamW, constant learning rate after a linear
+warmup, gradients clipped to a norm.
+
+Everything random in a step comes from a generator seeded by (seed, step, micro-batch), and the data order is a
+pure function of (seed, epoch) (data.epoch_batches), so a run resumed from its saved state (adapter, optimizer,
+step, epoch, position) goes on exactly as it would have: on the CPU, bit for bit (tests/training).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from qimg.embeddings import PromptEmbeds, load_embeddings, save_embeddings
+from qimg.errors import InputError, UsageError
+from qimg.loading.hub import ModelRef
+from qimg.nets.qwen_mmdit import qwen_rope
+from qimg.pipelines.loras import model_linears
+from qimg.pipelines.qwen import text_batch
+from qimg.png import write_atomic
+from qimg.request import make_request
+from qimg.runtime.lora import attach_lora, trainable_lora
+from qimg.safety import deferred_signals
+from qimg.sampling import pack
+from qimg.training.data import TrainItem, bucket_for, cache_key, epoch_batches, find_items
+from qimg.training.images import load_image
+from qimg.training.lora_file import check_saved, save_lora
+
+ADAPTER = "train"
+FORMATS = ("diffusers", "comfy", "kohya")
+# Which linears of each block train, by --targets (musubi's 12 per block for attn-mlp; "all" adds modulation as
+# ai-toolkit and DiffSynth do).
+TARGETS: dict[str, tuple[str, ...]] = {
+    "attn": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+             "attn.add_v_proj", "attn.to_add_out"),
+}
+TARGETS["attn-mlp"] = TARGETS["attn"] + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                                         "txt_mlp.net.2")
+TARGETS["all"] = TARGETS["attn-mlp"] + ("img_mod.1", "txt_mod.1")
+# Settings a resumed run must share with the run it continues (others, like the learning rate, may change).
+FIXED_ON_RESUME = ("model", "data", "rank", "alpha", "targets", "seed", "resolution", "batch_size")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run's settings (the reference defaults: lora_and_training.md section 6)."""
+
+    model: str
+    data: str
+    steps: int = 2000
+    rank: int = 16
+    alpha: float = 16.0
+    lr: float = 1e-4
+    warmup: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    resolution: int = 1024  # buckets hold at most resolution^2 pixels
+    batch_size: int = 1
+    grad_accum: int = 1
+    targets: str = "attn-mlp"
+    save_every: int = 250
+    keep: int = 4
+    format: str = "diffusers"
+
+    def __post_init__(self) -> None:
+        positive = {"steps": self.steps, "rank": self.rank, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "save_every": self.save_every, "keep": self.keep}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number of at least 1 (got {value})")
+        for name, value in (("alpha", self.alpha), ("lr", self.lr), ("grad_clip", self.grad_clip)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive number (got {value})")
+        if not 256 <= self.resolution <= 4096 or self.resolution % 16:
+            raise UsageError(f"--resolution must be a multiple of 16 between 256 and 4096 (got {self.resolution})")
+        if self.targets not in TARGETS:
+            raise UsageError(f"unknown --targets {self.targets!r}", hint=f"use one of {', '.join(TARGETS)}")
+        if self.format not in FORMATS:
+            raise UsageError(f"unknown --format {self.format!r}", hint=f"use one of {', '.join(FORMATS)}")
+        if self.warmup < 0 or self.seed < 0:
+            raise UsageError("--warmup and --seed must be 0 or more")
+
+    @property
+    def max_pixels(self) -> int:
+        return self.resolution * self.resolution
+
+    def lr_at(self, step: int) -> float:
+        """Constant after a linear warmup over the first `warmup` steps (step counts from 0)."""
+        return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the next step to take and where the data order is."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # index into epoch_batches(..., epoch)
+
+
+def qwen_shift(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Shift sigmoid-normal timesteps toward noise for larger images (musubi-tuner's qwen_shift)."""
+    mu = 0.5 + (0.9 - 0.5) * (tokens - 256) / (8192 - 256)
+    s = math.exp(mu)
+    return s * t / (1 + (s - 1) * t)
+
+
+def flow_loss(model: torch.nn.Module, x0: torch.Tensor, texts: Sequence[PromptEmbeds], size: tuple[int, int],
+              gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """MSE between the model's velocity at x_t and noise - x0, for packed latents x0 (B, L, 64) of one size
+    (width, height) and their prompts; noise and timesteps are drawn from `gen` on the CPU (the same on any
+    device)."""
+    noise = torch.randn(x0.shape, generator=gen)
+    t = qwen_shift(torch.sigmoid(torch.randn(x0.shape[0], generator=gen)), x0.shape[1])
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    txt, mask = text_batch([p.to(device) for p in texts], dtype)
+    params = model.params
+    w, h = size
+    rope = qwen_rope([(1, h // 16, w // 16)], txt.shape[1], params.axes_dims_rope, params.rope_theta).to(device)
+    pred = model(xt.to(device, dtype), txt, t.to(device, dtype), rope, mask)
+    return F.mse_loss(pred.float(), (noise - x0).to(device))
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch: a pure function of (seed, step, micro), so a resumed run draws the same."""
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def init_adapters(model: torch.nn.Module, names: Sequence[str], rank: int, seed: int
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's initialisation: down uniform in +-1/sqrt(in) (kaiming-uniform with a = sqrt(5)), up zero, so the
+    untrained adapter changes nothing; seeded, independent of the global RNG."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        bound = 1.0 / math.sqrt(linear.in_features)
+        down = (torch.rand(rank, linear.in_features, generator=gen) * 2 - 1) * bound
+        out[name] = (down, torch.zeros(linear.out_features, rank))
+    return out
+
+
+class Trainer:
+    """One training run in RUN_DIR: prepare (data, cache, adapters), then run steps, saving state as it goes."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, pipe: Any, *,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.config, self.run_dir, self.pipe = config, run_dir, pipe
+        self.on_event = on_event or (lambda event: None)
+        self.items: list[TrainItem] = []
+        self.sizes: list[tuple[int, int]] = []
+        self.cache: list[Path] = []
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.progress = Progress()
+        self._order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches), built when first needed
+
+    # -- preparing ------------------------------------------------------------------------------------------
+
+    def prepare(self, items: Sequence[TrainItem], *, resume: dict[str, Any] | None = None) -> None:
+        """Cache latents and prompt embeddings (only those not cached yet), free the text encoder, attach the
+        adapters (from the saved state when resuming) and make the optimizer."""
+        self.items = list(items)
+        self.sizes = [bucket_for(i.width, i.height, max_pixels=self.config.max_pixels) for i in self.items]
+        self._fill_cache()
+        self.pipe.prompts.release()
+        model = self.pipe.transformer
+        names = [f"{blocks}.{i}.{t}" for blocks, n in _block_lists(model) for i in range(n)
+                 for t in TARGETS[self.config.targets]]
+        init = init_adapters(model, names, self.config.rank, self.config.seed)
+        scale = self.config.alpha / self.config.rank
+        with torch.inference_mode(False):
+            attach_lora(model, ADAPTER, {n: (d, u, scale) for n, (d, u) in init.items()}, dtype=torch.float32)
+        self.params = trainable_lora(model, ADAPTER)
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.config.lr)
+        if resume is not None:
+            self._restore(resume)
+
+    def _fill_cache(self) -> None:
+        folder = self.run_dir / "cache"
+        folder.mkdir(parents=True, exist_ok=True)
+        fingerprint = f"{self.pipe.ref.name}:{self.pipe.ref.spec.name}:{self.pipe.dtype}"
+        self.cache = [folder / f"{cache_key(item, size, fingerprint)}.safetensors"
+                      for item, size in zip(self.items, self.sizes, strict=True)]
+        todo = [i for i, path in enumerate(self.cache) if not path.is_file()]
+        for n, i in enumerate(todo, 1):
+            item, (w, h), path = self.items[i], self.sizes[i], self.cache[i]
+            with torch.inference_mode():
+                mean, _ = self.pipe.encode_image(load_image(item.image, (w, h))[None])
+                latents = pack(self.pipe.vae.normalize(mean)).float().cpu()  # the posterior's mode: deterministic
+                request, _ = make_request(self.pipe.ref.spec, item.caption or " ", width=w, height=h, seed=0)
+                text = self.pipe.encode_prompts(request, with_negative=False)
+            embeds_path = path.with_suffix(".text.safetensors")
+            save_embeddings(embeds_path, text, overwrite=True)  # encode-prompt's format
+            write_atomic(path, lambda f, x=latents: f.write(_tensor_bytes({"latents": x})), overwrite=True)
+            self.on_event({"event": "cached", "done": n, "total": len(todo), "image": str(item.image)})
+
+    def _batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[PromptEmbeds]]:
+        latents = torch.cat([load_file(str(self.cache[i]))["latents"] for i in indices])
+        texts = [load_embeddings(self.cache[i].with_suffix(".text.safetensors")).cond for i in indices]
+        return latents, texts
+
+    # -- training ---------------------------------------------------------------------------------------------
+
+    def loss(self, indices: Sequence[int], step: int, micro: int) -> torch.Tensor:
+        """The flow-matching loss of one micro-batch (one bucket: every image the same size)."""
+        x0, texts = self._batch(indices)
+        gen = step_generator(self.config.seed, step, micro)
+        return flow_loss(self.pipe.transformer, x0, texts, self.sizes[indices[0]], gen, self.pipe.torch_dtype,
+                         self.pipe.torch_device)
+
+    def run(self, stop_after: int | None = None) -> Path:
+        """Train to config.steps (or stop after `stop_after` more steps, for tests), saving state every
+        save_every steps and at the end; returns RUN_DIR/lora.safetensors. Ctrl-C or SIGTERM (under
+        qimg.catch_signals) saves what is done and re-raises, so the run resumes from there."""
+        cfg = self.config
+        log = _Log(self.run_dir / "log.csv", self.progress.step)
+        taken, saved = 0, self.progress.step
+        try:
+            while self.progress.step < cfg.steps and (stop_after is None or taken < stop_after):
+                self._step(log)
+                taken += 1
+                if self.progress.step % cfg.save_every == 0 or self.progress.step == cfg.steps:
+                    with deferred_signals():
+                        self.save()
+                    saved = self.progress.step
+        except KeyboardInterrupt:
+            if self.progress.step > saved:
+                with deferred_signals():
+                    self.save()
+            raise
+        return self.run_dir / "lora.safetensors"
+
+    def _next_batch(self, epoch: int, position: int) -> tuple[list[int], int, int]:
+        """The batch at (epoch, position) and where the one after it is; the order of an epoch is rebuilt from
+        (seed, epoch) alone, which is what makes resuming exact."""
+        while True:
+            if self._order[0] != epoch:
+                self._order = (epoch, epoch_batches(self.items, self.sizes, batch_size=self.config.batch_size,
+                                                    seed=self.config.seed, epoch=epoch))
+            if position < len(self._order[1]):
+                return self._order[1][position], epoch, position + 1
+            epoch, position = epoch + 1, 0
+
+    def _step(self, log: _Log) -> None:
+        """One optimizer step over grad_accum micro-batches."""
+        cfg, optimizer = self.config, self.optimizer
+        assert optimizer is not None, "prepare() first"
+        started = time.perf_counter()
+        step, epoch, position = self.progress.step, self.progress.epoch, self.progress.position
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        total = 0.0
+        with torch.enable_grad():
+            for micro in range(cfg.grad_accum):
+                indices, epoch, position = self._next_batch(epoch, position)
+                loss = self.loss(indices, step, micro)
+                (loss / cfg.grad_accum).backward()
+                total += float(loss) / cfg.grad_accum
+        with deferred_signals():  # the update and the progress that records it go together
+            norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.progress = Progress(step + 1, epoch, position)
+        seconds = time.perf_counter() - started
+        log.write(step + 1, total, cfg.lr_at(step), norm, seconds)
+        self.on_event({"event": "step", "step": step + 1, "steps": cfg.steps, "loss": total,
+                       "lr": cfg.lr_at(step), "grad_norm": norm, "seconds": seconds})
+
+    # -- saving and resuming --------------------------------------------------------------------------------
+
+    def adapter_modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module name -> (down, up) as trained (fp32)."""
+        out = {}
+        for key, param in self.params.items():
+            module, _, which = key.rpartition(".")
+            down, up = out.get(module, (None, None))
+            out[module] = (param.detach().cpu(), up) if which == "down" else (down, param.detach().cpu())
+        return out  # type: ignore[return-value]
+
+    def save(self) -> Path:
+        """The LoRA file of this step (checked: every key loads back, not all zeros) and the state to resume from,
+        both written whole or not at all; old step files beyond `keep` are removed."""
+        cfg, step = self.config, self.progress.step
+        meta = {f"qimg.train.{k}": str(v) for k, v in asdict(cfg).items()}
+        meta["qimg.train.step"] = str(step)
+        lora = save_lora(self.run_dir / f"lora-step{step:06d}.safetensors", self.adapter_modules(), rank=cfg.rank,
+                         alpha=cfg.alpha, fmt=cfg.format, metadata=meta)
+        check_saved(lora, model_linears(self.pipe.transformer), self.pipe.family.name)
+        shutil.copyfile(lora, self.run_dir / ".lora.tmp")
+        os.replace(self.run_dir / ".lora.tmp", self.run_dir / "lora.safetensors")
+        self._save_state()
+        for old in sorted(self.run_dir.glob("lora-step*.safetensors"))[:-cfg.keep]:
+            old.unlink()
+        self.on_event({"event": "saved", "step": step, "path": str(lora)})
+        return lora
+
+    def _save_state(self) -> None:
+        assert self.optimizer is not None
+        states = self.run_dir / "state"
+        states.mkdir(exist_ok=True)
+        final = states / f"step-{self.progress.step:06d}"
+        tmp = states / f".tmp-{self.progress.step:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: p.detach().cpu().contiguous() for k, p in self.params.items()}, str(tmp / "adapter.safetensors"))
+        opt = self.optimizer.state_dict()
+        keys = list(self.params)
+        tensors = {f"{keys[i]}/{name}": value.contiguous() for i, s in opt["state"].items()
+                   for name, value in s.items()}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        info = {"progress": asdict(self.progress), "config": asdict(self.config),
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]}
+        (tmp / "state.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_atomic(states / "latest.json", lambda f: f.write(json.dumps({"state": final.name}).encode()),
+                     overwrite=True)
+        for old in sorted(p for p in states.glob("step-*") if p != final):
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        folder = Path(state["folder"])
+        saved = load_file(str(folder / "adapter.safetensors"))
+        if set(saved) != set(self.params):
+            raise InputError(f"{folder} holds adapters for other modules than this run's",
+                             hint="resume with the settings the run was started with")
+        with torch.no_grad():
+            for key, param in self.params.items():
+                param.copy_(saved[key])
+        assert self.optimizer is not None
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        keys = list(self.params)
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            key, _, field = name.rpartition("/")
+            opt_state.setdefault(keys.index(key), {})[field] = value
+        groups = [{**g, "params": list(range(len(keys)))} for g in state["param_groups"]]
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self.progress = Progress(**state["progress"])
+
+
+def read_state(run_dir: Path) -> dict[str, Any] | None:
+    """The saved state a run resumes from (its folder, progress, config, optimizer groups), or None."""
+    latest = run_dir / "state" / "latest.json"
+    if not latest.is_file():
+        return None
+    try:
+        folder = run_dir / "state" / json.loads(latest.read_text(encoding="utf-8"))["state"]
+        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{run_dir}/state is damaged", hint="start a new run in another folder") from None
+    return {**info, "folder": str(folder)}
+
+
+def resumed_config(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
+    """The config a resumed run uses: the saved one's fixed settings must match; steps, lr and the rest may
+    change (and are recorded in the next save)."""
+    saved = state["config"]
+    changed = [name for name in FIXED_ON_RESUME if saved.get(name) != getattr(config, name)]
+    if changed:
+        name = changed[0]
+        raise UsageError(f"this run was started with {name} {saved.get(name)!r}, not {getattr(config, name)!r}; "
+                         "a resumed run keeps it", hint="drop the option, or start a new run with another -o")
+    known = {f.name for f in fields(TrainConfig)}
+    return replace(config, **{k: v for k, v in saved.items() if k in known and k in FIXED_ON_RESUME})
+
+
+def _block_lists(model: torch.nn.Module) -> list[tuple[str, int]]:
+    return [("transformer_blocks", len(model.transformer_blocks))]
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()})
+
+
+class _Log:
+    """RUN_DIR/log.csv: a row per step; a resumed run drops the rows past the step it resumes from."""
+
+    FIELDS = ("step", "loss", "lr", "grad_norm", "seconds")
+
+    def __init__(self, path: Path, resumed_at: int) -> None:
+        self.path = path
+        rows = []
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resumed_at]
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, step: int, loss: float, lr: float, grad_norm: float, seconds: float) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow([step, f"{loss:.6g}", f"{lr:.6g}", f"{grad_norm:.6g}", f"{seconds:.4f}"])
+
+
+def train_items(config: TrainConfig, ref: ModelRef) -> list[TrainItem]:
+    """The dataset, checked whole before anything loads (text-to-image models; edit-model training comes next)."""
+    if ref.spec.task != "t2i":
+        raise UsageError(f"{ref.name} is an edit model; qimg train-lora trains text-to-image models so far",
+                         hint="train on qwen-image or qwen-image-2512")
+    return find_items(config.data, edit=False, max_pixels=config.max_pixels)
+
+
+__all__ = ["FORMATS", "TARGETS", "Progress", "TrainConfig", "Trainer", "qwen_shift",
+           "read_state", "resumed_config", "train_items"]
