@@ -3,10 +3,10 @@
     python bench/train.py --out bench/results/train_h200.json
 
 1024x1024 (4096 image tokens), 128 text tokens, batch 1, rank 16 on the 12 attention and MLP linears of all 60
-blocks, bf16 base, fp32 adapters, AdamW; forward + backward + optimizer step, no gradient checkpointing (neither
-side), eager. qimg's step is qimg.training.trainer.flow_loss on attach_lora + trainable_lora adapters; diffusers'
-is its transformer with PEFT's add_adapter and the same loss. Seconds per step and peak GiB. This is the first
-measurement of the first step of train-lora (no checkpointing, FP8 or streaming yet).
+blocks, bf16 base, fp32 adapters, AdamW; forward + backward + optimizer step, eager; each side without and with
+per-block gradient checkpointing, and qimg with FP8 weight storage (--fp8 weights) and checkpointing. qimg's step
+is qimg.training.trainer.flow_loss on attach_lora + trainable_lora adapters; diffusers' is its transformer with
+PEFT's add_adapter and the same loss. Seconds per step and peak GiB: the first measurements of train-lora.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import random_diffusers_mmdit, sharing_qimg_mmdit  # noqa: E402
 from qimg.embeddings import PromptEmbeds  # noqa: E402
+from qimg.families.qwen import mmdit_fp8_layers  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
+from qimg.runtime.checkpoint import checkpoint_blocks  # noqa: E402
+from qimg.runtime.fp8 import apply_fp8  # noqa: E402
 from qimg.runtime.lora import attach_lora, trainable_lora  # noqa: E402
 from qimg.training.trainer import TARGETS, flow_loss, init_adapters, qwen_shift  # noqa: E402
 
@@ -51,6 +54,9 @@ def main() -> None:
     rows: dict[str, dict] = {}
 
     def measure(name: str, step) -> None:
+        # What is allocated before the first step: the weights of both models (shared bf16, plus qimg's FP8 copies
+        # in the fp8 row), so peak - this is what the step itself needs (activations, adapters, optimizer state).
+        before = torch.cuda.memory_allocated()
         for _ in range(args.warmup):
             step()
         torch.cuda.synchronize()
@@ -62,12 +68,14 @@ def main() -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
         rows[name] = {"s_per_step": round(statistics.median(times), 4), "min_s": round(min(times), 4),
-                      "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                      "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      "allocated_before_gib": round(before / 2**30, 2),
+                      "step_peak_over_weights_gib": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)}
         print(name, json.dumps(rows[name]), flush=True)
         report()
 
     def report() -> None:
-        out = {"benchmark": "qwen-image LoRA training step, 1024x1024, bs 1, rank 16, attn-mlp, bf16, no ckpt",
+        out = {"benchmark": "qwen-image LoRA training step, 1024x1024, bs 1, rank 16, attn-mlp, bf16",
                "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "diffusers": __import__("diffusers").__version__, "command": " ".join(["python", *sys.argv]),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
@@ -75,26 +83,33 @@ def main() -> None:
         args.out.write_text(json.dumps(out, indent=2) + "\n")
 
     use_attention("cudnn", dev)
-    if "qimg" not in skip:
+    def qimg_row(variant: str) -> None:
         ours = sharing_qimg_mmdit(ref, args.layers)
+        if variant.startswith("fp8"):
+            apply_fp8(ours, mmdit_fp8_layers, compute=False)
         init = init_adapters(ours, names, args.rank, seed=0)
         attach_lora(ours, "train", {n: (d, u, 1.0) for n, (d, u) in init.items()}, dtype=torch.float32)
-        params = trainable_lora(ours, "train")
-        opt = torch.optim.AdamW(list(params.values()), lr=1e-4)
+        params = list(trainable_lora(ours, "train").values())
+        if variant != "no ckpt":
+            checkpoint_blocks(ours.transformer_blocks)
+        opt = torch.optim.AdamW(params, lr=1e-4)
         counter = iter(range(10**6))
 
         def q_step() -> None:
             loss = flow_loss(ours, x0, [text], (1024, 1024), torch.Generator().manual_seed(next(counter)), dtype,
                              dev)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        measure("qimg eager bf16, rank 16 attn-mlp, no ckpt", q_step)
-        del ours, params, opt
-        gc.collect()
-        torch.cuda.empty_cache()
+        measure(f"qimg eager bf16, rank 16 attn-mlp, {variant}", q_step)
+
+    for variant in ("no ckpt", "ckpt", "fp8 weights, ckpt"):
+        if "qimg" not in skip:
+            qimg_row(variant)
+            gc.collect()
+            torch.cuda.empty_cache()
     if "diffusers" not in skip:
         from peft import LoraConfig
 
@@ -121,6 +136,8 @@ def main() -> None:
 
         ref.train()
         measure("diffusers + PEFT eager bf16 (autocast), rank 16 attn-mlp, no ckpt", d_step)
+        ref.enable_gradient_checkpointing()
+        measure("diffusers + PEFT eager bf16 (autocast), rank 16 attn-mlp, ckpt", d_step)
     report()
 
 

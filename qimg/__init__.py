@@ -44,6 +44,7 @@ from qimg.request import GenerateRequest, make_request
 from qimg.runtime.options import RuntimeOptions, Tiling
 from qimg.runtime.planner import RequestShape
 from qimg.safety import catch_signals, deferred_signals
+from qimg.training.config import TrainConfig, read_config_file
 from qimg.version import __version__
 
 if TYPE_CHECKING:
@@ -63,7 +64,6 @@ _LAZY = {
     "save_latents": "qimg.roundtrip",
     "vae_roundtrip": "qimg.roundtrip",
     "psnr": "qimg.metrics",
-    "TrainConfig": "qimg.training.trainer",
     "ssim": "qimg.metrics",
     "TransformerFile": "qimg.loading.single_file",
 }
@@ -129,6 +129,7 @@ __all__ = [
     "resolve_lora",
     "train_lora",
     "TrainConfig",
+    "read_config_file",
     "resolve_model",
     "save_embeddings",
     "save_png",
@@ -177,12 +178,14 @@ def train_lora(
     options: RuntimeOptions | None = None,
     *,
     resume: bool = False,
+    typed: Sequence[str] | None = None,
     on_event: Any = None,
 ) -> Path:
     """Train a LoRA as `config` (qimg.training.trainer.TrainConfig) says, in the folder `run_dir` (cache, state,
     log.csv, lora.safetensors); returns the LoRA file. The data is checked whole before the model loads. resume:
-    continue the run saved in `run_dir` (its fixed settings must match). on_event(dict) hears "cached", "step"
-    and "saved" events."""
+    continue the run saved in `run_dir`: its fixed settings (model, data, rank, alpha, targets, seed, resolution,
+    batch size) are the saved ones, and one of `typed` (the settings the caller chose; None: all) that differs is
+    an error. on_event(dict) hears "cached", "step" and "saved" events."""
     from qimg.safety import folder_lock
     from qimg.training.data import bucket_for
     from qimg.training.trainer import Trainer, read_state, resumed_config, train_items
@@ -192,7 +195,7 @@ def train_lora(
     if resume:
         if state is None:
             raise UsageError(f"{run_dir} holds no training state to resume", hint="start the run without --resume")
-        config = resumed_config(config, state)
+        config = resumed_config(config, state, typed)
     elif state is not None or (run_dir / "lora.safetensors").exists():
         raise UsageError(f"{run_dir} already holds a training run",
                          hint="add --resume to continue it, or pass another -o")

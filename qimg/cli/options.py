@@ -30,6 +30,12 @@ def check_device(value: str | None) -> str | None:
     raise typer.BadParameter(f"{value!r} is not one of cpu, cuda, cuda:N (e.g. cuda:1)")
 
 
+def on_command_line(ctx: Any, name: str) -> bool:
+    """Whether option `name` was typed (not taken from the environment, a default or a config file)."""
+    source = ctx.get_parameter_source(name) if hasattr(ctx, "get_parameter_source") else None
+    return getattr(source, "name", "") == "COMMANDLINE"
+
+
 def require_model(model: str | None) -> str:
     """The --model value, or a usage error naming both ways to give one."""
     if not model:

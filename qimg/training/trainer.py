@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,82 +29,25 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from qimg.embeddings import PromptEmbeds, load_embeddings, save_embeddings
+from qimg.embeddings import EmbeddingsFile, PromptEmbeds, load_embeddings, save_embeddings
 from qimg.errors import InputError, UsageError
 from qimg.loading.hub import ModelRef
 from qimg.nets.qwen_mmdit import qwen_rope
 from qimg.pipelines.loras import model_linears
 from qimg.pipelines.qwen import text_batch
-from qimg.png import write_atomic
-from qimg.request import make_request
+from qimg.png import save_png, write_atomic
+from qimg.prompt_files import read_prompts
+from qimg.request import GenerateRequest, make_request
+from qimg.runtime.checkpoint import checkpoint_blocks
 from qimg.runtime.lora import attach_lora, trainable_lora
 from qimg.safety import deferred_signals
 from qimg.sampling import pack
+from qimg.training.config import FIXED_ON_RESUME, TARGETS, TrainConfig
 from qimg.training.data import TrainItem, bucket_for, cache_key, epoch_batches, find_items
 from qimg.training.images import load_image
 from qimg.training.lora_file import check_saved, save_lora
 
 ADAPTER = "train"
-FORMATS = ("diffusers", "comfy", "kohya")
-# Which linears of each block train, by --targets (musubi's 12 per block for attn-mlp; "all" adds modulation as
-# ai-toolkit and DiffSynth do).
-TARGETS: dict[str, tuple[str, ...]] = {
-    "attn": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-             "attn.add_v_proj", "attn.to_add_out"),
-}
-TARGETS["attn-mlp"] = TARGETS["attn"] + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-                                         "txt_mlp.net.2")
-TARGETS["all"] = TARGETS["attn-mlp"] + ("img_mod.1", "txt_mod.1")
-# Settings a resumed run must share with the run it continues (others, like the learning rate, may change).
-FIXED_ON_RESUME = ("model", "data", "rank", "alpha", "targets", "seed", "resolution", "batch_size")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training run's settings (the reference defaults: lora_and_training.md section 6)."""
-
-    model: str
-    data: str
-    steps: int = 2000
-    rank: int = 16
-    alpha: float = 16.0
-    lr: float = 1e-4
-    warmup: int = 10
-    grad_clip: float = 1.0
-    seed: int = 0
-    resolution: int = 1024  # buckets hold at most resolution^2 pixels
-    batch_size: int = 1
-    grad_accum: int = 1
-    targets: str = "attn-mlp"
-    save_every: int = 250
-    keep: int = 4
-    format: str = "diffusers"
-
-    def __post_init__(self) -> None:
-        positive = {"steps": self.steps, "rank": self.rank, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "save_every": self.save_every, "keep": self.keep}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be a whole number of at least 1 (got {value})")
-        for name, value in (("alpha", self.alpha), ("lr", self.lr), ("grad_clip", self.grad_clip)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive number (got {value})")
-        if not 256 <= self.resolution <= 4096 or self.resolution % 16:
-            raise UsageError(f"--resolution must be a multiple of 16 between 256 and 4096 (got {self.resolution})")
-        if self.targets not in TARGETS:
-            raise UsageError(f"unknown --targets {self.targets!r}", hint=f"use one of {', '.join(TARGETS)}")
-        if self.format not in FORMATS:
-            raise UsageError(f"unknown --format {self.format!r}", hint=f"use one of {', '.join(FORMATS)}")
-        if self.warmup < 0 or self.seed < 0:
-            raise UsageError("--warmup and --seed must be 0 or more")
-
-    @property
-    def max_pixels(self) -> int:
-        return self.resolution * self.resolution
-
-    def lr_at(self, step: int) -> float:
-        """Constant after a linear warmup over the first `warmup` steps (step counts from 0)."""
-        return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
 
 
 @dataclass
@@ -173,6 +116,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.progress = Progress()
         self._order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches), built when first needed
+        self.samples: list[tuple[GenerateRequest, EmbeddingsFile]] = []  # encoded once, before the encoder goes
 
     # -- preparing ------------------------------------------------------------------------------------------
 
@@ -182,15 +126,19 @@ class Trainer:
         self.items = list(items)
         self.sizes = [bucket_for(i.width, i.height, max_pixels=self.config.max_pixels) for i in self.items]
         self._fill_cache()
+        self.samples = self._sample_requests()
         self.pipe.prompts.release()
         model = self.pipe.transformer
-        names = [f"{blocks}.{i}.{t}" for blocks, n in _block_lists(model) for i in range(n)
+        lists = self.pipe.family.denoiser_blocks.names
+        names = [f"{blocks}.{i}.{t}" for blocks in lists for i in range(len(model.get_submodule(blocks)))
                  for t in TARGETS[self.config.targets]]
         init = init_adapters(model, names, self.config.rank, self.config.seed)
         scale = self.config.alpha / self.config.rank
         with torch.inference_mode(False):
             attach_lora(model, ADAPTER, {n: (d, u, scale) for n, (d, u) in init.items()}, dtype=torch.float32)
         self.params = trainable_lora(model, ADAPTER)
+        if self.config.checkpointing:
+            checkpoint_blocks(self.pipe.family.denoiser_blocks.modules(model))
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.config.lr)
         if resume is not None:
             self._restore(resume)
@@ -214,6 +162,34 @@ class Trainer:
             write_atomic(path, lambda f, x=latents: f.write(_tensor_bytes({"latents": x})), overwrite=True)
             self.on_event({"event": "cached", "done": n, "total": len(todo), "image": str(item.image)})
 
+    def _sample_requests(self) -> list[tuple[GenerateRequest, EmbeddingsFile]]:
+        """The sample prompts as requests (the line's seed, else seed + its index) with their embeddings, encoded
+        now so that sampling never loads the text encoder again."""
+        if not self.config.sample_every or not self.config.sample_prompts:
+            return []
+        out = []
+        for index, line in enumerate(read_prompts(self.config.sample_prompts)):
+            options = {k: getattr(line, k) for k in ("negative", "steps", "cfg", "width", "height", "preset")
+                       if getattr(line, k) is not None}
+            request, _ = make_request(self.pipe.ref.spec, line.prompt,
+                                      seed=self.config.seed + index if line.seed is None else line.seed, **options)
+            with torch.inference_mode():
+                out.append((request, self.pipe.encode_prompts(request, with_negative=request.cfg_enabled)))
+        return out
+
+    def sample(self) -> list[Path]:
+        """One image per sample prompt with the adapter as trained so far, as RUN_DIR/samples/stepN-I.png."""
+        folder = self.run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        written = []
+        for index, (request, embeddings) in enumerate(self.samples):
+            with torch.inference_mode():
+                image = self.pipe.generate(request=request, embeddings=embeddings)[0]
+            path = folder / f"step{self.progress.step:06d}-{index:02d}.png"
+            written.append(save_png(image, path, overwrite=True))
+            self.on_event({"event": "sample", "step": self.progress.step, "path": str(path)})
+        return written
+
     def _batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[PromptEmbeds]]:
         latents = torch.cat([load_file(str(self.cache[i]))["latents"] for i in indices])
         texts = [load_embeddings(self.cache[i].with_suffix(".text.safetensors")).cond for i in indices]
@@ -228,21 +204,22 @@ class Trainer:
         return flow_loss(self.pipe.transformer, x0, texts, self.sizes[indices[0]], gen, self.pipe.torch_dtype,
                          self.pipe.torch_device)
 
-    def run(self, stop_after: int | None = None) -> Path:
-        """Train to config.steps (or stop after `stop_after` more steps, for tests), saving state every
-        save_every steps and at the end; returns RUN_DIR/lora.safetensors. Ctrl-C or SIGTERM (under
-        qimg.catch_signals) saves what is done and re-raises, so the run resumes from there."""
+    def run(self) -> Path:
+        """Train to config.steps, saving state every save_every steps and at the end; returns
+        RUN_DIR/lora.safetensors. Ctrl-C or SIGTERM (under qimg.catch_signals) saves what is done and re-raises,
+        so the run resumes from there."""
         cfg = self.config
         log = _Log(self.run_dir / "log.csv", self.progress.step)
-        taken, saved = 0, self.progress.step
+        saved = self.progress.step
         try:
-            while self.progress.step < cfg.steps and (stop_after is None or taken < stop_after):
+            while self.progress.step < cfg.steps:
                 self._step(log)
-                taken += 1
                 if self.progress.step % cfg.save_every == 0 or self.progress.step == cfg.steps:
                     with deferred_signals():
                         self.save()
                     saved = self.progress.step
+                if cfg.sample_every and self.progress.step % cfg.sample_every == 0:
+                    self.sample()
         except KeyboardInterrupt:
             if self.progress.step > saved:
                 with deferred_signals():
@@ -372,21 +349,21 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
     return {**info, "folder": str(folder)}
 
 
-def resumed_config(config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
-    """The config a resumed run uses: the saved one's fixed settings must match; steps, lr and the rest may
-    change (and are recorded in the next save)."""
+def resumed_config(config: TrainConfig, state: dict[str, Any], typed: Collection[str] | None = None
+                   ) -> TrainConfig:
+    """The config a resumed run uses. Its fixed settings (FIXED_ON_RESUME) are the saved run's: one given
+    differently is an error (typed: the names the user gave, e.g. on the command line; the others are taken from
+    the saved run; None: every one counts as given). Steps, learning rate and the rest may change, and the next
+    save records them."""
     saved = state["config"]
-    changed = [name for name in FIXED_ON_RESUME if saved.get(name) != getattr(config, name)]
+    given = FIXED_ON_RESUME if typed is None else [name for name in FIXED_ON_RESUME if name in typed]
+    changed = [name for name in given if saved.get(name) != getattr(config, name)]
     if changed:
         name = changed[0]
         raise UsageError(f"this run was started with {name} {saved.get(name)!r}, not {getattr(config, name)!r}; "
                          "a resumed run keeps it", hint="drop the option, or start a new run with another -o")
     known = {f.name for f in fields(TrainConfig)}
     return replace(config, **{k: v for k, v in saved.items() if k in known and k in FIXED_ON_RESUME})
-
-
-def _block_lists(model: torch.nn.Module) -> list[tuple[str, int]]:
-    return [("transformer_blocks", len(model.transformer_blocks))]
 
 
 def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -424,5 +401,5 @@ def train_items(config: TrainConfig, ref: ModelRef) -> list[TrainItem]:
     return find_items(config.data, edit=False, max_pixels=config.max_pixels)
 
 
-__all__ = ["FORMATS", "TARGETS", "Progress", "TrainConfig", "Trainer", "qwen_shift",
-           "read_state", "resumed_config", "train_items"]
+__all__ = ["TARGETS", "Progress", "TrainConfig", "Trainer", "flow_loss", "qwen_shift", "read_state",
+           "resumed_config", "train_items"]

@@ -140,3 +140,76 @@ def test_cli_train_lora(tiny_qwen, tmp_path, one_thread):
     assert bad.exit_code == 1 and "img0" in bad.stderr and not (tmp_path / "bad").exists()
     wrong = runner.invoke(app, [*base, "-o", str(tmp_path / "w"), "--targets", "everything"])
     assert wrong.exit_code == 2 and "unknown --targets" in wrong.stderr
+
+
+def test_checkpointing_changes_no_number(tiny_qwen, tmp_path, one_thread):
+    """Recomputing the blocks' activations in backward runs the same operations: the adapters after two steps
+    are identical with and without checkpointing."""
+    data = _dataset(tmp_path / "data", n=1)
+    options = qimg.RuntimeOptions(device="cpu", dtype="float32")
+    runs = {}
+    for on in (True, False):
+        qimg.train_lora(_config(tiny_qwen, data, steps=2, save_every=2, checkpointing=on), tmp_path / f"r{on}",
+                        options)
+        runs[on] = load_file(str(tmp_path / f"r{on}" / "state" / "step-000002" / "adapter.safetensors"))
+    assert all(torch.equal(runs[True][k], runs[False][k]) for k in runs[True])
+
+
+def test_cli_config_file_fp8_weights_and_refusals(tiny_qwen, tmp_path, one_thread):
+    data = _dataset(tmp_path / "data", n=1)
+    config = tmp_path / "fox.toml"
+    config.write_text(f'model = "{tiny_qwen}"\ndata = "data"\noutput = "run"\nrank = 2\n'
+                      f'batch-size = 1\nsteps = 5\nresolution = 256\ndevice = "cpu"\nsave_every = 1\n',
+                      encoding="utf-8")
+    runner = CliRunner()
+    # data and output are relative to the config file, not to the working folder
+    done = runner.invoke(app, ["train-lora", "--config", str(config), "--steps", "1", "--fp8", "weights"])
+    assert done.exit_code == 0, done.output
+    saved = json.loads((tmp_path / "run" / "state" / "step-000001" / "state.json").read_text(encoding="utf-8"))
+    assert saved["config"]["rank"] == 2 and saved["config"]["steps"] == 1  # the file's rank, the typed steps
+    compute = runner.invoke(app, ["train-lora", "--config", str(config), "-o", str(tmp_path / "c"), "--fp8",
+                                  "compute"])
+    assert compute.exit_code == 2 and "--fp8 compute cannot train" in compute.stderr
+    config.write_text('colour = "red"\n', encoding="utf-8")
+    unknown = runner.invoke(app, ["train-lora", "--config", str(config)])
+    assert unknown.exit_code == 2 and "unknown key 'colour'" in unknown.stderr
+
+
+def test_cli_resume_takes_the_runs_settings_unless_typed_otherwise(tiny_qwen, tmp_path, one_thread):
+    data = _dataset(tmp_path / "data", n=1)
+    runner = CliRunner()
+    run = ["-o", str(tmp_path / "run"), "--device", "cpu", "--save-every", "1"]
+    first = runner.invoke(app, ["train-lora", "--model", str(tiny_qwen), "--data", str(data), "--rank", "4",
+                                "--alpha", "2", "--resolution", "256", "--steps", "1", *run])
+    assert first.exit_code == 0, first.output
+    # Neither the model, the data, the rank nor the resolution again: they are the run's.
+    more = runner.invoke(app, ["train-lora", "--resume", "--steps", "2", *run])
+    assert more.exit_code == 0, more.output
+    saved = json.loads((tmp_path / "run" / "state" / "step-000002" / "state.json").read_text(encoding="utf-8"))
+    assert (saved["config"]["rank"], saved["config"]["alpha"], saved["config"]["steps"]) == (4, 2.0, 2)
+    other = runner.invoke(app, ["train-lora", "--resume", "--steps", "3", "--rank", "8", *run])
+    assert other.exit_code == 2 and "started with rank 4, not 8" in other.stderr
+
+
+def test_samples_during_training_leave_the_run_exact(tiny_qwen, tmp_path, one_thread):
+    """Sample images (prompts encoded once, the adapter live) come out every N steps with the file's seeds, and
+    sampling draws nothing from the training's random streams: the adapter equals a run without samples."""
+    data = _dataset(tmp_path / "data", n=1)
+    prompts = tmp_path / "samples.jsonl"
+    prompts.write_text('{"prompt": "a sks thing", "seed": 5, "width": 32, "height": 32, "steps": 1}\n'
+                       '{"prompt": "another sks thing", "width": 32, "height": 32, "steps": 1}\n', encoding="utf-8")
+    options = qimg.RuntimeOptions(device="cpu", dtype="float32")
+    events: list[dict] = []
+    qimg.train_lora(_config(tiny_qwen, data, steps=2, save_every=2, sample_every=1, sample_prompts=str(prompts)),
+                    tmp_path / "with", options, on_event=events.append)
+    qimg.train_lora(_config(tiny_qwen, data, steps=2, save_every=2), tmp_path / "without", options)
+    written = sorted(p.name for p in (tmp_path / "with" / "samples").glob("*.png"))
+    assert written == ["step000001-00.png", "step000001-01.png", "step000002-00.png", "step000002-01.png"]
+    seeds = [qimg.read_params(tmp_path / "with" / "samples" / name)["seed"] for name in written[:2]]
+    assert seeds == [5, 1]  # the line's seed, else --seed (0) + the line's index
+    assert sum(e["event"] == "sample" for e in events) == 4
+    a = load_file(str(tmp_path / "with" / "state" / "step-000002" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "without" / "state" / "step-000002" / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(qimg.UsageError, match="--sample-every needs --sample-prompts"):
+        _config(tiny_qwen, data, sample_every=1)

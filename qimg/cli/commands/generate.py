@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -35,6 +35,7 @@ from qimg.cli.options import (
     Verbose,
     VramBudget,
     loras_from,
+    on_command_line,
     preset_from,
     require_model,
     runtime_options,
@@ -238,7 +239,7 @@ def generate(
                 width=width, height=height, init_image=init_image, mask=mask, strength=strength,
                 max_sequence_length=max_sequence_length, loras=loras_from(lora) or None, preset=preset_from(preset))
     if from_image is not None:
-        given = model if _on_command_line(ctx, "model") else None  # the stored model beats QIMG_MODEL
+        given = model if on_command_line(ctx, "model") else None  # the stored model beats QIMG_MODEL
         args = qimg.replay(from_image, model=given, default_model=model, **args)
     else:
         args["model"] = require_model(model)
@@ -277,12 +278,6 @@ def check_sources(
         if others:
             raise qimg.UsageError(f"--prompts cannot be combined with {others[0]}",
                                   hint="per-line values go into the prompt file (negative, seed, steps, cfg, size)")
-
-
-def _on_command_line(ctx: Any, name: str) -> bool:
-    """Whether option `name` was typed (not taken from the environment or its default)."""
-    source = ctx.get_parameter_source(name) if hasattr(ctx, "get_parameter_source") else None
-    return getattr(source, "name", "") == "COMMANDLINE"
 
 
 def run_and_save(

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 import qimg
-from qimg.cli.options import MODEL_ENV, Debug, Device, DType, Quiet, require_model, runtime_options
+from qimg.cli.options import FP8, MODEL_ENV, Debug, Device, DType, FP8Mode, Quiet, on_command_line, require_model
 from qimg.cli.output import Output
 
 EXAMPLES = """\
@@ -19,6 +19,7 @@ Examples:
   qimg train-lora --model qwen-image --data photos/ -o runs/fox --steps 1000
   qimg train-lora --model qwen-image --data photos/metadata.jsonl -o runs/fox --rank 32 --alpha 32 --lr 5e-5
   qimg train-lora --model qwen-image --data photos/ -o runs/fox --resume --steps 2000
+  qimg train-lora --config fox.toml --steps 500 --fp8 weights
   qimg generate "a photo of sks fox" -o fox.png --model qwen-image --lora runs/fox/lora.safetensors
 """
 
@@ -26,15 +27,20 @@ Examples:
 def train_lora(
     ctx: typer.Context,  # read by the error mapping in main.py (root --debug)
     data: Annotated[
-        Path,
+        Path | None,
         typer.Option("--data", help="A folder of images with same-name .txt captions, or a metadata.jsonl / "
                      ".csv (image, prompt) file or the folder holding one."),
-    ],
+    ] = None,
     output: Annotated[
-        Path,
+        Path | None,
         typer.Option("--output", "-o", metavar="RUN_DIR",
                      help="The run's folder: lora.safetensors, lora-stepN.safetensors, log.csv, cache/, state/."),
-    ],
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", metavar="FILE.toml", help="Settings in a TOML file, keyed as the options are "
+                     "(batch_size or batch-size; data, output, model too); options given here win."),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", envvar=MODEL_ENV, help="The text-to-image model to train on (a name, repo id "
@@ -57,6 +63,15 @@ def train_lora(
     keep: Annotated[int, typer.Option(help="Keep the last N lora-stepN.safetensors files.")] = 4,
     fmt: Annotated[str, typer.Option("--format", help="The LoRA file's keys: diffusers (header alpha; diffusers, "
                                      "ComfyUI and qimg load it), comfy or kohya (.alpha tensors).")] = "diffusers",
+    sample_every: Annotated[int, typer.Option("--sample-every", help="Every N steps, one image per line of "
+                                              "--sample-prompts into RUN_DIR/samples/ (0: never).")] = 0,
+    sample_prompts: Annotated[Path | None, typer.Option("--sample-prompts", metavar="FILE", help="Prompts to sample "
+                              "(.txt, .jsonl, .csv as generate --prompts reads them; a line's seed, else --seed + "
+                              "its index).")] = None,
+    checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", help="Recompute each block's "
+                                                "activations in backward: much less memory for about one more "
+                                                "forward per step.")] = True,
+    fp8: FP8 = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in RUN_DIR exactly where it "
                                          "stopped.")] = False,
     device: Device = None,
@@ -76,23 +91,48 @@ def train_lora(
     saves too and exits 130, and --resume then continues exactly as an uninterrupted run would.
     """
     out = Output(quiet=quiet)
-    config = qimg.TrainConfig(
-        model=require_model(model), data=str(data.expanduser().resolve()), steps=steps, rank=rank, alpha=alpha,
-        lr=lr, seed=seed, resolution=resolution, batch_size=batch_size, grad_accum=grad_accum, targets=targets,
-        save_every=save_every, keep=keep, format=fmt,
-    )
-    runtime = runtime_options(device, dtype)
+    given = dict(model=model, data=data, output=output, steps=steps, rank=rank, alpha=alpha, lr=lr, seed=seed,
+                 resolution=resolution, batch_size=batch_size, grad_accum=grad_accum, targets=targets,
+                 save_every=save_every, keep=keep, format=fmt, checkpointing=checkpointing, sample_every=sample_every,
+                 sample_prompts=None if sample_prompts is None else str(sample_prompts.expanduser().resolve()),
+                 device=device, dtype=dtype.value if dtype else None, fp8=fp8.value if fp8 else None)
+    file_keys: set[str] = set()
+    if config_file is not None:  # the file's values, except where an option was typed
+        for key, value in qimg.read_config_file(config_file).items():
+            if not on_command_line(ctx, {"format": "fmt"}.get(key, key)):
+                if key in ("data", "output", "sample_prompts") and isinstance(value, str):
+                    # Relative to the file, so that a cron job finds them from any working folder.
+                    value = str((config_file.expanduser().parent / Path(value).expanduser()).resolve())
+                given[key] = value
+                file_keys.add(key)
+    if given["output"] is None or (given["data"] is None and not resume):
+        raise qimg.UsageError("give --data and -o RUN_DIR (or data and output in --config)",
+                              hint="e.g. qimg train-lora --model qwen-image --data photos/ -o runs/fox")
+    # What the user chose (typed or in --config): on --resume the rest of the fixed settings come from the run.
+    typed = [name for name in given if on_command_line(ctx, {"format": "fmt"}.get(name, name))
+             or name in file_keys]
+    if given["fp8"] == FP8Mode.compute.value:
+        raise qimg.UsageError("--fp8 compute cannot train: its FP8 matmuls carry no gradient",
+                              hint="use --fp8 weights (FP8 storage, bf16 compute with gradients)")
+    names = ("steps", "rank", "alpha", "lr", "seed", "resolution", "batch_size", "grad_accum", "targets",
+             "save_every", "keep", "format", "checkpointing", "sample_every", "sample_prompts")
+    model_name = given["model"] if resume and given["model"] is None else require_model(given["model"])
+    config = qimg.TrainConfig(model=model_name or "", data="" if given["data"] is None else
+                              str(Path(given["data"]).expanduser().resolve()), **{name: given[name] for name in names})
+    runtime = qimg.RuntimeOptions(device=given["device"], dtype=given["dtype"], fp8=given["fp8"])
+    output = Path(given["output"])
     with qimg.catch_signals(), out.steps("training") as progress:
 
         def on_event(event: dict[str, Any]) -> None:
             if event["event"] == "step":
                 progress(event["step"], event["steps"])
-            elif event["event"] == "saved":
-                out.info(f"saved {event['path']} (step {event['step']})")
+            elif event["event"] in ("saved", "sample"):
+                done = "saved" if event["event"] == "saved" else "sampled"
+                out.info(f"{done} {event['path']} (step {event['step']})")
             elif event["event"] == "cached" and event["done"] == event["total"]:
                 out.info(f"cached latents and prompt embeddings of {event['total']} image(s)")
             if json_out and event["event"] != "cached":
                 typer.echo(json.dumps(event, ensure_ascii=False))
 
-        path = qimg.train_lora(config, output, runtime, resume=resume, on_event=on_event)
+        path = qimg.train_lora(config, output, runtime, resume=resume, typed=typed, on_event=on_event)
     out.info(f"wrote {path}")
