@@ -156,7 +156,7 @@ def test_checkpointing_changes_no_number(tiny_qwen, tmp_path, one_thread):
 
 
 def test_cli_config_file_fp8_weights_and_refusals(tiny_qwen, tmp_path, one_thread):
-    data = _dataset(tmp_path / "data", n=1)
+    _dataset(tmp_path / "data", n=1)  # written where the config file says, relative to itself
     config = tmp_path / "fox.toml"
     config.write_text(f'model = "{tiny_qwen}"\ndata = "data"\noutput = "run"\nrank = 2\n'
                       f'batch-size = 1\nsteps = 5\nresolution = 256\ndevice = "cpu"\nsave_every = 1\n',
