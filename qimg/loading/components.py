@@ -108,18 +108,43 @@ def load_text_encoder(folder: Path, *, device: torch.device | str, dtype: torch.
     return model.to(device).eval().requires_grad_(False)
 
 
+# Tokenizers already read, by folder and the size and time of each of its files: building the Qwen2 tokenizer
+# from its 7 MB tokenizer.json takes ~1.6 s of CPU, paid again by every pipeline a process loads (a library user
+# switching models, a test suite). A changed file changes the key. Encoding sets truncation per call, so one
+# instance serves every pipeline.
+_TOKENIZERS: dict[tuple[str, tuple[tuple[str, int, int], ...]], Any] = {}
+_TOKENIZERS_KEPT = 4
+
+
 def load_tokenizer(folder: Path) -> Any:
     """tokenizer/: the Qwen2 tokenizer; a damaged or foreign file is one line naming it."""
     from transformers import AutoTokenizer
 
+    key = _folder_key(folder)
+    if key is not None and key in _TOKENIZERS:
+        return _TOKENIZERS[key]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             read_json(folder / name)  # a broken JSON file is named here, not deep inside transformers
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{folder} does not hold a readable tokenizer ({type(e).__name__}: {str(e)[:120]})",
                           hint="re-download the model") from e
+    if key is not None:
+        while len(_TOKENIZERS) >= _TOKENIZERS_KEPT:
+            del _TOKENIZERS[next(iter(_TOKENIZERS))]
+        _TOKENIZERS[key] = tokenizer
+    return tokenizer
+
+
+def _folder_key(folder: Path) -> tuple[str, tuple[tuple[str, int, int], ...]] | None:
+    """The folder and (name, size, mtime) of each file in it; None when it cannot be listed (not cached)."""
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        return str(folder.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    except OSError:
+        return None
 
 
 def load_image_processor(folder: Path) -> Any:

@@ -84,3 +84,18 @@ def test_a_missing_tensor_is_an_error_but_lm_head_is_not(saved, tmp_path: Path) 
     with pytest.raises(CheckpointError, match="1 missing") as info:
         load_text_encoder(gap, device="cpu", dtype=torch.float32)
     assert "layers.1.mlp.down_proj.weight" in str(info.value)
+
+
+def test_a_tokenizer_is_read_once_per_unchanged_folder(qwen_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Reading the Qwen2 tokenizer costs ~1.6 s of CPU: a process reads an unchanged folder once; a changed file
+    (another size or time) is read, and checked, again."""
+    from qimg.errors import ConfigError
+    from qimg.loading.components import load_tokenizer
+
+    folder = Path(shutil.copytree(qwen_tokenizer_dir, tmp_path / "tokenizer"))
+    first = load_tokenizer(folder)
+    assert load_tokenizer(folder) is first
+    assert first("a red fox")["input_ids"] == load_tokenizer(qwen_tokenizer_dir)("a red fox")["input_ids"]
+    (folder / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ConfigError, match="tokenizer_config.json is not readable JSON"):
+        load_tokenizer(folder)
