@@ -61,15 +61,11 @@ def text_encoder_config():
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--tokenizer", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--skip", default="", help="rows to skip: d-eager,d-compiled,q-eager,q-compiled,q-fp8")
-    args = ap.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
-
+def build_pipelines(tokenizer_dir: Path, diffusers_schedule: dict) -> tuple:
+    """diffusers' QwenImagePipeline (its scheduler from `diffusers_schedule`) and qimg's on the very same random
+    full-size weights in bf16 on the GPU: (dpipe, qpipe, diffusers' MMDiT, qimg's MMDiT). qimg keeps its own
+    schedule (the request's preset may override it); the MMDiT is shared by assignment, the VAE through the
+    checkpoint transform."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from diffusers import QwenImagePipeline as DPipe
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -84,17 +80,13 @@ def main() -> None:
         text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(te_config, dtype=dtype)
     torch.set_default_dtype(torch.float32)
     with torch.no_grad():
-        for p in transformer.parameters():
-            p.normal_(0.0, 0.02)
-        for p in vae.parameters():
+        for p in list(transformer.parameters()) + list(vae.parameters()):
             p.normal_(0.0, 0.02)
     for m in (transformer, vae, text_encoder):
         m.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    dpipe = DPipe(FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULE), vae, text_encoder, tokenizer, transformer)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dpipe = DPipe(FlowMatchEulerDiscreteScheduler(**diffusers_schedule), vae, text_encoder, tokenizer, transformer)
     dpipe.set_progress_bar_config(disable=True)
-
-    # qimg's pipeline on the same tensors: the MMDiT by assignment, the VAE through the checkpoint transform.
     with torch.device("meta"):
         ours_t = QwenMMDiT(QwenMMDiTParams())
         ours_v = QwenVAE(QwenVAEParams())
@@ -109,6 +101,20 @@ def main() -> None:
     prompts = QwenPromptEncoder(ref, QWEN_IMAGE, dev, dtype, _model=text_encoder, _tokenizer=tokenizer)
     qpipe = QwenImagePipeline(ref, QWEN_IMAGE, RuntimeOptions(device="cuda"), ours_t.eval().requires_grad_(False),
                               ours_v, FlowSchedule(**QWEN_SCHEDULE), prompts, dev, dtype)
+    return dpipe, qpipe, transformer, ours_t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--skip", default="", help="rows to skip: d-eager,d-compiled,q-eager,q-compiled,q-fp8")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    dev = torch.device("cuda")
+    dpipe, qpipe, transformer, ours_t = build_pipelines(args.tokenizer, QWEN_SCHEDULE)
 
     rows: dict[str, dict] = {}
 

@@ -228,54 +228,14 @@ def part_step(args) -> None:
 
 
 def part_e2e(args) -> None:
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-    from diffusers import QwenImagePipeline as DPipe
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
     import qimg
-    from bench.generate import PROMPT, QWEN_SCHEDULE, text_encoder_config
-    from qimg.loading import keymaps
-    from qimg.loading.hub import ModelRef
-    from qimg.nets.qwen_mmdit import QwenMMDiT
-    from qimg.nets.qwen_vae import QwenVAE
-    from qimg.pipelines.prompts import QwenPromptEncoder
-    from qimg.pipelines.qwen import QwenImagePipeline
-    from qimg.runtime.options import RuntimeOptions
-    from qimg.sampling import FlowSchedule
-    from qimg.specs import SPECS, QwenVAEParams
+    from bench.generate import PROMPT, QWEN_SCHEDULE, build_pipelines
 
-    dev, dtype = torch.device("cuda"), torch.bfloat16
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(dev):
-        transformer = QwenImageTransformer2DModel()
-        vae = AutoencoderKLQwenImage()
-        te_config = text_encoder_config()
-        text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(te_config, dtype=dtype)
-    torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in list(transformer.parameters()) + list(vae.parameters()):
-            p.normal_(0.0, 0.02)
-    for m in (transformer, vae, text_encoder):
-        m.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    dev = torch.device("cuda")
     lightning = dict(QWEN_SCHEDULE, base_shift=math.log(3), max_shift=math.log(3), shift_terminal=None)
-    dpipe = DPipe(FlowMatchEulerDiscreteScheduler(**lightning), vae, text_encoder, tokenizer, transformer)
-    dpipe.set_progress_bar_config(disable=True)
-    with torch.device("meta"):
-        ours_t = QwenMMDiT(QwenMMDiTParams())
-        ours_v = QwenVAE(QwenVAEParams())
-    ours_t.load_state_dict(transformer.state_dict(), assign=True)
-    vae_state = {k: keymaps.qwen_vae_tensor(k, v) for k, v in vae.state_dict().items() if "time_conv" not in k}
-    ours_v.load_state_dict(vae_state, assign=True)
-    ours_v = ours_v.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    folder = Path(tempfile.mkdtemp()) / "model"
-    (folder / "text_encoder").mkdir(parents=True)
-    te_config.save_pretrained(folder / "text_encoder")
-    ref = ModelRef(folder, SPECS["qwen-image"], "random-full-size")
-    prompts = QwenPromptEncoder(ref, QWEN_IMAGE, dev, dtype, _model=text_encoder, _tokenizer=tokenizer)
-    qpipe = QwenImagePipeline(ref, QWEN_IMAGE, RuntimeOptions(device="cuda"), ours_t.eval().requires_grad_(False),
-                              ours_v, FlowSchedule(**QWEN_SCHEDULE), prompts, dev, dtype)
+    dpipe, qpipe, transformer, ours_t = build_pipelines(args.tokenizer, lightning)
+    ref = qpipe.ref
+    folder = ref.path
     lora = write_peft_lora(folder / "Qwen-Image-Lightning-8steps-random.safetensors", ours_t, 60, 64, 7)
     rows: dict[str, dict] = {}
 

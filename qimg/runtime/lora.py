@@ -24,6 +24,7 @@ Composition with the other runtime features:
 
 from __future__ import annotations
 
+import abc
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -86,7 +87,7 @@ def _check_shapes(where: str, in_features: int, out_features: int, down: Tensor,
         )
 
 
-class _Branch(nn.Module):
+class _Branch(nn.Module, abc.ABC):
     """One named adapter on one linear: its tensors as buffers, scale and strength; branch(x) = delta W @ x."""
 
     def __init__(self, name: str, scale: float, strength: float) -> None:
@@ -116,13 +117,13 @@ class _Branch(nn.Module):
         # the forward reads them the same way.
         self.register_buffer(name, tensor.detach(), persistent=False)
 
+    @abc.abstractmethod
     def branch(self, x: Tensor) -> Tensor:
         """delta W @ x (..., out) for x (..., in), without the scale or the strength."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dense_delta(self) -> Tensor:
         """delta W (out, in) in fp32, with the scale and without the strength: what a merge adds to the weight."""
-        raise NotImplementedError
 
 
 class _Adapter(_Branch):

@@ -267,12 +267,11 @@ class Trainer:
 
     def adapter_modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module name -> (down, up) as trained (fp32)."""
-        out = {}
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, param in self.params.items():
             module, _, which = key.rpartition(".")
-            down, up = out.get(module, (None, None))
-            out[module] = (param.detach().cpu(), up) if which == "down" else (down, param.detach().cpu())
-        return out  # type: ignore[return-value]
+            pairs.setdefault(module, {})[which] = param.detach().cpu()
+        return {module: (pair["down"], pair["up"]) for module, pair in pairs.items()}
 
     def save(self) -> Path:
         """The LoRA file of this step (checked: every key loads back, not all zeros) and the state to resume from,
