@@ -1,9 +1,13 @@
-"""Helpers every benchmark here shares: timing with device events and the random full-size Qwen MMDiT."""
+"""Helpers every benchmark here shares: timing with device events, the random full-size Qwen MMDiT, and a random
+Qwen-Image folder in the official layout."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,3 +78,51 @@ def fp8_compute_copy(model: Any) -> Any:
     fresh = fresh.eval().requires_grad_(False)
     apply_fp8(fresh, mmdit_fp8_layers, compute=True)
     return fresh
+
+
+def write_random_qwen_image(root: Path, tokenizer: Path, *, layers: int = 60, text_layers: int | None = None,
+                            shard: str = "5GB") -> None:
+    """A random Qwen-Image folder as the Hub lays it out: the full-width MMDiT with `layers` blocks, the 7B text
+    encoder (cut to `text_layers` language and vision layers when given), the VAE, every weight random, built on
+    the GPU in bf16."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from bench.generate import QWEN_SCHEDULE, text_encoder_config
+
+    shutil.rmtree(root, ignore_errors=True)
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(dev):
+        transformer = QwenImageTransformer2DModel(num_layers=layers).to(dtype)
+        vae = AutoencoderKLQwenImage().to(dtype)
+    with torch.no_grad():
+        for m in (transformer, vae):
+            for p in m.parameters():
+                p.normal_(0.0, 0.02)
+    transformer.save_pretrained(root / "transformer", max_shard_size=shard)
+    vae.save_pretrained(root / "vae")
+    del transformer, vae
+    torch.cuda.empty_cache()
+    config = text_encoder_config()
+    if text_layers is not None:
+        raw = config.to_dict()
+        raw["text_config"]["num_hidden_layers"] = text_layers
+        raw["text_config"].pop("layer_types", None)  # derived from the layer count when absent
+        raw["vision_config"].update(depth=text_layers, fullatt_block_indexes=[text_layers - 1])
+        config = type(config).from_dict(raw)
+    with torch.device(dev):
+        te = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    te.save_pretrained(root / "text_encoder", max_shard_size=shard)
+    del te
+    torch.cuda.empty_cache()
+    shutil.copytree(tokenizer, root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, **QWEN_SCHEDULE}))
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "QwenImagePipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers",
+        "Qwen2_5_VLForConditionalGeneration"], "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKLQwenImage"],
+    }))

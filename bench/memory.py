@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -49,43 +48,13 @@ ROWS = {
 
 def make(args: argparse.Namespace) -> None:
     """A random full-size Qwen-Image folder: transformer in 5 GB bf16 shards, the 7B text encoder, the VAE."""
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from bench.generate import QWEN_SCHEDULE, text_encoder_config
+    from bench.common import write_random_qwen_image
 
     root = args.model
     if (root / "model_index.json").is_file():
         print(f"{root} exists")
         return
-    shutil.rmtree(root, ignore_errors=True)
-    dev, dtype = torch.device("cuda"), torch.bfloat16
-    torch.manual_seed(0)
-    with torch.device(dev):
-        transformer = QwenImageTransformer2DModel().to(dtype)
-        vae = AutoencoderKLQwenImage().to(dtype)
-    with torch.no_grad():
-        for m in (transformer, vae):
-            for p in m.parameters():
-                p.normal_(0.0, 0.02)
-    transformer.save_pretrained(root / "transformer", max_shard_size="5GB")
-    vae.save_pretrained(root / "vae")
-    del transformer, vae
-    torch.cuda.empty_cache()
-    with torch.device(dev):
-        te = Qwen2_5_VLForConditionalGeneration._from_config(text_encoder_config(), dtype=dtype)
-    te.save_pretrained(root / "text_encoder", max_shard_size="5GB")
-    del te
-    shutil.copytree(args.tokenizer, root / "tokenizer")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, **QWEN_SCHEDULE}))
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "QwenImagePipeline", "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers",
-        "Qwen2_5_VLForConditionalGeneration"], "tokenizer": ["transformers", "Qwen2Tokenizer"],
-        "transformer": ["diffusers", "QwenImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKLQwenImage"],
-    }))
+    write_random_qwen_image(root, args.tokenizer)
     print(f"wrote {root}: {sum(f.stat().st_size for f in root.rglob('*') if f.is_file()) / 1e9:.1f} GB")
 
 

@@ -186,8 +186,10 @@ def train_lora(
     continue the run saved in `run_dir`: its fixed settings (model, data, rank, alpha, targets, seed, resolution,
     batch size) are the saved ones, and one of `typed` (the settings the caller chose; None: all) that differs is
     an error. on_event(dict) hears "cached", "step" and "saved" events."""
+    from qimg import families
     from qimg.safety import folder_lock
     from qimg.training.data import bucket_for
+    from qimg.training.memory import training_plan
     from qimg.training.trainer import Trainer, read_state, resumed_config, train_items
 
     run_dir = Path(run_dir).expanduser()
@@ -203,10 +205,18 @@ def train_lora(
     items = train_items(config, ref)
     largest = max((bucket_for(i.width, i.height, max_pixels=config.max_pixels) for i in items),
                   key=lambda size: size[0] * size[1])
+    options = options or RuntimeOptions()
+    plan, needs = training_plan(ref, families.get(ref.spec.family), config, options, items)
+    if on_event is not None:
+        on_event({"event": "plan", "lines": plan.describe(needs)})
+    if plan.streamed:  # loaded into pinned host memory, block by block, never whole on the device
+        options = options.replace(offload="layer")
     with folder_lock(run_dir, create=True):
-        pipe = load(ref, options, shape=RequestShape(width=largest[0], height=largest[1], cfg=False))
+        controls = max(len(i.controls) for i in items)
+        pipe = load(ref, options, shape=RequestShape(width=largest[0], height=largest[1], cfg=False,
+                                                     ref_pixels=controls * ref.spec.vae_image_area))
         trainer = Trainer(config, run_dir, pipe, on_event=on_event)
-        trainer.prepare(items, resume=state if resume else None)
+        trainer.prepare(items, resume=state if resume else None, plan=plan)
         return trainer.run()
 
 

@@ -19,6 +19,7 @@ from rich.progress import (
     Task,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -93,9 +94,10 @@ class Output:
             yield
 
     @contextmanager
-    def steps(self, description: str) -> Iterator[StepBar]:
+    def steps(self, description: str, *, eta: bool = False) -> Iterator[StepBar]:
         """A progress bar fed by the sampler callback cb(i, n), i = steps done so far (1..n); cb.stage(name)
-        names the stage of the run the bar stands in (the prompt, the input image, decoding)."""
+        names the stage of the run the bar stands in (the prompt, the input image, decoding); cb.info(text)
+        shows a few words after the rate (training: the loss and GPU memory). eta: also the time left."""
         if not self.live:
             yield StepBar(_ignore_steps, lambda name: None)
             return
@@ -104,11 +106,13 @@ class Output:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            *([TimeRemainingColumn()] if eta else []),
             RateColumn(),
+            TextColumn("{task.fields[info]}"),
             console=self.console,
             transient=False,
         )
-        task = progress.add_task(description, total=None)
+        task = progress.add_task(description, total=None, info="")
 
         def update(i: int, n: int) -> None:
             progress.update(task, completed=min(i, n), total=n)
@@ -118,7 +122,7 @@ class Output:
             progress.update(task, description=description if words is None else f"{description}: {words}")
 
         with progress:
-            yield StepBar(update, stage)
+            yield StepBar(update, stage, lambda text: progress.update(task, info=text))
 
 
 # What the bar says while a run is not denoising (it would otherwise read "0/?" or sit full without a word).
@@ -128,8 +132,9 @@ STAGES = {"prompt": "encoding the prompt", "encode": "encoding the input image",
 class StepBar:
     """The sampler's step callback cb(i, n), plus cb.stage(name) for the stages around the denoising steps."""
 
-    def __init__(self, update: StepCallback, stage: Callable[[str], None]) -> None:
-        self._update, self.stage = update, stage
+    def __init__(self, update: StepCallback, stage: Callable[[str], None],
+                 info: Callable[[str], None] = lambda text: None) -> None:
+        self._update, self.stage, self.info = update, stage, info
 
     def __call__(self, i: int, n: int) -> None:
         self._update(i, n)

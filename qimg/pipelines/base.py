@@ -116,6 +116,8 @@ class Pipeline(abc.ABC):
     residency: Residency | None = None
     transformer_offload: Offloaded | None = None
     shape: RequestShape | None = None  # the request shape the plan was made for
+    # Set by a trainer that placed the denoiser itself (streaming through backward): requests must not re-plan it.
+    placement_fixed: bool = False
     keep_text_encoder: bool = True  # False: free it once a request's prompts are encoded
     # Told each stage of a run as it starts ("prompt", "encode", "denoise", "decode"), for progress displays.
     on_stage: Callable[[str], None] | None = None
@@ -304,7 +306,8 @@ class Pipeline(abc.ABC):
     def fit(self, shape: RequestShape) -> None:
         """Re-plan the streamed blocks for a request shape other than the one planned for at load; the offload
         mode chosen at load stays."""
-        if self.plan is None or self.plan.mode == "none" or self.needs is None or shape == self.shape:
+        if (self.plan is None or self.plan.mode == "none" or self.needs is None or shape == self.shape
+                or self.placement_fixed):
             return
         try:
             plan, needs = memory.make_plan(self.family, self.ref.path, self.ref.spec.task, self.torch_device,

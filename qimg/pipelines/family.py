@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from qimg.embeddings import EmbeddingsFile
-    from qimg.runtime.planner import Needs
+    from qimg.runtime.planner import Needs, TrainNeeds
 
 
 @dataclass(frozen=True)
@@ -85,4 +85,7 @@ class Family:
     # transformer/ folder (None: the released architecture) -> the denoiser's linears by name -> (out, in), read
     # from its config on the meta device: what LoRA files are matched against without loading any weight.
     denoiser_linears: Callable[[Path | None], dict[str, tuple[int, int]]]
+    # (root, dtype, fp8 mode, tokens, batch, adapter values, weights=TransformerFile | None) -> TrainNeeds: what a
+    # LoRA training step needs on the device (None: the family does not train yet).
+    train_needs: Callable[..., TrainNeeds] | None = None
     cfg_norm_rescale: bool = False  # true CFG keeps the conditional velocity's norm (Qwen-Image)

@@ -26,9 +26,23 @@ def checkpoint_blocks(blocks: Iterable[nn.Module]) -> int:
     they are."""
     count = 0
     for block in blocks:
-        forward = block.forward
-        if isinstance(forward, functools.partial) and forward.func is _checkpointed:
+        if is_checkpointed(block):
             continue
-        block.forward = functools.partial(_checkpointed, forward)  # type: ignore[method-assign]
+        block.forward = functools.partial(_checkpointed, block.forward)  # type: ignore[method-assign]
         count += 1
     return count
+
+
+def is_checkpointed(block: nn.Module) -> bool:
+    forward = block.forward
+    return isinstance(forward, functools.partial) and forward.func is _checkpointed
+
+
+def wrap_inside(block: nn.Module, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Replace a block's forward with wrap(forward), inside its checkpoint if it has one, so that the
+    recomputation during backward runs the wrapper too (block streaming binds the block's weights there)."""
+    forward = block.forward
+    if is_checkpointed(block):
+        block.forward = functools.partial(_checkpointed, wrap(forward.args[0]))  # type: ignore[method-assign, union-attr]
+    else:
+        block.forward = wrap(forward)  # type: ignore[method-assign]

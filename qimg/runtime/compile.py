@@ -47,3 +47,18 @@ def compile_blocks(blocks: Iterable[nn.Module], *, dynamic: bool | None = None) 
         count += 1
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return count
+
+
+def compile_inside(blocks: Iterable[nn.Module]) -> int:
+    """torch.compile each block's own forward, inside its gradient checkpoint and any wrapper added later (block
+    streaming's, which binds weights and must stay eager), instead of the whole module call as compile_blocks
+    does; returns the count. A block compiled by compile_blocks is un-compiled first."""
+    from qimg.runtime.checkpoint import wrap_inside
+
+    compile_blocks([])  # the cache folders and the dynamo cache size, as for compile_blocks
+    count = 0
+    for block in blocks:
+        block._compiled_call_impl = None  # type: ignore[assignment]
+        wrap_inside(block, lambda forward: torch.compile(forward, fullgraph=True))
+        count += 1
+    return count

@@ -2,7 +2,8 @@
 
 - compute: activations quantised per token (dynamic scale) and multiplied on the FP8 tensor cores through
   torch._scaled_mm with row-wise scales (Hopper / Ada); output and bias in bf16.
-- weights: FP8 storage only; each layer upcasts its weight to the compute dtype just before its matmul.
+- weights: FP8 storage only; each layer upcasts its weight to the compute dtype just before its matmul (and, when
+  training through it, again in backward: only the e4m3 weight is kept for the gradient).
 
 Which linears are swapped is a predicate over module names, given by the model's family record
 (qimg/families/): families keep every layer that users' black or NaN images come from in bf16 (modulation,
@@ -50,7 +51,7 @@ class FP8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         # e4m3 -> bf16 is exact; scaling in the compute dtype adds a rounding of 2^-9 at most (e4m3 itself: 2^-4)
         # and reads/writes 7 bytes per weight instead of 19 through fp32 (measured: ~100 ms per CFG step, eager).
-        return self.weight_fp8.to(dtype) * self.weight_scale.t().to(dtype)
+        return _dequantize(self.weight_fp8, self.weight_scale, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.compute or x.device.type != "cuda":
@@ -59,6 +60,8 @@ class FP8Linear(nn.Module):
             if self.compute:
                 q, s = quantize_rowwise(x.reshape(-1, self.in_features))
                 x = (q.float() * s).to(x.dtype).reshape(x.shape)
+            if x.requires_grad and torch.is_grad_enabled():
+                return _DequantizingLinear.apply(x, self.weight_fp8, self.weight_scale, self.bias)
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
         shape = x.shape
         q, s = quantize_rowwise(x.reshape(-1, self.in_features))
@@ -69,6 +72,28 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         mode = "compute" if self.compute else "weights"
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8={mode}"
+
+
+class _DequantizingLinear(torch.autograd.Function):
+    """y = x W^T + b with W upcast from e4m3 for the matmul, keeping only the e4m3 weight for backward: autograd
+    through F.linear would save the upcast weight (as many bytes as the bf16 model, per block, until its
+    backward runs). Backward upcasts it again and returns the input's gradient only: the base stays frozen."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, scale: Tensor,
+                bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight, scale)
+        ctx.dtype = x.dtype  # type: ignore[attr-defined]
+        return F.linear(x, _dequantize(weight, scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, scale = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad @ _dequantize(weight, scale, ctx.dtype), None, None, None  # type: ignore[attr-defined]
+
+
+def _dequantize(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return weight.to(dtype) * scale.t().to(dtype)
 
 
 def apply_fp8(model: nn.Module, predicate: Predicate, *, compute: bool) -> int:

@@ -7,6 +7,10 @@
   resident part, `off_device()` drops it. When it has repeated blocks that do not all fit, the chosen ones stay
   resident and the others stream through a few device slots: while one block computes, the next streamed block
   copies into a free slot on a side CUDA stream, so the transfer hides behind compute.
+- With backward=True (LoRA training) the streamed blocks are visited again in reverse while their checkpointed
+  activations are recomputed during backward, so a step copies each streamed block in twice, in the order
+  forward then backward; a block's weights stay bound until the next visit starts, since its backward runs
+  after its (re)computation returns.
 - Residency switches components between the phases of a run (encode, denoise, decode) as a plan says.
 - Weights that do change (a merged LoRA, a swapped-in module) are packed again with `Offloaded.repack`.
 
@@ -15,11 +19,15 @@ Tensor identity is kept (only `.data` moves), so FP8 linears, compiled blocks an
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from qimg.runtime.checkpoint import is_checkpointed, wrap_inside
 
 _ALIGN = 256  # byte alignment of each tensor inside a packed buffer (any dtype's view stays aligned)
 
@@ -142,16 +150,31 @@ class Offloaded:
         self.rest = HostCopy(module_tensors(module, skip=self.blocks))
         self.slots_wanted = slots
         self.streamed: list[int] = []
+        self.backward = False
+        self._wrapped: set[int] = set()
         self.on_device = False
         self.log = StreamLog()
         self._flats: list[Tensor] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
-    def stream(self, streamed: Sequence[int]) -> None:
-        """Stream these blocks (indices) through the slots; the others stay resident while on the device."""
+    def stream(self, streamed: Sequence[int], *, backward: bool = False) -> None:
+        """Stream these blocks (indices) through the slots; the others stay resident while on the device.
+        backward: the blocks also run in backward (training); each streamed block must be checkpointed
+        (runtime/checkpoint.py) before this, so that its backward recomputes it with its weights streamed back
+        instead of holding them."""
+        streamed = sorted(set(streamed))
+        if backward:
+            plain = [i for i in streamed if not is_checkpointed(self.blocks[i])]
+            if plain:
+                raise ValueError(f"blocks {plain[:3]} stream in training without gradient checkpointing: their "
+                                 "backward would read weights that have left the device")
         was_on = self.on_device
         self.off_device()
-        self.streamed = sorted(set(streamed))
+        self.streamed, self.backward = streamed, backward
+        for i in streamed if backward else ():
+            if i not in self._wrapped:
+                wrap_inside(self.blocks[i], lambda forward, i=i: self._visiting(i, forward))
+                self._wrapped.add(i)
         if was_on:
             self.to_device()
 
@@ -199,6 +222,7 @@ class Offloaded:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._bound = None
         self.rest.release()
         for copy in self.block_copies:
             copy.release()
@@ -209,7 +233,7 @@ class Offloaded:
     # -- block streaming --------------------------------------------------------------------------------------
 
     def _start_streaming(self) -> None:
-        n_slots = min(self.slots_wanted, len(self.streamed))
+        n_slots = min(self.slots_wanted, len(self.streamed) * (2 if self.backward else 1))
         size = max(self.block_copies[i].nbytes for i in self.streamed)
         self._slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
         self._views = {
@@ -219,6 +243,11 @@ class Offloaded:
         self._ready = [self._copier.event() for _ in range(n_slots)]  # slot filled
         self._free = [self._copier.event() for _ in range(n_slots)]  # slot's last reader finished
         self._rank = {block: r for r, block in enumerate(self.streamed)}
+        if self.backward:
+            self._visits = list(self.streamed)
+            self._restart_visits()
+            self._hooks.append(self.module.register_forward_pre_hook(self._on_pass))
+            return
         self._restart()
         self._hooks.append(self.module.register_forward_pre_hook(self._on_forward))
         for i in self.streamed:
@@ -275,6 +304,78 @@ class Offloaded:
         # Refill this slot with the block that comes `slots` later, wrapping into the next forward, so the first
         # streamed blocks of the next step are already on their way while the sampler does its arithmetic.
         self._issue((rank + len(self._slots)) % n)
+
+
+    # -- streaming through forward and backward (training) ---------------------------------------------------------
+    # Visits: the streamed blocks in forward order, then (with grad enabled) in reverse as backward recomputes
+    # them. Copies go into the slots in visit order, one visit ahead; a slot is refilled when the visit after
+    # the one that used it starts, which is after that block's backward has been queued.
+
+    def _pass_visits(self) -> list[int]:
+        forward = list(self.streamed)
+        return forward + forward[::-1] if torch.is_grad_enabled() else forward
+
+    def _restart_visits(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if getattr(self, "_bound", None) is not None:
+            self.block_copies[self._bound].release()
+        self._bound: int | None = None
+        self._visits = self._pass_visits()
+        self._v = 0  # visits started in this pass
+        self._ran = self._issued = 0
+        self._pending: collections.deque[int] = collections.deque()  # blocks copied in, not yet run, in order
+        self._free_recorded = [False] * len(self._slots)
+        for k in range(len(self._slots) - 1):
+            self._issue_block(self._visits[k % len(self._visits)])
+
+    def _issue_block(self, block: int) -> None:
+        slot = self._issued % len(self._slots)
+        self._issued += 1
+        after = self._free[slot] if self._free_recorded[slot] else None
+        self._copier.copy(self.block_copies[block], self._slots[slot], after, self._ready[slot])
+        self._pending.append(block)
+        self.log.add("copy", block, slot)
+
+    def _on_pass(self, module: nn.Module, args: tuple) -> None:
+        wanted = self._pass_visits()
+        ahead = list(self._pending)
+        if self._v != 0 or ahead != [wanted[k % len(wanted)] for k in range(len(ahead))]:
+            # The last pass stopped part way (an exception, a forward whose backward never ran) or the copies
+            # in flight are not this pass's first blocks: start over.
+            self._restart_visits()
+        self._visits = wanted
+
+    def _visiting(self, block: int, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if self.on_device and self.backward and block in self._rank:
+                self._visit(block)
+            return forward(*args, **kwargs)
+
+        return run
+
+    def _visit(self, block: int) -> None:
+        n_slots = len(self._slots)
+        if self._bound is not None:
+            # The previous visit's block (its recomputation and its backward, in training) is queued: its slot
+            # may be refilled once the work queued so far is done.
+            self.block_copies[self._bound].release()
+            self._bound = None
+            prev = (self._ran - 1) % n_slots
+            self._copier.mark(self._free[prev])
+            self._free_recorded[prev] = True
+        n = len(self._visits)
+        self._issue_block(self._visits[(self._v + n_slots - 1) % n])
+        expected = self._pending.popleft()
+        if expected != block:
+            raise RuntimeError(f"block {block} ran out of the streaming order (expected block {expected})")
+        slot = self._ran % n_slots
+        self._ran += 1
+        self._copier.wait(self._ready[slot])
+        self.block_copies[block].bind(self._views[(slot, block)])
+        self._bound = block
+        self.log.add("run", block, slot)
+        self._v = (self._v + 1) % n
 
 
 class Residency:

@@ -8,6 +8,7 @@ modes each phase holds only what it needs, and a component that does not fit str
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from qimg.runtime.options import OFFLOAD_MODES as MODES
@@ -252,3 +253,105 @@ def suggest(needs: Needs, free: int, *, fp8: bool) -> str:
     if not fp8:
         flags.append("--fp8 weights")
     return f"try: {' '.join(flags)} --vram-budget {budget / GiB:.0f}"
+
+
+# -- training -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainNeeds:
+    """What one LoRA training step needs on the device, per micro-batch: the frozen denoiser's weights, and per
+    block the bytes its backward keeps (`saved`), or only its inputs when checkpointed (`inputs`); `work` is
+    the peak of one block's forward or recomputation plus its backward on top of that; `adapters` the trainable
+    weights with their gradients and optimizer state."""
+
+    weights: Footprint
+    saved: int
+    inputs: int
+    work: int
+    adapters: int
+
+
+@dataclass
+class TrainPlan:
+    """Which blocks of the frozen denoiser stream from host memory and which are checkpointed (every streamed
+    block is: its weights leave the device after its forward, so its backward must recompute with them back)."""
+
+    budget: int | None
+    streamed: tuple[int, ...]
+    checkpointed: tuple[int, ...]
+    peak: int
+    blocks: int
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self, needs: TrainNeeds) -> list[str]:
+        """Lines for --verbose."""
+        budget = "none" if self.budget is None else f"{self.budget / GiB:.1f} GiB"
+        fp = needs.weights
+        lines = [f"training memory plan: VRAM budget {budget}, expected peak {self.peak / GiB:.1f} GiB",
+                 f"  frozen weights: {fp.weights / GiB:.1f} GiB in {self.blocks} blocks"]
+        if self.streamed:
+            lines.append(f"  {self.blocks - len(self.streamed)} blocks resident, {len(self.streamed)} streamed "
+                         f"from host memory ({sum(fp.blocks[i] for i in self.streamed) / GiB:.1f} GiB, copied "
+                         "twice a step: forward and recomputation)")
+        else:
+            lines.append("  every block resident")
+        lines.append(f"  gradient checkpointing: {len(self.checkpointed)} of {self.blocks} blocks")
+        lines.append(f"  adapters, gradients, optimizer state: {needs.adapters / GiB:.2f} GiB")
+        lines += [f"  note: {n}" for n in self.notes]
+        return lines
+
+
+def _train_peak(needs: TrainNeeds, streamed: Sequence[int], checkpointed: int) -> int:
+    fp = needs.weights
+    n = len(fp.blocks)
+    return (_resident_bytes(fp, tuple(streamed)) + needs.adapters + needs.work
+            + checkpointed * needs.inputs + (n - checkpointed) * needs.saved)
+
+
+def plan_training(needs: TrainNeeds, *, budget: int | None, checkpointing: bool | None = None) -> TrainPlan:
+    """Fit a training step under `budget` bytes (None: no limit): keep every block resident and un-checkpointed
+    if that fits; else checkpoint as few blocks as fit (evenly spread), then every block; else stream blocks
+    from host memory too, as few as fit. checkpointing True checkpoints every block, False none (then nothing
+    may stream either); None lets the budget choose."""
+    fp = needs.weights
+    n = len(fp.blocks)
+    room = None if budget is None else budget - HEADROOM
+
+    def fits(nbytes: int) -> bool:
+        return room is None or nbytes <= room
+
+    def plan(streamed: Sequence[int], checkpointed: Sequence[int], notes: Sequence[str] = ()) -> TrainPlan:
+        return TrainPlan(budget, tuple(streamed), tuple(sorted(checkpointed)),
+                         _train_peak(needs, streamed, len(checkpointed)), n, list(notes))
+
+    every = tuple(range(n))
+    if checkpointing is False:
+        peak = _train_peak(needs, (), 0)
+        if not fits(peak):
+            raise PlanError(_train_too_small(peak, budget, "without gradient checkpointing")
+                            + "; drop --no-checkpointing")
+        return plan((), ())
+    if checkpointing is None and fits(_train_peak(needs, (), 0)):
+        return plan((), ())
+    if checkpointing is None and room is not None and needs.saved > needs.inputs:
+        # The fewest checkpointed blocks that fit: each one trades its saved activations for its inputs.
+        over = _train_peak(needs, (), 0) - room
+        count = -(-over // (needs.saved - needs.inputs))
+        if count < n:
+            return plan((), spread(n, count))
+    if fits(_train_peak(needs, (), n)):
+        return plan((), every)
+    slots = min(SLOTS, n) * fp.block
+    spare = (room or 0) - fp.rest - slots - needs.adapters - needs.work - n * needs.inputs
+    resident = max(0, min(n, spare // fp.block)) if fp.block else n
+    streamed = spread(n, n - resident)
+    peak = _train_peak(needs, streamed, n)
+    if resident == 0 and not fits(peak):
+        raise PlanError(_train_too_small(peak, budget, "with every block streamed"))
+    return plan(streamed, every, [f"{len(streamed)} blocks stream from pinned host memory"])
+
+
+def _train_too_small(need: int, budget: int | None, how: str) -> str:
+    have = "the free GPU memory" if budget is None else f"a {budget / GiB:.1f} GiB budget"
+    return f"training needs about {(need + HEADROOM) / GiB:.1f} GiB {how}, more than {have}"

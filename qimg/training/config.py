@@ -46,9 +46,10 @@ class TrainConfig:
     save_every: int = 250
     keep: int = 4
     format: str = "diffusers"
-    # Recompute each block's activations in backward: ~1 more forward per step, most of the activation memory
-    # saved (bench/train.py measures both). Results do not change, so a resumed run may switch it.
-    checkpointing: bool = True
+    # Recompute blocks' activations in backward: ~1 more forward per checkpointed block, most of its activation
+    # memory saved (bench/train.py measures both). None: the memory plan checkpoints as few blocks as fit the
+    # budget; True: every block; False: none. Results do not change, so a resumed run may switch it.
+    checkpointing: bool | None = None
     # Sample images every N steps (0: never) from a prompt file (.txt/.jsonl/.csv, as `generate --prompts` reads
     # it; a line's seed, else seed + its index), through generate's code path with the adapter live.
     sample_every: int = 0
@@ -84,7 +85,7 @@ class TrainConfig:
 
 
 # Keys a config file may hold besides TrainConfig's fields: where the run goes and how the model runs.
-FILE_ONLY_KEYS = ("output", "device", "dtype", "fp8")
+FILE_ONLY_KEYS = ("output", "device", "dtype", "fp8", "vram_budget", "compile")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

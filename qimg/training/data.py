@@ -362,23 +362,29 @@ def _scaled(width: int, height: int, max_pixels: int, step: int) -> tuple[int, i
 
 
 def epoch_batches(items: Sequence[TrainItem], sizes: Sequence[tuple[int, int]], *, batch_size: int, seed: int,
-                  epoch: int) -> list[list[int]]:
+                  epoch: int, groups: Sequence[Any] | None = None) -> list[list[int]]:
     """The batches of one epoch as lists of item indices: items grouped by training size (and number of controls,
     so a batch stacks), each group shuffled and cut into batches of at most batch_size, then the batches
-    shuffled. A pure function of its arguments, so resume can recompute an epoch and skip to a batch."""
+    shuffled. groups: one more key per item that a batch must share (hashable, and sortable against the others,
+    e.g. the token grids of an edit item's controls); None groups by size and control count alone. A pure
+    function of its arguments, so resume can recompute an epoch and skip to a batch."""
     if len(items) != len(sizes):
         raise ValueError(f"{len(items)} items but {len(sizes)} sizes")
+    if groups is not None and len(groups) != len(items):
+        raise ValueError(f"{len(items)} items but {len(groups)} group keys")
     if batch_size < 1:
         raise ValueError(f"batch size {batch_size}")
     # A generator of its own (never the global one, which a resumed run would find elsewhere), seeded by a string:
     # Python hashes str seeds with SHA-512, the same on every machine and unaffected by PYTHONHASHSEED.
     rng = random.Random(f"{seed}:{epoch}")
-    groups: dict[tuple[int, int, int], list[int]] = {}
+    members_of: dict[tuple[Any, ...], list[int]] = {}
     for i, (item, (w, h)) in enumerate(zip(items, sizes, strict=True)):
-        groups.setdefault((w, h, len(item.controls)), []).append(i)
+        # Without extra keys the key is exactly the old (w, h, n): the same sort, so the same batches as before.
+        key = (w, h, len(item.controls)) if groups is None else (w, h, len(item.controls), groups[i])
+        members_of.setdefault(key, []).append(i)
     batches: list[list[int]] = []
-    for key in sorted(groups):
-        members = _shuffled(groups[key], rng)
+    for key in sorted(members_of):
+        members = _shuffled(members_of[key], rng)
         batches += [members[k:k + batch_size] for k in range(0, len(members), batch_size)]
     return _shuffled(batches, rng)
 

@@ -6,6 +6,12 @@ shifted for the image's token count (musubi-tuner's `qwen_shift`: mu linear from
 (trainable_lora); the base model stays frozen in its load dtype. AdamW, constant learning rate after a linear
 warmup, gradients clipped to a norm.
 
+Edit models (Qwen-Image-Edit, -2509, -2511) train on (controls, target) pairs the way they edit: each control's
+latents (VAE posterior mode at the spec's VAE area, as run_qwen_edit makes them) follow the noisy target tokens
+with their own RoPE frame, the prompt embeddings are the VL prompt that saw the controls, the model gets
+n_target (so -2511's zero_cond_t gives the control tokens the t = 0 modulation), and the loss and the timestep
+shift cover the target tokens only.
+
 Everything random in a step comes from a generator seeded by (seed, step, micro-batch), and the data order is a
 pure function of (seed, epoch) (data.epoch_batches), so a run resumed from its saved state (adapter, optimizer,
 step, epoch, position) goes on exactly as it would have: on the CPU, bit for bit (tests/training).
@@ -33,21 +39,26 @@ from qimg.embeddings import EmbeddingsFile, PromptEmbeds, load_embeddings, save_
 from qimg.errors import InputError, UsageError
 from qimg.loading.hub import ModelRef
 from qimg.nets.qwen_mmdit import qwen_rope
+from qimg.pipelines.common import image_to_tensor
 from qimg.pipelines.loras import model_linears
 from qimg.pipelines.qwen import text_batch
-from qimg.png import save_png, write_atomic
+from qimg.png import read_image, save_png, write_atomic
 from qimg.prompt_files import read_prompts
-from qimg.request import GenerateRequest, make_request
-from qimg.runtime.checkpoint import checkpoint_blocks
+from qimg.request import GenerateRequest, calculate_dimensions, make_request
 from qimg.runtime.lora import attach_lora, trainable_lora
+from qimg.runtime.planner import TrainPlan
 from qimg.safety import deferred_signals
 from qimg.sampling import pack
+from qimg.specs import ModelSpec
 from qimg.training.config import FIXED_ON_RESUME, TARGETS, TrainConfig
 from qimg.training.data import TrainItem, bucket_for, cache_key, epoch_batches, find_items
-from qimg.training.images import load_image
+from qimg.training.images import DatasetError, load_image, upright_size
 from qimg.training.lora_file import check_saved, save_lora
+from qimg.training.memory import place_for_training
 
 ADAPTER = "train"
+
+Grid = tuple[int, int, int]  # (frames, rows, cols) of a token grid, as qwen_rope takes it
 
 
 @dataclass
@@ -67,19 +78,43 @@ def qwen_shift(t: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def flow_loss(model: torch.nn.Module, x0: torch.Tensor, texts: Sequence[PromptEmbeds], size: tuple[int, int],
-              gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+              gen: torch.Generator, dtype: torch.dtype, device: torch.device, *, refs: torch.Tensor | None = None,
+              ref_shapes: Sequence[Grid] = ()) -> torch.Tensor:
     """MSE between the model's velocity at x_t and noise - x0, for packed latents x0 (B, L, 64) of one size
     (width, height) and their prompts; noise and timesteps are drawn from `gen` on the CPU (the same on any
-    device)."""
+    device).
+
+    Edit models: refs (B, L_ref, 64) are the packed control latents, one token grid each in ref_shapes (shared by
+    the batch). They follow the noisy tokens as at inference (qwen_velocity) and are never noised; the model is
+    told where the targets end, and their own predictions are dropped: the loss covers the L target tokens."""
+    n_target = x0.shape[1]
     noise = torch.randn(x0.shape, generator=gen)
-    t = qwen_shift(torch.sigmoid(torch.randn(x0.shape[0], generator=gen)), x0.shape[1])
+    # The shift follows the target's token count, as the sampler's mu does at inference (run_qwen_edit).
+    t = qwen_shift(torch.sigmoid(torch.randn(x0.shape[0], generator=gen)), n_target)
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
     txt, mask = text_batch([p.to(device) for p in texts], dtype)
     params = model.params
     w, h = size
-    rope = qwen_rope([(1, h // 16, w // 16)], txt.shape[1], params.axes_dims_rope, params.rope_theta).to(device)
-    pred = model(xt.to(device, dtype), txt, t.to(device, dtype), rope, mask)
+    shapes = [(1, h // 16, w // 16), *ref_shapes]
+    rope = qwen_rope(shapes, txt.shape[1], params.axes_dims_rope, params.rope_theta).to(device)
+    if refs is None:
+        if ref_shapes:
+            raise ValueError("ref_shapes without refs")
+        pred = model(xt.to(device, dtype), txt, t.to(device, dtype), rope, mask)
+    else:
+        grids = sum(f * gh * gw for f, gh, gw in ref_shapes)
+        if refs.shape[0] != x0.shape[0] or refs.shape[1] != grids:
+            raise ValueError(f"refs of shape {tuple(refs.shape)} for {x0.shape[0]} items of {grids} control tokens")
+        xin = torch.cat([xt.to(device, dtype), refs.to(device, dtype)], dim=1)
+        pred = model(xin, txt, t.to(device, dtype), rope, mask, n_target=n_target)[:, :n_target]
     return F.mse_loss(pred.float(), (noise - x0).to(device))
+
+
+def control_size(spec: ModelSpec, path: Path) -> tuple[int, int]:
+    """The (width, height) a control image is VAE-encoded at: about the spec's VAE area at the image's upright
+    aspect, as run_qwen_edit sizes an input image (calculate_dimensions; multiples of 32)."""
+    width, height = upright_size(path, "control")
+    return calculate_dimensions(spec.vae_image_area, width / height)
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -111,24 +146,35 @@ class Trainer:
         self.on_event = on_event or (lambda event: None)
         self.items: list[TrainItem] = []
         self.sizes: list[tuple[int, int]] = []
+        self.ref_shapes: list[tuple[Grid, ...]] = []  # each item's control token grids (edit models; else ())
         self.cache: list[Path] = []
         self.params: dict[str, torch.nn.Parameter] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.progress = Progress()
         self._order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches), built when first needed
-        self.samples: list[tuple[GenerateRequest, EmbeddingsFile]] = []  # encoded once, before the encoder goes
+        # (request, embeddings encoded once before the encoder goes, the input images of edit models)
+        self.samples: list[tuple[GenerateRequest, EmbeddingsFile, list[Any]]] = []
 
     # -- preparing ------------------------------------------------------------------------------------------
 
-    def prepare(self, items: Sequence[TrainItem], *, resume: dict[str, Any] | None = None) -> None:
+    def prepare(self, items: Sequence[TrainItem], *, resume: dict[str, Any] | None = None,
+                plan: TrainPlan | None = None) -> None:
         """Cache latents and prompt embeddings (only those not cached yet), free the text encoder, attach the
-        adapters (from the saved state when resuming) and make the optimizer."""
+        adapters (from the saved state when resuming), place the frozen model as the training memory plan says
+        (None: resident, every block checkpointed or none as config.checkpointing says) and make the
+        optimizer."""
         self.items = list(items)
         self.sizes = [bucket_for(i.width, i.height, max_pixels=self.config.max_pixels) for i in self.items]
         self._fill_cache()
         self.samples = self._sample_requests()
         self.pipe.prompts.release()
         model = self.pipe.transformer
+        if plan is None:
+            n = len(self.pipe.family.denoiser_blocks.modules(model))
+            plan = TrainPlan(None, (), tuple(range(n)) if self.config.checkpointing else (), 0, n)
+        # Placed before the adapters exist: packing blocks into host memory must not take the trainable
+        # adapters along (the optimizer updates those in place, on the device).
+        place_for_training(self.pipe, plan)
         lists = self.pipe.family.denoiser_blocks.names
         names = [f"{blocks}.{i}.{t}" for blocks in lists for i in range(len(model.get_submodule(blocks)))
                  for t in TARGETS[self.config.targets]]
@@ -137,8 +183,8 @@ class Trainer:
         with torch.inference_mode(False):
             attach_lora(model, ADAPTER, {n: (d, u, scale) for n, (d, u) in init.items()}, dtype=torch.float32)
         self.params = trainable_lora(model, ADAPTER)
-        if self.config.checkpointing:
-            checkpoint_blocks(self.pipe.family.denoiser_blocks.modules(model))
+        for param in self.params.values():  # the adapters of streamed blocks were made in host memory
+            param.data = param.data.to(self.pipe.torch_device)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.config.lr)
         if resume is not None:
             self._restore(resume)
@@ -149,60 +195,96 @@ class Trainer:
         fingerprint = f"{self.pipe.ref.name}:{self.pipe.ref.spec.name}:{self.pipe.dtype}"
         self.cache = [folder / f"{cache_key(item, size, fingerprint)}.safetensors"
                       for item, size in zip(self.items, self.sizes, strict=True)]
+        spec = self.pipe.ref.spec
+        # From the headers alone: batching needs every item's grids, cached or not.
+        self.ref_shapes = []
+        for item in self.items:
+            sizes = [control_size(spec, c) for c in item.controls]
+            self.ref_shapes.append(tuple((1, ch // 16, cw // 16) for cw, ch in sizes))
         todo = [i for i, path in enumerate(self.cache) if not path.is_file()]
         for n, i in enumerate(todo, 1):
             item, (w, h), path = self.items[i], self.sizes[i], self.cache[i]
             with torch.inference_mode():
                 mean, _ = self.pipe.encode_image(load_image(item.image, (w, h))[None])
-                latents = pack(self.pipe.vae.normalize(mean)).float().cpu()  # the posterior's mode: deterministic
-                request, _ = make_request(self.pipe.ref.spec, item.caption or " ", width=w, height=h, seed=0)
-                text = self.pipe.encode_prompts(request, with_negative=False)
+                # The posterior's mode: deterministic, and what inference feeds for an edit's input images too.
+                tensors = {"latents": pack(self.pipe.vae.normalize(mean)).float().cpu()}
+                # The controls as `qimg edit` reads them from files (upright RGB) and feeds them to the VAE
+                # (resized to the grid, not cropped) and to the prompt encoder (which sizes them itself).
+                images = [read_image(control, "control image")[0] for control in item.controls]
+                for k, (image, (_, gh, gw)) in enumerate(zip(images, self.ref_shapes[i], strict=True)):
+                    mean, _ = self.pipe.encode_image(image_to_tensor(image, 16 * gw, 16 * gh))
+                    tensors[f"control_{k}"] = pack(self.pipe.vae.normalize(mean)).float().cpu()
+                if item.controls:
+                    tensors["control_grids"] = torch.tensor(self.ref_shapes[i], dtype=torch.int64)  # (n, 3)
+                request, _ = make_request(spec, item.caption or " ", width=w, height=h, seed=0)
+                text = self.pipe.encode_prompts(request, with_negative=False, images=images)
             embeds_path = path.with_suffix(".text.safetensors")
             save_embeddings(embeds_path, text, overwrite=True)  # encode-prompt's format
-            write_atomic(path, lambda f, x=latents: f.write(_tensor_bytes({"latents": x})), overwrite=True)
+            write_atomic(path, lambda f, x=tensors: f.write(_tensor_bytes(x)), overwrite=True)
             self.on_event({"event": "cached", "done": n, "total": len(todo), "image": str(item.image)})
 
-    def _sample_requests(self) -> list[tuple[GenerateRequest, EmbeddingsFile]]:
+    def _sample_requests(self) -> list[tuple[GenerateRequest, EmbeddingsFile, list[Any]]]:
         """The sample prompts as requests (the line's seed, else seed + its index) with their embeddings, encoded
-        now so that sampling never loads the text encoder again."""
+        now so that sampling never loads the text encoder again.
+
+        Edit models: every sample prompt edits the control images of the dataset's first item (in dataset order),
+        read as `qimg edit` reads them, and its embeddings are encoded with those images; without a width and
+        height the output takes the last control's aspect, as an edit does."""
         if not self.config.sample_every or not self.config.sample_prompts:
             return []
+        images = [read_image(c, "control image")[0] for c in self.items[0].controls] if self.items else []
+        init_size = images[-1].size if images else None
         out = []
         for index, line in enumerate(read_prompts(self.config.sample_prompts)):
             options = {k: getattr(line, k) for k in ("negative", "steps", "cfg", "width", "height", "preset")
                        if getattr(line, k) is not None}
-            request, _ = make_request(self.pipe.ref.spec, line.prompt,
+            request, _ = make_request(self.pipe.ref.spec, line.prompt, init_size=init_size,
                                       seed=self.config.seed + index if line.seed is None else line.seed, **options)
             with torch.inference_mode():
-                out.append((request, self.pipe.encode_prompts(request, with_negative=request.cfg_enabled)))
+                embeddings = self.pipe.encode_prompts(request, with_negative=request.cfg_enabled, images=images)
+            out.append((request, embeddings, images))
         return out
 
     def sample(self) -> list[Path]:
-        """One image per sample prompt with the adapter as trained so far, as RUN_DIR/samples/stepN-I.png."""
+        """One image per sample prompt with the adapter as trained so far, as RUN_DIR/samples/stepN-I.png: made by
+        generate, or for edit models by edit on the first item's controls (see _sample_requests)."""
         folder = self.run_dir / "samples"
         folder.mkdir(exist_ok=True)
         written = []
-        for index, (request, embeddings) in enumerate(self.samples):
+        for index, (request, embeddings, images) in enumerate(self.samples):
             with torch.inference_mode():
-                image = self.pipe.generate(request=request, embeddings=embeddings)[0]
+                if images:
+                    image = self.pipe.edit(request=request, images=images, embeddings=embeddings)[0]
+                else:
+                    image = self.pipe.generate(request=request, embeddings=embeddings)[0]
             path = folder / f"step{self.progress.step:06d}-{index:02d}.png"
             written.append(save_png(image, path, overwrite=True))
             self.on_event({"event": "sample", "step": self.progress.step, "path": str(path)})
         return written
 
-    def _batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[PromptEmbeds]]:
-        latents = torch.cat([load_file(str(self.cache[i]))["latents"] for i in indices])
+    def _batch(self, indices: Sequence[int]
+               ) -> tuple[torch.Tensor, list[PromptEmbeds], torch.Tensor | None, tuple[Grid, ...]]:
+        """Target latents, prompts, and (edit models) the control latents of each item end to end with their
+        token grids."""
+        files = [load_file(str(self.cache[i])) for i in indices]
+        latents = torch.cat([f["latents"] for f in files])
         texts = [load_embeddings(self.cache[i].with_suffix(".text.safetensors")).cond for i in indices]
-        return latents, texts
+        if "control_grids" not in files[0]:
+            return latents, texts, None, ()
+        grids = [tuple((int(a), int(b), int(c)) for a, b, c in f["control_grids"].tolist()) for f in files]
+        if any(g != grids[0] for g in grids):  # epoch_batches groups by the grids; a mix cannot stack
+            raise RuntimeError(f"a training batch mixes control sizes: {grids}")
+        refs = torch.cat([torch.cat([f[f"control_{k}"] for k in range(len(grids[0]))], dim=1) for f in files])
+        return latents, texts, refs, grids[0]
 
     # -- training ---------------------------------------------------------------------------------------------
 
     def loss(self, indices: Sequence[int], step: int, micro: int) -> torch.Tensor:
         """The flow-matching loss of one micro-batch (one bucket: every image the same size)."""
-        x0, texts = self._batch(indices)
+        x0, texts, refs, ref_shapes = self._batch(indices)
         gen = step_generator(self.config.seed, step, micro)
         return flow_loss(self.pipe.transformer, x0, texts, self.sizes[indices[0]], gen, self.pipe.torch_dtype,
-                         self.pipe.torch_device)
+                         self.pipe.torch_device, refs=refs, ref_shapes=ref_shapes)
 
     def run(self) -> Path:
         """Train to config.steps, saving state every save_every steps and at the end; returns
@@ -220,6 +302,7 @@ class Trainer:
                     saved = self.progress.step
                 if cfg.sample_every and self.progress.step % cfg.sample_every == 0:
                     self.sample()
+                    self.pipe.phase("denoise")  # decoding may have put the denoiser back in host memory
         except KeyboardInterrupt:
             if self.progress.step > saved:
                 with deferred_signals():
@@ -232,8 +315,10 @@ class Trainer:
         (seed, epoch) alone, which is what makes resuming exact."""
         while True:
             if self._order[0] != epoch:
+                # Edit items also group by their controls' grids, so a batch's control latents stack.
+                groups = self.ref_shapes if self.pipe.ref.spec.task == "edit" else None
                 self._order = (epoch, epoch_batches(self.items, self.sizes, batch_size=self.config.batch_size,
-                                                    seed=self.config.seed, epoch=epoch))
+                                                    seed=self.config.seed, epoch=epoch, groups=groups))
             if position < len(self._order[1]):
                 return self._order[1][position], epoch, position + 1
             epoch, position = epoch + 1, 0
@@ -252,7 +337,7 @@ class Trainer:
                 indices, epoch, position = self._next_batch(epoch, position)
                 loss = self.loss(indices, step, micro)
                 (loss / cfg.grad_accum).backward()
-                total += float(loss) / cfg.grad_accum
+                total += float(loss.detach()) / cfg.grad_accum
         with deferred_signals():  # the update and the progress that records it go together
             norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip))
             optimizer.step()
@@ -260,8 +345,12 @@ class Trainer:
             self.progress = Progress(step + 1, epoch, position)
         seconds = time.perf_counter() - started
         log.write(step + 1, total, cfg.lr_at(step), norm, seconds)
-        self.on_event({"event": "step", "step": step + 1, "steps": cfg.steps, "loss": total,
-                       "lr": cfg.lr_at(step), "grad_norm": norm, "seconds": seconds})
+        event = {"event": "step", "step": step + 1, "steps": cfg.steps, "loss": total, "lr": cfg.lr_at(step),
+                 "grad_norm": norm, "seconds": seconds}
+        if self.pipe.torch_device.type == "cuda":  # the step's peak, as a budget is judged
+            event["gpu_gib"] = round(torch.cuda.max_memory_allocated(self.pipe.torch_device) / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats(self.pipe.torch_device)
+        self.on_event(event)
 
     # -- saving and resuming --------------------------------------------------------------------------------
 
@@ -393,11 +482,19 @@ class _Log:
 
 
 def train_items(config: TrainConfig, ref: ModelRef) -> list[TrainItem]:
-    """The dataset, checked whole before anything loads (text-to-image models; edit-model training comes next)."""
-    if ref.spec.task != "t2i":
-        raise UsageError(f"{ref.name} is an edit model; qimg train-lora trains text-to-image models so far",
-                         hint="train on qwen-image or qwen-image-2512")
-    return find_items(config.data, edit=False, max_pixels=config.max_pixels)
+    """The dataset, checked whole before anything loads: captioned images for text-to-image models, (controls,
+    target) pairs for edit models, each with no more controls than the model takes."""
+    spec = ref.spec
+    edit = spec.task == "edit"
+    items = find_items(config.data, edit=edit, max_pixels=config.max_pixels)
+    most = spec.max_images
+    over = [item for item in items if edit and most is not None and len(item.controls) > most]
+    if over:
+        more = f" (and {len(over) - 1} more image{'s' * (len(over) > 2)})" if len(over) > 1 else ""
+        raise DatasetError(f"{over[0].image} has {len(over[0].controls)} control images; {spec.name} takes at most "
+                           f"{most}{more}", hint=f"keep at most {most} control{'s' * (most != 1)} per image, or train "
+                                                 "an edit model that takes several (qwen-image-edit-2509, -2511)")
+    return items
 
 
 __all__ = ["TARGETS", "Progress", "TrainConfig", "Trainer", "flow_loss", "qwen_shift", "read_state",

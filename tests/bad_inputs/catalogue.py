@@ -223,8 +223,8 @@ CASES: tuple[Case, ...] = (
          setup="train_no_caption"),
     Case("train-bad-targets", "--targets names no target set", _t("--targets", "everything"), 2,
          "unknown --targets"),
-    Case("train-edit-model", "train-lora on an edit model (not trained yet)", _t("--model", "{edit}"), 2,
-         "is an edit model", setup="train_data"),
+    Case("train-edit-no-controls", "train-lora on an edit model with a dataset that has no control images",
+         _t("--model", "{edit}"), 1, "has no control/ folder", setup="train_data"),
     Case("train-resume-nothing", "--resume in a folder that holds no run", _t("--resume"), 2,
          "holds no training state", setup="train_data"),
     # -- replay and info --------------------------------------------------------------------------------------

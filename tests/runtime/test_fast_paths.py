@@ -140,3 +140,24 @@ def test_missing_attention_kernel_is_a_clear_error(tiny_qwen):
     # A bad option value is a usage error (exit 2), checked by RuntimeOptions before anything loads.
     with pytest.raises(qimg.UsageError, match="unknown attention backend"):
         qimg.load(tiny_qwen, device="cpu", attention="fastest")
+
+
+def test_fp8_storage_trains_through_a_linear_that_keeps_only_the_e4m3_weight():
+    """--fp8 weights in training: the input's gradient is that of the upcast linear, and what backward keeps is
+    the e4m3 weight and its scales, never an upcast copy (that would cost the bf16 model's bytes per block)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    fp8 = FP8Linear(linear, compute=False)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fp8(x)
+    (y * torch.linspace(-1, 1, 96)).sum().backward()
+    want_x = x.detach().clone().requires_grad_(True)
+    plain = torch.nn.functional.linear(want_x, fp8.dequantized_weight(torch.float32), fp8.bias)
+    (plain * torch.linspace(-1, 1, 96)).sum().backward()
+    assert torch.equal(y, plain)
+    torch.testing.assert_close(x.grad, want_x.grad, rtol=1e-6, atol=1e-6)  # the same matmul, maybe another kernel
+    assert {t.dtype for t in saved} == {torch.float8_e4m3fn, torch.float32}
+    assert sum(t.numel() for t in saved if t.dtype == torch.float32) == 96  # the scales only
+    assert fp8.bias.grad is None and not fp8.weight_fp8.requires_grad

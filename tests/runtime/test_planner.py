@@ -4,9 +4,23 @@ bench/results/memory.json report)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from qimg.runtime.planner import HEADROOM, Footprint, GiB, Needs, PlanError, plan_memory, spread, suggest
+from qimg.runtime.planner import (
+    HEADROOM,
+    Footprint,
+    GiB,
+    MiB,
+    Needs,
+    PlanError,
+    TrainNeeds,
+    plan_memory,
+    plan_training,
+    spread,
+    suggest,
+)
 
 TRANSFORMER = Footprint(rest=int(0.08 * GiB), blocks=(int(0.422 * GiB),) * 60, act=int(1.0 * GiB))
 TEXT_ENCODER = Footprint(rest=int(1.02 * GiB), blocks=(int(0.217 * GiB),) * 28, act=int(0.15 * GiB))
@@ -95,3 +109,62 @@ def test_suggest_names_flags_that_fit_the_free_memory():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="offload mode"):
         plan_memory(NEEDS, budget=None, mode="disk")
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+
+def _train_needs(blocks: int = 10, block: int = GiB, saved: int = 512 * MiB) -> TrainNeeds:
+    return TrainNeeds(weights=Footprint(rest=GiB, blocks=(block,) * blocks), saved=saved, inputs=32 * MiB,
+                      work=saved + 256 * MiB, adapters=256 * MiB)
+
+
+def test_training_keeps_everything_resident_and_uncheckpointed_when_it_fits():
+    plan = plan_training(_train_needs(), budget=None)
+    assert plan.streamed == () and plan.checkpointed == ()
+    plan = plan_training(_train_needs(), budget=40 * GiB)
+    assert plan.streamed == () and plan.checkpointed == () and plan.peak + HEADROOM <= 40 * GiB
+
+
+def test_training_checkpoints_the_fewest_blocks_that_fit_then_all_then_streams():
+    needs = _train_needs()
+    full = plan_training(needs, budget=None).peak
+    budget = full + HEADROOM - 3 * (512 - 32) * MiB - 1  # three checkpointed blocks are not quite enough
+    plan = plan_training(needs, budget=budget)
+    assert len(plan.checkpointed) == 4 and plan.streamed == () and plan.peak + HEADROOM <= budget
+    assert plan.checkpointed == tuple(spread(10, 4))  # spread out, not the first four
+    every = plan_training(needs, budget=None, checkpointing=True).peak
+    plan = plan_training(needs, budget=every + HEADROOM)
+    assert plan.checkpointed == tuple(range(10)) and plan.streamed == ()
+    plan = plan_training(needs, budget=every + HEADROOM - GiB // 2)  # half a block short: stream some
+    assert plan.checkpointed == tuple(range(10)) and plan.peak + HEADROOM <= every + HEADROOM - GiB // 2
+    # Two device slots cost two blocks, so freeing half a block takes streaming three of them.
+    assert len(plan.streamed) == 3
+    assert "3 blocks stream" in "\n".join(plan.describe(needs))
+
+
+def test_training_plan_forced_checkpointing_and_its_errors():
+    needs = _train_needs()
+    assert plan_training(needs, budget=None, checkpointing=True).checkpointed == tuple(range(10))
+    assert plan_training(needs, budget=None, checkpointing=False).checkpointed == ()
+    with pytest.raises(PlanError, match="without gradient checkpointing.*drop --no-checkpointing"):
+        plan_training(needs, budget=12 * GiB, checkpointing=False)
+    with pytest.raises(PlanError, match="with every block streamed, more than a 3.0 GiB budget"):
+        plan_training(needs, budget=3 * GiB)
+    tight = plan_training(needs, budget=6 * GiB)  # rest + 2 slots + the step's own needs fit: all but some stream
+    assert tight.peak + HEADROOM <= 6 * GiB and len(tight.streamed) >= 8
+
+
+def test_training_plan_for_the_full_qwen_image_at_1024():
+    """The released model's sizes (60 blocks, 38.1 GiB in bf16, 20.5 GiB with FP8 linears): an 80 GB card trains
+    it resident; 24 GiB needs streaming in bf16 and a few streamed blocks with FP8 weights; 16 GiB still fits."""
+    copy = 4224 * 3072 * 2
+    bf16 = TrainNeeds(Footprint(rest=600 * MiB, blocks=(int(0.64 * GiB),) * 60), 22 * copy, copy,
+                      22 * copy + 16 * copy, 16 * 106_000_000)
+    fp8 = dataclasses.replace(bf16, weights=Footprint(rest=600 * MiB, blocks=(int(0.33 * GiB),) * 60))
+    assert plan_training(bf16, budget=80 * GiB).checkpointed == ()
+    assert 0 < len(plan_training(bf16, budget=70 * GiB).checkpointed) < 60
+    plan = plan_training(bf16, budget=24 * GiB)
+    assert plan.peak + HEADROOM <= 24 * GiB and len(plan.streamed) > 20
+    plan8 = plan_training(fp8, budget=24 * GiB)
+    assert plan8.peak + HEADROOM <= 24 * GiB and len(plan8.streamed) < len(plan.streamed)
+    assert plan_training(fp8, budget=16 * GiB).streamed

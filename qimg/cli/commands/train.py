@@ -9,7 +9,20 @@ from typing import Annotated, Any
 import typer
 
 import qimg
-from qimg.cli.options import FP8, MODEL_ENV, Debug, Device, DType, FP8Mode, Quiet, on_command_line, require_model
+from qimg.cli.options import (
+    FP8,
+    MODEL_ENV,
+    Compile,
+    Debug,
+    Device,
+    DType,
+    FP8Mode,
+    Quiet,
+    Verbose,
+    VramBudget,
+    on_command_line,
+    require_model,
+)
 from qimg.cli.output import Output
 
 EXAMPLES = """\
@@ -20,6 +33,8 @@ Examples:
   qimg train-lora --model qwen-image --data photos/metadata.jsonl -o runs/fox --rank 32 --alpha 32 --lr 5e-5
   qimg train-lora --model qwen-image --data photos/ -o runs/fox --resume --steps 2000
   qimg train-lora --config fox.toml --steps 500 --fp8 weights
+  qimg train-lora --model qwen-image --data photos/ -o runs/fox --vram-budget 24 --compile -v
+  qimg train-lora --model qwen-image-edit-2511 --data pairs/ -o runs/relight   # pairs/control/NAME.png
   qimg generate "a photo of sks fox" -o fox.png --model qwen-image --lora runs/fox/lora.safetensors
 """
 
@@ -43,8 +58,8 @@ def train_lora(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", envvar=MODEL_ENV, help="The text-to-image model to train on (a name, repo id "
-                     "or folder)."),
+        typer.Option("--model", "-m", envvar=MODEL_ENV, help="The model to train on (a name, repo id or folder): "
+                     "text-to-image, or an edit model (then each image needs its control images)."),
     ] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps in all (a resumed run may raise it).")] = 2000,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
@@ -68,10 +83,13 @@ def train_lora(
     sample_prompts: Annotated[Path | None, typer.Option("--sample-prompts", metavar="FILE", help="Prompts to sample "
                               "(.txt, .jsonl, .csv as generate --prompts reads them; a line's seed, else --seed + "
                               "its index).")] = None,
-    checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", help="Recompute each block's "
-                                                "activations in backward: much less memory for about one more "
-                                                "forward per step.")] = True,
+    checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing", help="Recompute "
+                                                       "every block's activations in backward (much less memory "
+                                                       "for about one more forward per step), or none. Default: "
+                                                       "as few blocks as the memory plan needs.")] = None,
     fp8: FP8 = None,
+    vram_budget: VramBudget = None,
+    compile_: Compile = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in RUN_DIR exactly where it "
                                          "stopped.")] = False,
     device: Device = None,
@@ -80,22 +98,26 @@ def train_lora(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per event (step, saved) on "
                                            "stdout.")] = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
     debug: Debug = False,
 ) -> None:
-    """Train a LoRA for a Qwen-Image text-to-image model on your images.
+    """Train a LoRA for a Qwen-Image model on your images (edit models: on control -> target pairs).
 
-    The data is checked whole before the model loads (a missing caption, an unreadable or too small image: one
-    line, exit 1). Latents and prompt embeddings are computed once into RUN_DIR/cache (a changed image or caption
-    recomputes only that one), then the text encoder is freed. Every --save-every steps and at the end, the LoRA
-    is written (checked to load back with every key matched) with the state to resume from; Ctrl-C or SIGTERM
-    saves too and exits 130, and --resume then continues exactly as an uninterrupted run would.
+    The data is checked whole before the model loads (a missing caption or control, an unreadable or too small
+    image: one line, exit 1). Latents and prompt embeddings are computed once into RUN_DIR/cache (a changed image
+    or caption recomputes only that one), then the text encoder is freed. The memory plan (-v prints it) keeps
+    the model on the GPU when it fits, else checkpoints blocks, then streams blocks from host memory, within
+    --vram-budget. Every --save-every steps and at the end, the LoRA is written (checked to load back with every
+    key matched) with the state to resume from; Ctrl-C or SIGTERM saves too and exits 130, and --resume then
+    continues exactly as an uninterrupted run would.
     """
     out = Output(quiet=quiet)
     given = dict(model=model, data=data, output=output, steps=steps, rank=rank, alpha=alpha, lr=lr, seed=seed,
                  resolution=resolution, batch_size=batch_size, grad_accum=grad_accum, targets=targets,
                  save_every=save_every, keep=keep, format=fmt, checkpointing=checkpointing, sample_every=sample_every,
                  sample_prompts=None if sample_prompts is None else str(sample_prompts.expanduser().resolve()),
-                 device=device, dtype=dtype.value if dtype else None, fp8=fp8.value if fp8 else None)
+                 device=device, dtype=dtype.value if dtype else None, fp8=fp8.value if fp8 else None,
+                 vram_budget=vram_budget, compile=compile_)
     file_keys: set[str] = set()
     if config_file is not None:  # the file's values, except where an option was typed
         for key, value in qimg.read_config_file(config_file).items():
@@ -119,13 +141,26 @@ def train_lora(
     model_name = given["model"] if resume and given["model"] is None else require_model(given["model"])
     config = qimg.TrainConfig(model=model_name or "", data="" if given["data"] is None else
                               str(Path(given["data"]).expanduser().resolve()), **{name: given[name] for name in names})
-    runtime = qimg.RuntimeOptions(device=given["device"], dtype=given["dtype"], fp8=given["fp8"])
+    runtime = qimg.RuntimeOptions(device=given["device"], dtype=given["dtype"], fp8=given["fp8"],
+                                  vram_budget=given["vram_budget"], compile=bool(given["compile"]))
     output = Path(given["output"])
-    with qimg.catch_signals(), out.steps("training") as progress:
+    if config.format == "diffusers" and config.alpha != config.rank:
+        # ComfyUI reads alpha from `.alpha` tensors only, never from the diffusers header: it would apply the file
+        # at scale 1 instead of alpha / rank.
+        out.note(f"ComfyUI applies a diffusers-format LoRA at alpha = rank, not alpha {config.alpha:g}; "
+                 "use --format comfy for ComfyUI")
+    with qimg.catch_signals(), out.steps("training", eta=True) as progress:
 
         def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "plan":
+                if verbose:
+                    for line in event["lines"]:
+                        out.info(line)
+                return
             if event["event"] == "step":
                 progress(event["step"], event["steps"])
+                memory = f", GPU {event['gpu_gib']:.1f} GiB" if "gpu_gib" in event else ""
+                progress.info(f"loss {event['loss']:.4f}{memory}")
             elif event["event"] in ("saved", "sample"):
                 done = "saved" if event["event"] == "saved" else "sampled"
                 out.info(f"{done} {event['path']} (step {event['step']})")
