@@ -72,7 +72,8 @@ def _meta_value(raw: str) -> Any:
 
 # Metadata qimg reads back, by type. Text is stored as is, so a prompt "42" or "[1]" stays text (save_embeddings
 # writes a missing negative as "null").
-_TEXT_META = ("family", "template", "model", "text_encoder", "prompt", "negative", "dtype", "qimg_version")
+_TEXT_META = ("family", "template", "model", "text_encoder", "text_encoder_2", "prompt", "negative", "dtype",
+              "qimg_version")
 _TYPED_META = {"images": list, "max_sequence_length": int, "dropped_tokens": dict}
 _EMBED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

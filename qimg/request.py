@@ -193,7 +193,17 @@ def make_request(
         raise InputError(f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} (got {msl})")
     strength = _strength(DEFAULT_STRENGTH if img2img and strength is None else strength, steps)
     guidance = _guidance(spec, guidance)
-    if init_size is not None and (width is None or height is None):
+    if spec.fixed_output_area:
+        # FLUX.1-Kontext (diffusers' FluxKontextPipeline): the output keeps the area; the size asked for (default
+        # square) sets only the aspect; sides rounded, then floored to 16.
+        asked_w, asked_h = width or spec.width, height or spec.height
+        aspect = asked_w / asked_h
+        width = round((spec.fixed_output_area * aspect) ** 0.5) // 16 * 16
+        height = round((spec.fixed_output_area / aspect) ** 0.5) // 16 * 16
+        if (width, height) != (asked_w, asked_h):
+            notes.append(f"{spec.name} makes {width}x{height} images (about {spec.fixed_output_area // 2**20} MP at "
+                         f"the {asked_w}:{asked_h} aspect), not {asked_w}x{asked_h}")
+    elif init_size is not None and (width is None or height is None):
         fit_w, fit_h = calculate_dimensions(spec.width * spec.height, init_size[0] / init_size[1])
         width, height = width or fit_w, height or fit_h
     request = GenerateRequest(

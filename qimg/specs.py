@@ -36,6 +36,31 @@ class QwenMMDiTParams:
 
 
 @dataclass(frozen=True)
+class FluxParams:
+    """FLUX.1 double + single stream transformer (defaults: the released FLUX.1-dev; schnell has no guidance).
+
+    Field names are the config.json keys of diffusers' FluxTransformer2DModel; out_channels None means in_channels.
+    """
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = True
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    rope_theta: float = 10000.0
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+@dataclass(frozen=True)
 class QwenVAEParams:
     """Wan-2.1-style VAE of Qwen-Image (defaults: the released model)."""
 
@@ -52,6 +77,25 @@ class QwenVAEParams:
     @property
     def scale_factor(self) -> int:
         return 2 ** len(self.temporal_downsample)
+
+
+@dataclass(frozen=True)
+class FluxVAEParams:
+    """FLUX.1's AutoencoderKL, 16 latent channels (defaults: FLUX.1-dev vae/config.json)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    mid_block_add_attention: bool = True
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
 
 
 @dataclass(frozen=True)
@@ -74,20 +118,20 @@ class ModelSpec:
     """One released model: where it lives, how it is recognised, and its sampling defaults."""
 
     name: str
-    family: str  # the families/ record that runs it: "qwen-image" (every Qwen model); later "flux"
+    family: str  # the families/ record that runs it: "qwen-image" (every Qwen model) or "flux"
     pipeline_class: str  # model_index.json _class_name that identifies the layout
     repos: dict[str, str] = field(default_factory=dict)  # source -> repo id
     steps: int = 50
     cfg: float = 4.0
     guidance: float | None = None  # distilled guidance scale fed to the model (FLUX.1-dev: 3.5); None: none
-    negative: str = " "
+    negative: str | None = " "  # None: no negative prompt unless given (then true CFG stays off)
     width: int = 1024
     height: int = 1024
     max_sequence_length: int = 512
     # Official training resolutions (width, height), for users who ask for aspect presets.
     sizes: tuple[tuple[int, int], ...] = ()
     task: str = "t2i"  # "t2i": prompt only; "edit": prompt + condition images (seen by the VL encoder and the VAE)
-    prompt_template: str = "qwen-image-t2i"  # a PromptTemplate.name in qimg/nets/text_encoders.py
+    prompt_template: str = "qwen-image-t2i"  # a PromptTemplate.name in qimg/nets/text_encoders.py (Qwen family)
     # Condition images per edit: Edit takes exactly one (its template holds one placeholder); Edit-Plus takes
     # one or more (None: no fixed limit; the model card recommends 1 to 3).
     min_images: int = 0
@@ -96,6 +140,9 @@ class ModelSpec:
     # VL encoder, one for the VAE; the output size defaults to the VAE area at the (last) image's aspect.
     vl_image_area: int = 0
     vae_image_area: int = 0
+    # Edit models whose output keeps this pixel area whatever the input image (FLUX.1-Kontext: 1024^2; --width and
+    # --height then set only the aspect); 0: the output follows the last input image's aspect at width x height.
+    fixed_output_area: int = 0
 
 
 QWEN_IMAGE_SIZES = (
@@ -148,6 +195,32 @@ SPECS: dict[str, ModelSpec] = {
         repos={"hf": "Qwen/Qwen-Image-Edit-2511", "modelscope": "Qwen/Qwen-Image-Edit-2511"},
         **_EDIT_PLUS,
     ),
+    "flux-dev": ModelSpec(
+        name="flux-dev",
+        family="flux",
+        pipeline_class="FluxPipeline",
+        repos={"hf": "black-forest-labs/FLUX.1-dev", "modelscope": "black-forest-labs/FLUX.1-dev"},
+        steps=28,
+        cfg=1.0,  # true CFG off: FLUX.1-dev is guidance-distilled (--guidance); --cfg F --negative TEXT turns it on
+        guidance=3.5,
+        negative=None,
+        prompt_template="flux-clip-t5",  # no template: the recipe FLUX embeddings files record
+    ),
+    "flux-kontext-dev": ModelSpec(
+        name="flux-kontext-dev",
+        family="flux",
+        pipeline_class="FluxKontextPipeline",
+        repos={"hf": "black-forest-labs/FLUX.1-Kontext-dev", "modelscope": "black-forest-labs/FLUX.1-Kontext-dev"},
+        steps=28,
+        cfg=1.0,
+        guidance=3.5,
+        negative=None,
+        prompt_template="flux-clip-t5",  # no template: the recipe FLUX embeddings files record
+        task="edit",
+        min_images=1,
+        max_images=1,
+        fixed_output_area=1024 * 1024,
+    ),
 }
 
 # Explicit names only: a model is never guessed from a path or a hash.
@@ -157,6 +230,8 @@ ALIASES: dict[str, str] = {
     "Qwen/Qwen-Image-Edit": "qwen-image-edit",
     "Qwen/Qwen-Image-Edit-2509": "qwen-image-edit-2509",
     "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-2511",
+    "black-forest-labs/FLUX.1-dev": "flux-dev",
+    "black-forest-labs/FLUX.1-Kontext-dev": "flux-kontext-dev",
 }
 
 # Which spec a local model folder in the diffusers layout gets, by its model_index.json _class_name, unless a
@@ -165,6 +240,8 @@ SPEC_BY_PIPELINE_CLASS: dict[str, str] = {
     "QwenImagePipeline": "qwen-image",
     "QwenImageEditPipeline": "qwen-image-edit",
     "QwenImageEditPlusPipeline": "qwen-image-edit-2509",
+    "FluxPipeline": "flux-dev",
+    "FluxKontextPipeline": "flux-kontext-dev",
 }
 
 
@@ -207,4 +284,7 @@ DOWNLOAD_PATTERNS: dict[str, tuple[str, ...]] = {
     "scheduler": ("scheduler/*.json",),
     # Edit models: the Qwen2-VL image processor (its settings, and a copy of the tokenizer with its chat template).
     "processor": ("processor/*.json", "processor/*.txt", "processor/*.jinja"),
+    # FLUX.1: T5-XXL and its tokenizer (tokenizer.json, and the sentencepiece model it was made from).
+    "text_encoder_2": ("text_encoder_2/*.json", "text_encoder_2/*.safetensors"),
+    "tokenizer_2": ("tokenizer_2/*.json", "tokenizer_2/*.model"),
 }

@@ -148,6 +148,11 @@ TextEncoderPlace = Annotated[
                  help="Run the text encoder on the CPU (saves its GPU memory, slower prompts) or the GPU. "
                  "Default: the GPU, within the memory plan."),
 ]
+Guidance = Annotated[
+    float | None,
+    typer.Option(help="Distilled guidance fed to the model (FLUX.1: default 3.5; refused for models without "
+                 "it). True CFG is --cfg with --negative."),
+]
 Verbose = Annotated[
     bool,
     typer.Option("--verbose", "-v", help="Also print the memory plan (what stays on the GPU, what streams, the "

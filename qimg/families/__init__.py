@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # family name -> "module:attribute" of its record
 RECORDS: dict[str, str] = {
     "qwen-image": "qimg.families.qwen:QWEN_IMAGE",
+    "flux": "qimg.families.flux:FLUX",
 }
 
 

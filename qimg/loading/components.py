@@ -69,14 +69,10 @@ def load_schedule(folder: Path) -> FlowSchedule:
     return FlowSchedule(**{k: v for k, v in config.items() if k in fields and v is not None})
 
 
-def load_text_encoder(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> Any:
-    """text_encoder/: Qwen2.5-VL through transformers, from safetensors only, checked for missing and unexpected
-    weights (transformers would only warn)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
-    # transformers falls back to pytorch_model.bin when no safetensors are there, and a pickle can run code: refuse
-    # the folder before transformers looks at it. use_safetensors=True below is the second lock on the same door.
+def require_safetensors_model(folder: Path) -> None:
+    """A transformers model folder holds model.safetensors (or its index and every shard it names), else one line.
+    transformers falls back to pytorch_model.bin when no safetensors are there, and a pickle can run code: refuse
+    the folder before transformers looks at it (use_safetensors=True is the second lock on the same door)."""
     if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
         pickles = sorted(p.name for ext in ("bin", "pt", "pth", "ckpt") for p in folder.glob(f"*.{ext}"))
         only = f", only {', '.join(pickles[:2])}" if pickles else ""
@@ -84,7 +80,16 @@ def load_text_encoder(folder: Path, *, device: torch.device | str, dtype: torch.
             f"no model.safetensors in {folder}{only}; qimg reads safetensors only and never unpickles",
             hint="re-download the model's safetensors weights (qimg download fetches only those)",
         )
-    safetensors_files(folder, stem="model")  # every shard its index names is there, or a one-line error
+    safetensors_files(folder, stem="model")
+
+
+def load_text_encoder(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """text_encoder/: Qwen2.5-VL through transformers, from safetensors only, checked for missing and unexpected
+    weights (transformers would only warn)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    require_safetensors_model(folder)
     # transformers draws its own tqdm bar while loading; qimg's CLI owns the terminal.
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

@@ -38,11 +38,12 @@ from qimg.loading.download_common import (
 from qimg.loading.download_hf import hf_download, hf_listing, hf_offline, offline_error
 from qimg.loading.download_modelscope import modelscope_download, modelscope_listing
 from qimg.loading.hub import (
-    COMPONENTS_BY_TASK,
+    COMPONENTS,
     LORA_NAME,
     REPO_ID,
     SOURCE_NAMES,
     SOURCES,
+    components_of,
     download_command,
     find_local_copies,
     hf_cache_dir,
@@ -69,7 +70,7 @@ __all__ = [
 def allow_patterns(spec: ModelSpec | None) -> tuple[str, ...]:
     """The files the engine needs: model_index.json and the components of the spec's task. Without a spec (a repo
     id qimg has no alias for) every component qimg knows: a text-to-image repo has no processor/ to match."""
-    components = COMPONENTS_BY_TASK[spec.task] if spec else DOWNLOAD_PATTERNS
+    components = components_of(spec) if spec else DOWNLOAD_PATTERNS
     return (MODEL_INDEX_FILE, *(p for c in components for p in DOWNLOAD_PATTERNS[c]))
 
 
@@ -212,7 +213,8 @@ def _order(f: RemoteFile) -> tuple[bool, str]:
 def _check_layout(plan: DownloadPlan, spec: ModelSpec | None) -> None:
     """Refuse a repo that lacks a component qimg needs before fetching gigabytes of it."""
     paths = {f.path for f in plan.files}
-    needed = [MODEL_INDEX_FILE] + [f"{c}/{m}" for c, m in COMPONENTS_BY_TASK[spec.task if spec else "t2i"].items()]
+    wanted = components_of(spec) if spec else COMPONENTS[("qwen-image", "t2i")]
+    needed = [MODEL_INDEX_FILE] + [f"{c}/{m}" for c, m in wanted.items()]
     absent = [p for p in needed if p not in paths]
     if absent:
         at = f" at revision {plan.revision}" if plan.revision else ""

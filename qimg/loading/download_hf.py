@@ -27,7 +27,7 @@ from qimg.loading.download_common import (
     network_errors,
     plan_command,
 )
-from qimg.loading.hub import COMPONENTS_BY_TASK, hf_cache_dir, read_spec
+from qimg.loading.hub import components_of, hf_cache_dir, read_spec
 from qimg.specs import ALIASES, SPECS
 
 _TRUE = ("1", "on", "yes", "true")
@@ -120,7 +120,7 @@ def _check_model_index(plan: DownloadPlan, folder: Path) -> None:
             hint="check HF_ENDPOINT: the hub served another model under this name",
         )
     listed = {f.path for f in plan.files}
-    absent = [f"{c}/{m}" for c, m in COMPONENTS_BY_TASK[spec.task].items() if f"{c}/{m}" not in listed]
+    absent = [f"{c}/{m}" for c, m in components_of(spec).items() if f"{c}/{m}" not in listed]
     if absent:
         raise ModelNotFoundError(f"{plan.repo_id} has no {', '.join(absent)}", hint="it is not a complete model")
 

@@ -44,10 +44,25 @@ QWEN_IMAGE_COMPONENTS = {
 }
 # Edit models add the Qwen2-VL processor (image preprocessing settings and a copy of the tokenizer).
 QWEN_IMAGE_EDIT_COMPONENTS = {**QWEN_IMAGE_COMPONENTS, "processor": "preprocessor_config.json"}
-COMPONENTS_BY_TASK: dict[str, dict[str, str]] = {"t2i": QWEN_IMAGE_COMPONENTS, "edit": QWEN_IMAGE_EDIT_COMPONENTS}
+# FLUX.1 (dev and Kontext): CLIP-L in text_encoder/ + tokenizer/, T5-XXL in text_encoder_2/ + tokenizer_2/.
+FLUX_COMPONENTS = {**QWEN_IMAGE_COMPONENTS, "text_encoder_2": "config.json", "tokenizer_2": "tokenizer_config.json"}
+# (family, task) -> the component folders a model needs and their marker files.
+COMPONENTS: dict[tuple[str, str], dict[str, str]] = {
+    ("qwen-image", "t2i"): QWEN_IMAGE_COMPONENTS,
+    ("qwen-image", "edit"): QWEN_IMAGE_EDIT_COMPONENTS,
+    ("flux", "t2i"): FLUX_COMPONENTS,
+    ("flux", "edit"): FLUX_COMPONENTS,
+}
+
+
+def components_of(spec: ModelSpec) -> dict[str, str]:
+    """The component folders a model of this spec needs, each with the file that marks it present."""
+    return COMPONENTS[(spec.family, spec.task)]
+
 
 # Weight files per component, by stem: <stem>.safetensors, or <stem>.safetensors.index.json and the shards it names.
-WEIGHT_STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 
 SOURCES = ("hf", "modelscope")  # also the order in which the caches are searched
 SOURCE_NAMES = {"hf": "Hugging Face", "modelscope": "ModelScope"}
@@ -231,7 +246,7 @@ def _from_folder(path: Path, name: str) -> ModelRef:
     if not path.is_dir():
         raise ModelNotFoundError(f"{path} is not a folder", hint="pass the model folder, not a file inside it")
     spec, chosen_by = identify(path)
-    for component, marker in COMPONENTS_BY_TASK[spec.task].items():
+    for component, marker in components_of(spec).items():
         if not (path / component / marker).is_file():
             why = " (edit models need the Qwen2-VL image processor)" if component == "processor" else ""
             raise ModelNotFoundError(
@@ -297,13 +312,11 @@ def missing_files(path: Path) -> tuple[str, ...]:
     """
     if not (path / MODEL_INDEX_FILE).is_file():
         return (MODEL_INDEX_FILE,)
-    missing = [
-        f"{component}/{marker}"
-        for component, marker in COMPONENTS_BY_TASK[read_spec(path).task].items()
-        if not (path / component / marker).is_file()
-    ]
+    wanted = components_of(read_spec(path))
+    missing = [f"{c}/{marker}" for c, marker in wanted.items() if not (path / c / marker).is_file()]
     for component, stem in WEIGHT_STEMS.items():
-        missing += _missing_weights(path / component, f"{component}/{stem}")
+        if component in wanted:
+            missing += _missing_weights(path / component, f"{component}/{stem}")
     return tuple(missing)
 
 

@@ -37,6 +37,19 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+class AdaNormOut(nn.Module):
+    """Final adaptive LayerNorm without affine weights (Qwen-Image's and FLUX.1's norm_out); the released
+    weights emit (scale, shift) in that order (diffusers' AdaLayerNormContinuous)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        scale, shift = self.linear(F.silu(temb).to(x.dtype))[:, None].chunk(2, dim=-1)
+        return modulate(layer_norm(x), shift, scale)
+
+
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, scale: float = 1.0) -> Tensor:
     """Sinusoidal embedding of t as [cos | sin] (the flip_sin_to_cos layout of the released weights)."""
     half = dim // 2

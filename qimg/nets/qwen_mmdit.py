@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qimg.nets.layers import (
+    AdaNormOut,
     FeedForward,
     MLPEmbedder,
     RMSNorm,
@@ -156,18 +157,6 @@ class TimeEmbed(nn.Module):
 
     def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         return self.timestep_embedder(timestep_embedding(t, 256, scale=1000.0).to(dtype))
-
-
-class AdaNormOut(nn.Module):
-    """Final adaptive LayerNorm; the released weights emit (scale, shift) in that order."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        scale, shift = self.linear(F.silu(temb).to(x.dtype))[:, None].chunk(2, dim=-1)
-        return modulate(layer_norm(x), shift, scale)
 
 
 class QwenMMDiT(nn.Module):

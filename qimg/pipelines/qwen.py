@@ -15,10 +15,10 @@ from qimg.embeddings import EmbeddingsFile, PromptEmbeds
 from qimg.errors import InputError
 from qimg.nets.qwen_mmdit import QwenMMDiT, TextPadding, qwen_rope
 from qimg.pipelines.base import Pipeline
-from qimg.pipelines.common import Progress, image_to_tensor, mask_to_tokens
+from qimg.pipelines.common import Progress, image_to_tensor, noise_tokens, run_flow
 from qimg.pipelines.prompts import QwenPromptEncoder
-from qimg.request import GenerateRequest, calculate_dimensions, img2img_start
-from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, noise_to, pack, seeded_noise
+from qimg.request import GenerateRequest, calculate_dimensions
+from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, pack
 
 
 def text_batch(prompts: Sequence[PromptEmbeds], dtype: torch.dtype) -> tuple[Tensor, TextPadding | None]:
@@ -98,11 +98,6 @@ class QwenImagePipeline(Pipeline):
             raise InputError(f"prompt embeddings have width {width}, this model takes {takes}")
 
 
-def _noise_tokens(gen: torch.Generator, gh: int, gw: int, dtype: torch.dtype) -> Tensor:
-    # Drawn as (B, frames=1, C, h, w) in the embeddings' dtype, as diffusers does, so seeds agree with it.
-    return pack(seeded_noise((1, 1, 16, 2 * gh, 2 * gw), gen, dtype)[:, 0])
-
-
 def run_qwen(
     pipe: Pipeline,
     req: GenerateRequest,
@@ -113,34 +108,13 @@ def run_qwen(
     progress: Progress | None = None,
 ) -> Tensor:
     """Denoise one request to packed latent tokens (1, L, 64), fp32: from noise, or img2img / inpaint."""
-    dev = pipe.torch_device
     gh, gw = req.height // 16, req.width // 16  # packed token grid
-    gen = torch.Generator("cpu").manual_seed(req.seed)
-    sigmas = flow_sigmas(req.steps, req.flow_schedule(pipe.schedule), gh * gw).to(dev)
-    after_step = None
-    if init_image is None:
-        x = _noise_tokens(gen, gh, gw, cond.embeds.dtype).to(dev, torch.float32)
-    else:
-        mean, logvar = pipe.encode_image(image_to_tensor(init_image, req.width, req.height))
-        # The posterior sample is drawn before the noise, from the same generator (diffusers' order).
-        eps = seeded_noise((1, 16, 1, 2 * gh, 2 * gw), gen, mean.dtype)[:, :, 0].to(dev)
-        z = mean + torch.exp(0.5 * logvar) * eps
-        x0 = pack(pipe.vae.normalize(z, reciprocal=True)).float()
-        noise = _noise_tokens(gen, gh, gw, cond.embeds.dtype).to(dev)
-        sigmas = sigmas[img2img_start(req.steps, req.strength or 1.0) :]
-        x = noise_to(x0, noise, sigmas[0])
-        if mask is not None:
-            keep = 1.0 - mask_to_tokens(mask, req.width, req.height).to(dev)
 
-            def after_step(i: int, x: Tensor) -> Tensor:
-                # Paste the known region back, noised to the level the state has just reached.
-                known = noise_to(x0, noise, sigmas[i + 1]) if i + 1 < len(sigmas) - 1 else x0
-                return keep * known + (1.0 - keep) * x
+    def velocity() -> Velocity:
+        return qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, [(1, gh, gw)],
+                             norm_rescale=pipe.family.cfg_norm_rescale)
 
-    pipe.phase("denoise")
-    velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, [(1, gh, gw)],
-                            norm_rescale=pipe.family.cfg_norm_rescale)
-    return denoise(velocity, x, sigmas, progress, after_step)
+    return run_flow(pipe, req, cond.embeds.dtype, velocity, init_image, mask, progress)
 
 
 def run_qwen_edit(
@@ -161,7 +135,7 @@ def run_qwen_edit(
         mean, _ = pipe.encode_image(image_to_tensor(image, w, h))
         refs.append(pack(pipe.vae.normalize(mean)))
         shapes.append((1, h // 16, w // 16))
-    x = _noise_tokens(torch.Generator("cpu").manual_seed(req.seed), gh, gw, cond.embeds.dtype).to(dev, torch.float32)
+    x = noise_tokens(torch.Generator("cpu").manual_seed(req.seed), gh, gw, cond.embeds.dtype).to(dev, torch.float32)
     sigmas = flow_sigmas(req.steps, req.flow_schedule(pipe.schedule), gh * gw).to(dev)  # mu from the target tokens only
     pipe.phase("denoise")
     velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, shapes, torch.cat(refs, 1),

@@ -101,7 +101,7 @@ def test_models_lists_aliases_and_local_copies(runner: CliRunner, tiny_qwen: Pat
     result = _run(runner, "models", "--json")
     entries = {e["name"]: e for e in json.loads(result.stdout)}
     assert set(entries) == {"qwen-image", "qwen-image-2512", "qwen-image-edit", "qwen-image-edit-2509",
-                            "qwen-image-edit-2511"}
+                            "qwen-image-edit-2511", "flux-dev", "flux-kontext-dev"}
     (copy,) = entries["qwen-image-edit"]["local"]
     assert (copy["source"], copy["complete"], copy["missing"]) == ("modelscope", False, [VAE])
     assert copy["size_bytes"] > 0 and entries["qwen-image"]["local"] == []

@@ -245,10 +245,11 @@ def test_hub_errors_are_one_line(hf_hub: HubServer, tiny_qwen_repo: Repo) -> Non
     with pytest.raises(ModelNotFoundError, match="has no revision 'v9'"):
         qimg.plan_download("qwen-image", revision="v9")
     # A repo qimg cannot run: refused after its model_index.json, before any weights.
-    files = {**tiny_qwen_repo.files, "model_index.json": json.dumps({"_class_name": "FluxPipeline"}).encode()}
-    hf_hub.repos["someone/flux"] = Repo("someone/flux", files)
-    with pytest.raises(ConfigError, match="FluxPipeline"):
-        qimg.download("someone/flux")
+    index = json.dumps({"_class_name": "StableDiffusionXLPipeline"}).encode()
+    files = {**tiny_qwen_repo.files, "model_index.json": index}
+    hf_hub.repos["someone/sdxl"] = Repo("someone/sdxl", files)
+    with pytest.raises(ConfigError, match="StableDiffusionXLPipeline"):
+        qimg.download("someone/sdxl")
     assert not [r for r in hf_hub.log if r.method == "GET" and r.path.endswith(".safetensors")]
     hf_hub.repos["someone/half"] = Repo("someone/half", {"model_index.json": files["model_index.json"]})
     with pytest.raises(ModelNotFoundError, match="has no transformer/config.json"):
@@ -285,7 +286,10 @@ def test_allow_patterns_follow_the_task() -> None:
     t2i, edit = allow_patterns(SPECS["qwen-image"]), allow_patterns(SPECS["qwen-image-edit-2511"])
     assert "processor/*.json" in edit and not any(p.startswith("processor/") for p in t2i)
     assert not any(p.endswith((".bin", ".pt", ".ckpt", ".pth", "*")) for p in edit)
-    assert allow_patterns(None) == edit  # a repo without an alias: every component qimg knows
+    flux = allow_patterns(SPECS["flux-dev"])
+    assert "text_encoder_2/*.safetensors" in flux and not any(p.startswith("processor/") for p in flux)
+    # A repo without an alias: every component qimg knows, of either family.
+    assert set(allow_patterns(None)) == set(edit) | set(flux)
 
 
 # --- ModelScope wiring (its library is real; its network calls are replaced) ------------------------------------
@@ -407,12 +411,12 @@ def test_modelscope_listing_failures_are_short_and_its_retries_silent(
 
 def _local_model(root: Path, class_name: str, transformer_config: dict) -> Path:
     """A model folder with the marker files resolve_model checks, and the given transformer/config.json."""
-    from qimg.loading.hub import COMPONENTS_BY_TASK
+    from qimg.loading.hub import COMPONENTS
 
     task = "t2i" if class_name == "QwenImagePipeline" else "edit"
     root.mkdir(parents=True)
     (root / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
-    for component, marker in COMPONENTS_BY_TASK[task].items():
+    for component, marker in COMPONENTS[("qwen-image", task)].items():
         (root / component).mkdir()
         (root / component / marker).write_text("{}")
     (root / "transformer" / "config.json").write_text(json.dumps(transformer_config))

@@ -18,6 +18,7 @@ from qimg.cli.options import (
     Debug,
     Device,
     DType,
+    Guidance,
     LoRA,
     LoRAMode,
     LoRAModeOption,
@@ -73,7 +74,9 @@ def edit(
     cfg: Annotated[float | None, typer.Option(help="True-CFG scale; 1 or less turns CFG off. Default: the preset's, "
                                               "else 4.")] = None,
     preset: PresetOption = None,
-    negative: Annotated[str | None, typer.Option(help="Negative prompt. Default: a single space.")] = None,
+    guidance: Guidance = None,
+    negative: Annotated[str | None, typer.Option(help="Negative prompt. Default: the model's (Qwen: a single "
+                                                   "space; FLUX.1-Kontext: none).")] = None,
     width: Annotated[
         int | None, typer.Option(help="Output width. Default: about 1 MP at the last image's aspect.")
     ] = None,
@@ -116,7 +119,8 @@ def edit(
                               vram_budget, text_encoder_device, lora_mode)
     ref = qimg.with_transformer(model, transformer) if transformer is not None else model
     path = qimg.check_output_path(output, overwrite=overwrite)
-    options = dict(prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
+    options = dict(prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg,
+                   guidance=guidance, width=width,
                    height=height, loras=loras_from(lora) or None, preset=preset_from(preset))
     job = qimg.prepare_edit(ref, prompt, image, keep_size=keep_size,
                             **{k: v for k, v in options.items() if v is not None})

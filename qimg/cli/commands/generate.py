@@ -20,6 +20,7 @@ from qimg.cli.options import (
     Debug,
     Device,
     DType,
+    Guidance,
     LoRA,
     LoRAMode,
     LoRAModeOption,
@@ -103,9 +104,11 @@ def generate(
         typer.Option(help="True-CFG scale; 1 or less turns CFG off. Default: the preset's, else the model's."),
     ] = None,
     preset: PresetOption = None,
+    guidance: Guidance = None,
     negative: Annotated[
         str | None,
-        typer.Option(help="Negative prompt for CFG. Default: the model's (a single space)."),
+        typer.Option(help="Negative prompt for CFG. Default: the model's (Qwen-Image: a single space; FLUX.1: "
+                     "none)."),
     ] = None,
     width: Annotated[
         int | None, typer.Option(help="Image width in pixels, snapped down to a multiple of 16.")
@@ -229,14 +232,15 @@ def generate(
             out, prompts=prompts, prompts_format=prompts_format, folder=output, model=require_model(model),
             transformer=transformer,
             name_template=name_template, seed=seed,
-            defaults={"negative": negative, "steps": steps, "cfg": cfg, "width": width, "height": height,
+            defaults={"negative": negative, "steps": steps, "cfg": cfg, "guidance": guidance, "width": width,
+                      "height": height,
                       "max_sequence_length": max_sequence_length, "preset": preset_from(preset)},
             overwrite=overwrite, fail_fast=fail_fast, json_out=json_out, runtime=runtime, verbose=verbose,
             loras=qimg.check_loras(loras_from(lora)),
         )
         return
     args = dict(prompt=prompt, prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg,
-                width=width, height=height, init_image=init_image, mask=mask, strength=strength,
+                guidance=guidance, width=width, height=height, init_image=init_image, mask=mask, strength=strength,
                 max_sequence_length=max_sequence_length, loras=loras_from(lora) or None, preset=preset_from(preset))
     if from_image is not None:
         given = model if on_command_line(ctx, "model") else None  # the stored model beats QIMG_MODEL
