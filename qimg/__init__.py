@@ -44,6 +44,7 @@ from qimg.request import GenerateRequest, make_request
 from qimg.runtime.options import RuntimeOptions, Tiling
 from qimg.runtime.planner import RequestShape
 from qimg.safety import catch_signals, deferred_signals
+from qimg.specs import PROMPT_TOKEN_LIMIT
 from qimg.training.config import TrainConfig, read_config_file
 from qimg.version import __version__
 
@@ -121,6 +122,7 @@ __all__ = [
     "parse_lora",
     "preset_hints",
     "PRESETS",
+    "PROMPT_TOKEN_LIMIT",
     "Preset",
     "plan_download",
     "quiet_loggers",

@@ -10,7 +10,7 @@ from typing import Any
 from qimg.errors import InputError, QimgError
 from qimg.presets import get_preset
 from qimg.runtime.planner import RequestShape
-from qimg.specs import FlowSchedule, ModelSpec
+from qimg.specs import PROMPT_TOKEN_LIMIT, FlowSchedule, ModelSpec
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_SEQUENCE_LENGTH = 1024  # the Qwen-Image text encoder window the pipelines allow
@@ -189,8 +189,10 @@ def make_request(
     elif not 0 <= seed <= MAX_SEED:
         raise InputError(f"--seed must be between 0 and {MAX_SEED} (got {seed})")
     msl = spec.max_sequence_length if max_sequence_length is None else max_sequence_length
-    if not 1 <= msl <= MAX_SEQUENCE_LENGTH:
-        raise InputError(f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} (got {msl})")
+    longest = PROMPT_TOKEN_LIMIT.get(spec.family, MAX_SEQUENCE_LENGTH)
+    if not 1 <= msl <= longest:
+        raise InputError(f"max_sequence_length must be between 1 and {longest} (got {msl})",
+                         hint=f"{spec.name}'s text encoder reads at most {longest} prompt tokens")
     strength = _strength(DEFAULT_STRENGTH if img2img and strength is None else strength, steps)
     guidance = _guidance(spec, guidance)
     if spec.fixed_output_area:

@@ -223,6 +223,10 @@ SPECS: dict[str, ModelSpec] = {
     ),
 }
 
+# The most prompt tokens each family's text encoder reads (--max-sequence-length): Qwen2.5-VL's window the Qwen
+# pipelines allow, and T5's 512 for FLUX.1 (diffusers refuses more).
+PROMPT_TOKEN_LIMIT: dict[str, int] = {"qwen-image": 1024, "flux": 512}
+
 # Explicit names only: a model is never guessed from a path or a hash.
 ALIASES: dict[str, str] = {
     "Qwen/Qwen-Image": "qwen-image",

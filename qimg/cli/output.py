@@ -23,6 +23,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from qimg import PROMPT_TOKEN_LIMIT
+
 StepCallback = Callable[[int, int], None]
 
 
@@ -147,11 +149,13 @@ def _ignore_steps(i: int, n: int) -> None:
 MAX_SEQUENCE_LENGTH = 1024  # the most prompt tokens --max-sequence-length lets the text encoder keep
 
 
-def dropped_token_warnings(dropped: dict[str, int], max_sequence_length: int) -> list[str]:
+def dropped_token_warnings(dropped: dict[str, int], max_sequence_length: int, family: str | None = None
+                           ) -> list[str]:
     """One warning per prompt whose last tokens the text encoder dropped; `dropped` maps "prompt" / "negative" to
-    a count, as image parameters (prompt_tokens_dropped, negative_tokens_dropped) or embeddings meta record it."""
-    more = f"; --max-sequence-length up to {MAX_SEQUENCE_LENGTH} keeps more"
-    more = more if max_sequence_length < MAX_SEQUENCE_LENGTH else ""
+    a count, as image parameters (prompt_tokens_dropped, negative_tokens_dropped) or embeddings meta record it;
+    family: the model family, whose text encoder limit the hint names."""
+    longest = PROMPT_TOKEN_LIMIT.get(family or "", MAX_SEQUENCE_LENGTH)
+    more = f"; --max-sequence-length up to {longest} keeps more" if max_sequence_length < longest else ""
     return [
         f"the {what} is {n + max_sequence_length} tokens; the last {n} were dropped "
         f"(the model reads {max_sequence_length}{more})"
@@ -163,7 +167,7 @@ def dropped_token_warnings(dropped: dict[str, int], max_sequence_length: int) ->
 def params_token_warnings(params: dict[str, Any]) -> list[str]:
     """dropped_token_warnings for the parameters of a generated image (image.info["qimg"])."""
     dropped = {key: params.get(f"{key}_tokens_dropped", 0) for key in ("prompt", "negative")}
-    return dropped_token_warnings(dropped, int(params.get("max_sequence_length") or 512))
+    return dropped_token_warnings(dropped, int(params.get("max_sequence_length") or 512), params.get("model_family"))
 
 
 def show_plan(out: Output, pipe: Any) -> None:

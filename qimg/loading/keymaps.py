@@ -77,6 +77,11 @@ LORA_DIALECTS: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...
     ("comfy", "diffusion_model.", "dotted", ("*",), ("*",)),  # ComfyUI, ai-toolkit, musubi --target other
     ("kohya", "lora_unet_", "underscored", ("*",), ("*",)),  # musubi, sd-scripts, OneTrainer KOHYA_LORA
     ("kohya", "lora_transformer_", "underscored", ("*",), ("*",)),  # OneTrainer's older naming
+    # FLUX.1 on its BFL names (FLUX_BFL_MODULES): sd-scripts/musubi, ComfyUI/OneTrainer COMFY_LORA, fal Kontext, bare
+    ("kohya", "lora_unet_", "bfl_underscored", ("*",), ("flux",)),
+    ("comfy", "diffusion_model.", "bfl", ("*",), ("flux",)),
+    ("fal", "base_model.model.", "bfl", ("*",), ("flux",)),
+    ("bfl", "", "bfl", ("peft", "kohya"), ("flux",)),
     ("lycoris", "lycoris_", "underscored", ("lycoris", "kohya"), ("*",)),  # the LyCORIS library (SimpleTuner)
     ("diffsynth", "", "dotted", ("peft_default",), ("*",)),  # DiffSynth-Studio: PEFT keys with the adapter name
     ("lightning", "", "dotted", ("kohya",), ("*",)),  # ModelTC Qwen-Image-Lightning (lightx2v)
@@ -128,7 +133,14 @@ LORA_FAMILY_MARKERS: dict[str, tuple[str, ...]] = {
     "flux": ("double_blocks", "single_blocks", "single_transformer_blocks", "img_attn", "txt_attn", "ff_context",
              "norm1_context"),
 }
-LORA_FAMILY_ARCHITECTURES: dict[str, tuple[str, ...]] = {"flux": ("flux",)}  # modelspec.architecture prefixes
+# Names only Qwen-Image's denoiser has, read by the LoRA loader only (a FLUX model refuses a Qwen-Image LoRA by them).
+# Qwen-Image's attention names (attn.to_q, attn.add_q_proj) are FLUX's diffusers names too, so a LoRA on those alone
+# cannot be told apart by its keys.
+LORA_ONLY_FAMILY_MARKERS: dict[str, tuple[str, ...]] = {
+    "qwen-image": ("img_mlp.net", "txt_mlp.net", "img_mod.1", "txt_mod.1", "txt_norm"),
+}
+# modelspec.architecture prefixes
+LORA_FAMILY_ARCHITECTURES: dict[str, tuple[str, ...]] = {"flux": ("flux",), "qwen-image": ("qwen-image", "qwen_image")}
 LORA_FAMILY_NAMES: dict[str, str] = {"flux": "FLUX", "qwen-image": "Qwen-Image"}
 # Adapters qimg cannot apply exactly: refused by name, since read as a LoRA they would apply the wrong change.
 # (kind, key tokens, hint)
@@ -140,3 +152,40 @@ LORA_UNSUPPORTED: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 # Key prefixes of text-encoder adapters: qimg applies LoRAs to the denoiser only, so these are reported unmatched.
 LORA_TEXT_ENCODER_PREFIXES: tuple[str, ...] = ("lora_te", "text_encoder")  # lora_te1_, text_encoder_2., ...
+
+# FLUX.1's BFL module names (the official checkpoint, ComfyUI, sd-scripts, fal) -> the diffusers linears of qimg's FLUX
+# net ("{i}": a block index). A fused BFL linear names several: its output rows split among them in this order, each
+# as many rows as its own linear has (diffusers lora_conversion_utils._convert_kohya_flux_lora_to_diffusers).
+FLUX_BFL_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                        "transformer_blocks.{i}.attn.to_v")),
+    ("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",)),
+    ("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.net.0.proj",)),
+    ("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.net.2",)),
+    ("double_blocks.{i}.img_mod.lin", ("transformer_blocks.{i}.norm1.linear",)),
+    ("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                        "transformer_blocks.{i}.attn.add_k_proj",
+                                        "transformer_blocks.{i}.attn.add_v_proj")),
+    ("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",)),
+    ("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.net.0.proj",)),
+    ("double_blocks.{i}.txt_mlp.2", ("transformer_blocks.{i}.ff_context.net.2",)),
+    ("double_blocks.{i}.txt_mod.lin", ("transformer_blocks.{i}.norm1_context.linear",)),
+    ("single_blocks.{i}.linear1", ("single_transformer_blocks.{i}.attn.to_q",
+                                   "single_transformer_blocks.{i}.attn.to_k",
+                                   "single_transformer_blocks.{i}.attn.to_v",
+                                   "single_transformer_blocks.{i}.proj_mlp")),
+    ("single_blocks.{i}.linear2", ("single_transformer_blocks.{i}.proj_out",)),
+    ("single_blocks.{i}.modulation.lin", ("single_transformer_blocks.{i}.norm.linear",)),
+    ("img_in", ("x_embedder",)),
+    ("txt_in", ("context_embedder",)),
+    ("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+    ("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+    ("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
+    ("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
+    ("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+    ("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+    ("final_layer.linear", ("proj_out",)),
+    ("final_layer.adaLN_modulation.1", ("norm_out.linear",)),
+)
+# BFL modules whose output halves are (shift, scale) where the diffusers linear has (scale, shift): the up rows swap.
+FLUX_BFL_SWAPPED: tuple[str, ...] = ("final_layer.adaLN_modulation.1",)

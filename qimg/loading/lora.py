@@ -11,6 +11,7 @@ Safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -20,17 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import Tensor
 
 from qimg.errors import CheckpointError, InputError
 from qimg.loading.adapters import MISFIT, Adapter, LoHaModule, LoKrModule, LoRAModule, loha_pair, lokr_rank, lokr_w
 from qimg.loading.keymaps import (
+    FLUX_BFL_MODULES,
+    FLUX_BFL_SWAPPED,
     LORA_DIALECTS,
     LORA_FAMILY_ARCHITECTURES,
     LORA_FAMILY_MARKERS,
     LORA_FAMILY_NAMES,
     LORA_KINDS,
+    LORA_ONLY_FAMILY_MARKERS,
     LORA_SUFFIXES,
     LORA_TEXT_ENCODER_PREFIXES,
     LORA_UNSUPPORTED,
@@ -54,7 +59,7 @@ class LoRAFile:
     """A LoRA file read against one denoiser: its adapters by module name, and the keys that named nothing."""
 
     path: Path
-    dialect: str  # "diffusers", "kohya", "comfy", "diffsynth", "lightning", "lycoris"
+    dialect: str  # "diffusers", "kohya", "comfy", "diffsynth", "lightning", "lycoris"; FLUX also "fal", "bfl"
     family: str  # the family its keys name
     modules: dict[str, Adapter]  # denoiser module name ("transformer_blocks.3.attn.to_q") -> adapter
     unmatched: tuple[str, ...]  # tensor keys that named no module of the model, or were not understood
@@ -107,7 +112,7 @@ class _Dialect:
 
     name: str
     prefix: str
-    spelling: str  # "dotted" | "underscored"
+    spelling: str  # "dotted" | "underscored" | "bfl" | "bfl_underscored" (FLUX's BFL names, FLUX_BFL_MODULES)
     styles: tuple[str, ...]
     families: tuple[str, ...]
 
@@ -127,7 +132,8 @@ def _tokens(tokens: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"(?:^|_)(?:{alternatives})(?:_|$)")
 
 
-_FAMILY_TOKENS = {family: _tokens(tokens) for family, tokens in LORA_FAMILY_MARKERS.items()}
+_FAMILY_TOKENS = {family: _tokens(LORA_FAMILY_MARKERS.get(family, ()) + LORA_ONLY_FAMILY_MARKERS.get(family, ()))
+                  for family in {**LORA_FAMILY_MARKERS, **LORA_ONLY_FAMILY_MARKERS}}
 _UNSUPPORTED = tuple((kind, _tokens(tokens), hint) for kind, tokens, hint in LORA_UNSUPPORTED)
 
 
@@ -144,14 +150,19 @@ def read_lora(path: str | Path, linears: Mapping[str, tuple[int, int]], family: 
     config = _peft_config(shown, metadata)
 
     # Each key -> (dialect row, module, role); keys of one module group by the row's prefix, so that one file
-    # naming a module twice (two prefixes) is caught instead of one silently winning.
-    underscored = _underscored(linears)
+    # naming a module twice (two prefixes) is caught instead of one silently winning. FLUX's BFL names are modules
+    # too, as wide as the linears they fuse; their adapters are split onto those linears once read.
+    fused = _bfl_modules(linears) if family == "flux" else {}
+    bfl = {name: (sum(linears[t][0] for t in targets), linears[targets[0]][1]) for name, targets in fused.items()}
+    spellings = {"dotted": {name: name for name in linears}, "underscored": _underscored(linears),
+                 "bfl": {name: name for name in bfl}, "bfl_underscored": _underscored(bfl)}
+    widths = {**linears, **bfl}
     groups: dict[tuple[str, str], dict[str, str]] = {}
     dialect_of: dict[tuple[str, str], str] = {}
     guesses: Counter[str] = Counter()
     unmatched: list[str] = []
     for key in keys:
-        dialect, module, role = _locate(key, linears, underscored, family)
+        dialect, module, role = _locate(key, spellings, family)
         if dialect is None or module is None or role is None:
             unmatched.append(key)
             if dialect is not None:
@@ -181,7 +192,7 @@ def read_lora(path: str | Path, linears: Mapping[str, tuple[int, int]], family: 
         found[dialect_of[where]] += 1
 
     for module, (kind, group) in adapters.items():
-        _check_fit(shown, handle, module, kind, group, linears[module])
+        _check_fit(shown, handle, module, kind, group, widths[module])
     if not adapters:
         guess = (guesses.most_common(1)[0][0] if guesses else "unknown")
         if keys and all(k.startswith(LORA_TEXT_ENCODER_PREFIXES) for k in keys):
@@ -193,7 +204,19 @@ def read_lora(path: str | Path, linears: Mapping[str, tuple[int, int]], family: 
         raise InputError(f"{shown}: no key of this LoRA matches the {family} transformer ({len(keys)} keys; "
                          f"dialect {guess})", hint=hint)
 
-    modules = {module: _BUILD[kind](shown, handle, module, group, config) for module, (kind, group) in adapters.items()}
+    modules: dict[str, Adapter] = {}
+    named: dict[str, str] = {}  # linear -> the file's module that gave it its adapter (names it in messages)
+    for module, (kind, group) in adapters.items():
+        adapter = _BUILD[kind](shown, handle, module, group, config)
+        parts = ({module: adapter} if module not in fused else
+                 _split(shown, module, adapter, [(t, linears[t][0]) for t in fused[module]]))
+        for target, part in parts.items():
+            if target in modules:
+                first = _first(adapters[named[target]][1])
+                raise CheckpointError(f"{shown} holds two LoRAs for {target} ({_show(first)} and "
+                                      f"{_show(_first(group))})",
+                                      hint="the file mixes two LoRAs; save each on its own")
+            modules[target], named[target] = part, module
     order = {key: i for i, key in enumerate(keys)}
     return LoRAFile(path=path, dialect=found.most_common(1)[0][0], family=family, modules=modules,
                     unmatched=tuple(sorted(unmatched, key=order.__getitem__)), metadata=metadata)
@@ -260,7 +283,7 @@ def _underscored(linears: Mapping[str, tuple[int, int]]) -> dict[str, str]:
     return {spelled: name for spelled, name in seen.items() if name is not None}
 
 
-def _locate(key: str, linears: Mapping[str, tuple[int, int]], underscored: Mapping[str, str],
+def _locate(key: str, spellings: Mapping[str, Mapping[str, str]],
             family: str) -> tuple[_Dialect | None, str | None, str | None]:
     """(dialect, module, role) of a key; module None (with the first dialect whose layout it fits) if it names no
     linear of the model."""
@@ -273,11 +296,66 @@ def _locate(key: str, linears: Mapping[str, tuple[int, int]], underscored: Mappi
             if not rest.endswith(suffix) or not dialect.writes(style):
                 continue
             stem = rest[: len(rest) - len(suffix)]
-            module = (stem if stem in linears else None) if dialect.spelling == "dotted" else underscored.get(stem)
+            module = spellings[dialect.spelling].get(stem)
             if module is not None:
                 return dialect, module, role
             fits = fits or dialect
     return fits, None, None
+
+
+def _bfl_modules(linears: Mapping[str, tuple[int, int]]) -> dict[str, tuple[str, ...]]:
+    """FLUX's BFL module names -> the model's linears each covers (FLUX_BFL_MODULES), for every block the model has.
+    A BFL name is a module only where all its linears exist and take the same input."""
+    out: dict[str, tuple[str, ...]] = {}
+    for pattern, targets in FLUX_BFL_MODULES:
+        for i in range(10_000) if "{i}" in pattern else (0,):
+            names = tuple(t.format(i=i) for t in targets)
+            if not all(n in linears for n in names):
+                break
+            if len({linears[n][1] for n in names}) == 1:
+                out[pattern.format(i=i)] = names
+    return out
+
+
+def _split(shown: str, module: str, adapter: Adapter, targets: list[tuple[str, int]]) -> dict[str, Adapter]:
+    """A fused BFL module's adapter as one adapter per linear it covers, exactly: the output rows of delta W split in
+    `targets` order (each (linear, rows)). A LoRA's up rows split and each part keeps the whole down (delta W_q =
+    up_q @ down); where the up is block-diagonal over equal rank slices, each part takes only its slice of the down,
+    with alpha / n so that alpha / rank stays. A LoKr's W1 rows split where each part is whole rows of W1."""
+    swap = module in FLUX_BFL_SWAPPED
+    n = len(targets)
+    bounds = [0]
+    for _, rows in targets:
+        bounds.append(bounds[-1] + rows)
+    if isinstance(adapter, LoKrModule):
+        step = int(adapter.w2.shape[0])
+        if any(b % step for b in bounds) or (swap and bounds[-1] % (2 * step)):
+            raise CheckpointError(f"{shown}: the LoKr for {module} (W2 {tuple(adapter.w2.shape)}) cannot be split "
+                                  f"onto {', '.join(t for t, _ in targets)}",
+                                  hint="qimg splits a fused LoKr only along whole rows of its W1")
+        w1 = _swap_halves(adapter.w1) if swap else adapter.w1
+        return {t: dataclasses.replace(adapter, w1=w1[bounds[j] // step: bounds[j + 1] // step])
+                for j, (t, _) in enumerate(targets)}
+    up = _swap_halves(adapter.up) if swap else adapter.up
+    if n == 1:
+        return {targets[0][0]: adapter if not swap else dataclasses.replace(adapter, up=up)}
+    rank = adapter.rank
+    part = rank // n
+    diagonal = rank % n == 0 and all(
+        not bool(torch.any(up[bounds[j]: bounds[j + 1], k * part: (k + 1) * part] != 0))
+        for j in range(n) for k in range(n) if j != k)
+    if diagonal:
+        return {t: dataclasses.replace(adapter, down=adapter.down[j * part: (j + 1) * part],
+                                       up=up[bounds[j]: bounds[j + 1], j * part: (j + 1) * part],
+                                       alpha=adapter.alpha / n)
+                for j, (t, _) in enumerate(targets)}
+    return {t: dataclasses.replace(adapter, up=up[bounds[j]: bounds[j + 1]]) for j, (t, _) in enumerate(targets)}
+
+
+def _swap_halves(t: Tensor) -> Tensor:
+    """(shift, scale) rows -> (scale, shift) rows."""
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]])
 
 
 def _kind(shown: str, module: str, group: dict[str, str]) -> str | None:

@@ -79,5 +79,6 @@ def encode_prompt(
     neg = f", negative {data.uncond.embeds.shape[1]} tokens" if data.uncond is not None else ""
     out.info(f"wrote {output} ({tokens} prompt tokens{neg}, {time.perf_counter() - started:.1f} s)")
     dropped = data.meta.get("dropped_tokens") or {}
-    for warning in dropped_token_warnings(dropped, data.meta.get("max_sequence_length") or 512):
+    msl = data.meta.get("max_sequence_length") or 512
+    for warning in dropped_token_warnings(dropped, msl, data.meta.get("family")):
         out.warn(warning)
