@@ -139,6 +139,19 @@ def _guidance(spec: ModelSpec, guidance: float | None) -> float | None:
     return guidance
 
 
+def input_size(spec: ModelSpec, width: int, height: int) -> tuple[int, int]:
+    """The size an input image is encoded at for a spec with training resolutions (FLUX.1-Kontext, as diffusers'
+    FluxKontextPipeline with _auto_resize): the image's size floored to 16, then the resolution nearest that
+    aspect (ties to the narrower), floored to 16. Specs without them: the image's own size."""
+    if not spec.input_sizes:
+        return width, height
+    w, h = width - width % 16, height - height % 16
+    if w < 16 or h < 16:
+        raise InputError(f"the input image is {width}x{height}; {spec.name} needs at least 16x16")
+    _, w, h = min((abs(w / h - rw / rh), rw, rh) for rw, rh in spec.input_sizes)
+    return w - w % 16, h - h % 16
+
+
 def make_request(
     spec: ModelSpec,
     prompt: str,
@@ -195,6 +208,11 @@ def make_request(
                          hint=f"{spec.name}'s text encoder reads at most {longest} prompt tokens")
     strength = _strength(DEFAULT_STRENGTH if img2img and strength is None else strength, steps)
     guidance = _guidance(spec, guidance)
+    if spec.input_sizes and init_size is not None:
+        size = input_size(spec, *init_size)
+        if size != tuple(init_size):
+            notes.append(f"the input image ({init_size[0]}x{init_size[1]}) is resized to {size[0]}x{size[1]}, the "
+                         f"{spec.name} training resolution nearest its aspect")
     if spec.fixed_output_area:
         # FLUX.1-Kontext (diffusers' FluxKontextPipeline): the output keeps the area; the size asked for (default
         # square) sets only the aspect; sides rounded, then floored to 16.

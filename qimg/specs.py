@@ -143,6 +143,9 @@ class ModelSpec:
     # Edit models whose output keeps this pixel area whatever the input image (FLUX.1-Kontext: 1024^2; --width and
     # --height then set only the aspect); 0: the output follows the last input image's aspect at width x height.
     fixed_output_area: int = 0
+    # Training resolutions (width, height) an input image is resized to, the one nearest its aspect (FLUX.1-Kontext);
+    # empty: input images keep their aspect at vae_image_area.
+    input_sizes: tuple[tuple[int, int], ...] = ()
 
 
 QWEN_IMAGE_SIZES = (
@@ -152,6 +155,13 @@ QWEN_IMAGE_SIZES = (
 # Edit-Plus (-2509, -2511): the VL encoder sees each image at ~384x384, the VAE at ~1024x1024.
 _EDIT_PLUS = dict(task="edit", prompt_template="qwen-image-edit-plus", min_images=1, max_images=None,
                  vl_image_area=384 * 384, vae_image_area=1024 * 1024)
+
+# FLUX.1-Kontext's training resolutions (width, height), as diffusers' PREFERRED_KONTEXT_RESOLUTIONS lists them.
+KONTEXT_RESOLUTIONS = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+)  # fmt: skip
 
 SPECS: dict[str, ModelSpec] = {
     "qwen-image": ModelSpec(
@@ -220,6 +230,7 @@ SPECS: dict[str, ModelSpec] = {
         min_images=1,
         max_images=1,
         fixed_output_area=1024 * 1024,
+        input_sizes=KONTEXT_RESOLUTIONS,
     ),
 }
 

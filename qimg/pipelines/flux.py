@@ -18,15 +18,8 @@ from qimg.nets.flux import FluxTransformer, flux_ids, flux_rope
 from qimg.pipelines.base import Pipeline
 from qimg.pipelines.common import Progress, image_to_tensor, noise_tokens, run_flow
 from qimg.pipelines.flux_prompts import FluxPromptEncoder
-from qimg.request import GenerateRequest
+from qimg.request import GenerateRequest, input_size
 from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, pack
-
-# FLUX.1-Kontext's training resolutions (width, height): a reference image is resized to the one nearest its aspect.
-KONTEXT_RESOLUTIONS = (
-    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
-    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
-    (1568, 672),
-)  # fmt: skip
 
 
 def flux_velocity(
@@ -77,17 +70,6 @@ def flux_velocity(
     return velocity
 
 
-def kontext_size(width: int, height: int) -> tuple[int, int]:
-    """The size a Kontext reference image is encoded at: its own size floored to 16, then the training resolution
-    nearest its aspect (ties to the narrower), floored to 16 (diffusers' FluxKontextPipeline, _auto_resize)."""
-    w, h = width - width % 16, height - height % 16
-    if w < 16 or h < 16:
-        raise InputError(f"the input image is {width}x{height}; FLUX.1-Kontext needs at least 16x16")
-    aspect = w / h
-    _, w, h = min((abs(aspect - rw / rh), rw, rh) for rw, rh in KONTEXT_RESOLUTIONS)
-    return w - w % 16, h - h % 16
-
-
 class FluxPipeline(Pipeline):
     """A loaded FLUX.1 model (text to image, or Kontext editing); build it with qimg.load()."""
 
@@ -105,13 +87,14 @@ class FluxPipeline(Pipeline):
 
     def denoise_edit(self, request: GenerateRequest, cond: PromptEmbeds, uncond: PromptEmbeds | None,
                      images: Sequence[Any], progress: Progress | None) -> Tensor:
-        """Kontext: the input image, at the training resolution nearest its aspect, VAE-encoded (posterior mode)
+        """Kontext: the input image, at the training resolution nearest its aspect (request.input_size),
+        VAE-encoded (posterior mode)
         and packed, follows the noisy tokens with frame id 1; its predictions are dropped."""
         dev = self.torch_device
         gh, gw = request.height // 16, request.width // 16
         grids, refs = [(0, gh, gw)], []
         for image in images:
-            w, h = kontext_size(image.width, image.height)
+            w, h = input_size(self.ref.spec, image.width, image.height)
             mean, _ = self.encode_image(image_to_tensor(image, w, h))
             refs.append(pack(self.vae.normalize(mean)))
             grids.append((1, h // 16, w // 16))

@@ -162,6 +162,7 @@ def test_cli_generate_and_edit_match_diffusers(flux, kontext, tmp_path):
                                str(kontext[1]), "--seed", "12", "--steps", "2", "--guidance", "2.5", "--device", "cpu",
                                "--dtype", "float32"])
     assert done.exit_code == 0, done.output
+    assert "resized to 1248x832" in done.stderr  # 96x64 (aspect 1.5) goes in at the 1.5 training resolution
     with torch.no_grad():
         want = kontext[0](image=Image.open(source), prompt="make it night", num_inference_steps=2, guidance_scale=2.5,
                           generator=torch.Generator("cpu").manual_seed(12), output_type="np").images[0]
@@ -176,6 +177,11 @@ def test_guidance_is_refused_for_qwen_and_kontext_sizes_keep_the_area(tiny_qwen,
     spec = qimg.resolve_model(kontext[1]).spec
     request, notes = qimg.make_request(spec, "a fox", width=1024, height=768, init_size=(300, 100))
     # diffusers: w = round(sqrt(1024^2 * 4/3)) = 1182 -> 1168, h = round(sqrt(1024^2 * 3/4)) = 887 -> 880
-    assert (request.width, request.height) == (1168, 880) and "1168x880" in notes[0]
-    request, notes = qimg.make_request(spec, "a fox", init_size=(300, 100))
-    assert (request.width, request.height) == (1024, 1024) and not notes
+    assert (request.width, request.height) == (1168, 880) and any("makes 1168x880 images" in n for n in notes)
+    request, notes = qimg.make_request(spec, "a fox", init_size=(1024, 1024))
+    assert (request.width, request.height) == (1024, 1024) and not notes  # already a training resolution
+    # 120x90 floors to 112x80 (aspect 1.40); the nearest training resolution is 1184x880 (1.35), the size
+    # diffusers 0.42.1 resizes it to (diffusers_facts.md 6.4).
+    _, notes = qimg.make_request(spec, "a fox", init_size=(120, 90))
+    assert notes == ["the input image (120x90) is resized to 1184x880, the flux-kontext-dev training resolution "
+                     "nearest its aspect"]
