@@ -10,6 +10,7 @@ from torch import nn
 
 from qimg.errors import ConfigError
 from qimg.loading.checkpoint import load_module, params_from_config, read_json, safetensors_files
+from qimg.loading.single_file import TransformerFile
 from qimg.nets.flux import FluxTransformer
 from qimg.specs import FluxParams
 
@@ -54,13 +55,18 @@ def flux_params(folder: Path) -> FluxParams:
     return params
 
 
-def load_flux(folder: Path, *, device: torch.device | str, dtype: torch.dtype, **grouping: Any) -> FluxTransformer:
-    """transformer/: config.json and diffusion_pytorch_model(.safetensors | -NNNNN-of-NNNNN + index), strictly.
+def load_flux(folder: Path, *, device: torch.device | str, dtype: torch.dtype, weights: TransformerFile | None = None,
+              **grouping: Any) -> FluxTransformer:
+    """transformer/: config.json and diffusion_pytorch_model(.safetensors | -NNNNN-of-NNNNN + index), strictly; or,
+    with `weights` (--transformer FILE, diffusers key names), that file's tensors into the folder config's shapes.
     grouping: load_module's group / on_group (block-by-block loading)."""
     params = flux_params(folder)
-    model = load_module(lambda: FluxTransformer(params), safetensors_files(folder), device=device, dtype=dtype,
-                        what=f"{folder.name}/ weights", **grouping)
-    return model.eval().requires_grad_(False)
+    if weights is not None:
+        model = weights.load(lambda: FluxTransformer(params), device=device, dtype=dtype, **grouping)
+    else:
+        model = load_module(lambda: FluxTransformer(params), safetensors_files(folder), device=device, dtype=dtype,
+                            what=f"{folder.name}/ weights", **grouping)
+    return model.eval().requires_grad_(False)  # type: ignore[return-value]
 
 
 def flux_linears(folder: Path | None) -> dict[str, tuple[int, int]]:

@@ -97,3 +97,18 @@ def test_saved_prompt_embeddings_give_the_same_image_and_stay_in_their_family(fl
     assert wrong.exit_code != 0 and "Traceback" not in wrong.output and not (tmp_path / "q.png").exists()
     error = next(line for line in wrong.stderr.splitlines() if line.startswith("error:"))
     assert "flux" in error and "qwen-image" in error, error
+
+
+def test_a_single_file_transformer_in_the_diffusers_layout_gives_the_same_image(flux, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    single = tmp_path / "flux-transformer.safetensors"
+    tensors = {}
+    for part in sorted((flux / "transformer").glob("*.safetensors")):
+        tensors.update(load_file(str(part)))
+    save_file(tensors, str(single))
+    options = dict(seed=1, steps=2, width=32, height=32)
+    plain = qimg.load(flux, device="cpu", dtype="float32").generate(PROMPT, **options)[0]
+    pipe = qimg.load(flux, device="cpu", dtype="float32", transformer=single)
+    assert pipe.transformer_file is not None
+    assert np.array_equal(np.asarray(pipe.generate(PROMPT, **options)[0]), np.asarray(plain))
