@@ -45,7 +45,8 @@ from qimg.runtime.fp8 import apply_fp8  # noqa: E402
 from qimg.runtime.lora import attach_lora, trainable_lora  # noqa: E402
 from qimg.runtime.offload import Offloaded  # noqa: E402
 from qimg.runtime.planner import HEADROOM, Footprint, GiB, plan_training  # noqa: E402
-from qimg.training.trainer import TARGETS, flow_loss, init_adapters, qwen_shift  # noqa: E402
+from qimg.training.config import TARGETS  # noqa: E402
+from qimg.training.step import flow_loss, init_adapters, qwen_shift  # noqa: E402
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ Safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -21,15 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from torch import Tensor
 
 from qimg.errors import CheckpointError, InputError
 from qimg.loading.adapters import MISFIT, Adapter, LoHaModule, LoKrModule, LoRAModule, loha_pair, lokr_rank, lokr_w
 from qimg.loading.keymaps import (
-    FLUX_BFL_MODULES,
-    FLUX_BFL_SWAPPED,
     LORA_DIALECTS,
     LORA_FAMILY_ARCHITECTURES,
     LORA_FAMILY_MARKERS,
@@ -40,6 +36,7 @@ from qimg.loading.keymaps import (
     LORA_TEXT_ENCODER_PREFIXES,
     LORA_UNSUPPORTED,
 )
+from qimg.loading.lora_fused import bfl_modules, split_fused
 
 # diffusers writes a LoRA's peft.LoraConfig as JSON under this header key (lora_base.LORA_ADAPTER_METADATA_KEY). A
 # pipeline's save_lora_weights prefixes each field with the component ("transformer.lora_alpha"); a model's own
@@ -152,7 +149,7 @@ def read_lora(path: str | Path, linears: Mapping[str, tuple[int, int]], family: 
     # Each key -> (dialect row, module, role); keys of one module group by the row's prefix, so that one file
     # naming a module twice (two prefixes) is caught instead of one silently winning. FLUX's BFL names are modules
     # too, as wide as the linears they fuse; their adapters are split onto those linears once read.
-    fused = _bfl_modules(linears) if family == "flux" else {}
+    fused = bfl_modules(linears) if family == "flux" else {}
     bfl = {name: (sum(linears[t][0] for t in targets), linears[targets[0]][1]) for name, targets in fused.items()}
     spellings = {"dotted": {name: name for name in linears}, "underscored": _underscored(linears),
                  "bfl": {name: name for name in bfl}, "bfl_underscored": _underscored(bfl)}
@@ -209,7 +206,7 @@ def read_lora(path: str | Path, linears: Mapping[str, tuple[int, int]], family: 
     for module, (kind, group) in adapters.items():
         adapter = _BUILD[kind](shown, handle, module, group, config)
         parts = ({module: adapter} if module not in fused else
-                 _split(shown, module, adapter, [(t, linears[t][0]) for t in fused[module]]))
+                 split_fused(shown, module, adapter, [(t, linears[t][0]) for t in fused[module]]))
         for target, part in parts.items():
             if target in modules:
                 first = _first(adapters[named[target]][1])
@@ -301,61 +298,6 @@ def _locate(key: str, spellings: Mapping[str, Mapping[str, str]],
                 return dialect, module, role
             fits = fits or dialect
     return fits, None, None
-
-
-def _bfl_modules(linears: Mapping[str, tuple[int, int]]) -> dict[str, tuple[str, ...]]:
-    """FLUX's BFL module names -> the model's linears each covers (FLUX_BFL_MODULES), for every block the model has.
-    A BFL name is a module only where all its linears exist and take the same input."""
-    out: dict[str, tuple[str, ...]] = {}
-    for pattern, targets in FLUX_BFL_MODULES:
-        for i in range(10_000) if "{i}" in pattern else (0,):
-            names = tuple(t.format(i=i) for t in targets)
-            if not all(n in linears for n in names):
-                break
-            if len({linears[n][1] for n in names}) == 1:
-                out[pattern.format(i=i)] = names
-    return out
-
-
-def _split(shown: str, module: str, adapter: Adapter, targets: list[tuple[str, int]]) -> dict[str, Adapter]:
-    """A fused BFL module's adapter as one adapter per linear it covers, exactly: the output rows of delta W split in
-    `targets` order (each (linear, rows)). A LoRA's up rows split and each part keeps the whole down (delta W_q =
-    up_q @ down); where the up is block-diagonal over equal rank slices, each part takes only its slice of the down,
-    with alpha / n so that alpha / rank stays. A LoKr's W1 rows split where each part is whole rows of W1."""
-    swap = module in FLUX_BFL_SWAPPED
-    n = len(targets)
-    bounds = [0]
-    for _, rows in targets:
-        bounds.append(bounds[-1] + rows)
-    if isinstance(adapter, LoKrModule):
-        step = int(adapter.w2.shape[0])
-        if any(b % step for b in bounds) or (swap and bounds[-1] % (2 * step)):
-            raise CheckpointError(f"{shown}: the LoKr for {module} (W2 {tuple(adapter.w2.shape)}) cannot be split "
-                                  f"onto {', '.join(t for t, _ in targets)}",
-                                  hint="qimg splits a fused LoKr only along whole rows of its W1")
-        w1 = _swap_halves(adapter.w1) if swap else adapter.w1
-        return {t: dataclasses.replace(adapter, w1=w1[bounds[j] // step: bounds[j + 1] // step])
-                for j, (t, _) in enumerate(targets)}
-    up = _swap_halves(adapter.up) if swap else adapter.up
-    if n == 1:
-        return {targets[0][0]: adapter if not swap else dataclasses.replace(adapter, up=up)}
-    rank = adapter.rank
-    part = rank // n
-    diagonal = rank % n == 0 and all(
-        not bool(torch.any(up[bounds[j]: bounds[j + 1], k * part: (k + 1) * part] != 0))
-        for j in range(n) for k in range(n) if j != k)
-    if diagonal:
-        return {t: dataclasses.replace(adapter, down=adapter.down[j * part: (j + 1) * part],
-                                       up=up[bounds[j]: bounds[j + 1], j * part: (j + 1) * part],
-                                       alpha=adapter.alpha / n)
-                for j, (t, _) in enumerate(targets)}
-    return {t: dataclasses.replace(adapter, up=up[bounds[j]: bounds[j + 1]]) for j, (t, _) in enumerate(targets)}
-
-
-def _swap_halves(t: Tensor) -> Tensor:
-    """(shift, scale) rows -> (scale, shift) rows."""
-    half = t.shape[0] // 2
-    return torch.cat([t[half:], t[:half]])
 
 
 def _kind(shown: str, module: str, group: dict[str, str]) -> str | None:

@@ -27,7 +27,8 @@ from qimg.sampling import pack
 from qimg.specs import SPECS
 from qimg.training.data import epoch_batches
 from qimg.training.images import DatasetError
-from qimg.training.trainer import TrainConfig, Trainer, flow_loss, qwen_shift, step_generator, train_items
+from qimg.training.step import flow_loss, qwen_shift, step_generator
+from qimg.training.trainer import TrainConfig, Trainer, train_items
 
 CPU = qimg.RuntimeOptions(device="cpu", dtype="float32")
 
