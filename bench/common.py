@@ -54,6 +54,24 @@ def random_diffusers_mmdit(layers: int, device: torch.device, dtype: torch.dtype
     return model.eval().requires_grad_(False)
 
 
+def random_diffusers_flux(config: dict, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Any:
+    """diffusers' FluxTransformer2DModel of `config`, built directly in `dtype` on `device`, every parameter random
+    (normal, std 0.02)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.eval().requires_grad_(False)
+
+
 def sharing_qimg_mmdit(ref: Any, layers: int) -> Any:
     """qimg's QwenMMDiT on the very same weight tensors as `ref` (built on meta, parameters assigned)."""
     from qimg.nets.qwen_mmdit import QwenMMDiT

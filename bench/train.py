@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import random_diffusers_mmdit, sharing_qimg_mmdit  # noqa: E402
 from qimg.embeddings import PromptEmbeds  # noqa: E402
-from qimg.families.qwen import mmdit_fp8_layers, mmdit_train_needs  # noqa: E402
+from qimg.families.qwen import mmdit_fp8_layers  # noqa: E402
+from qimg.pipelines.memory import block_train_needs  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.checkpoint import checkpoint_blocks  # noqa: E402
 from qimg.runtime.compile import compile_blocks, compile_inside  # noqa: E402
@@ -222,7 +223,7 @@ def main() -> None:
         try:
             act = tokens * 3072 * 2 * 16 + 64 * 2**20 + (3072 * 4 * 3072 * 6 if variant == "fp8" else 0)
             fp = Footprint(off.rest.nbytes, tuple(c.nbytes for c in off.block_copies), act)
-            needs = mmdit_train_needs(fp, 3072, 2, tokens, 1, values)
+            needs = block_train_needs(fp, 3072, 2, tokens, 1, values)
             plan = plan_training(needs, budget=int(float(gib) * GiB))
             print("\n".join(plan.describe(needs)), flush=True)
             checkpoint_blocks(ours.transformer_blocks[i] for i in plan.checkpointed)

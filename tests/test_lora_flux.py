@@ -1,7 +1,8 @@
-"""FLUX.1 LoRA dialects on the tiny FLUX (fp32, CPU): diffusers/PEFT names and kohya on BFL names against diffusers'
-load_lora_weights (per-module delta W and whole images), the fused BFL splits (qkv, single linear1, the final adaLN's
-swapped halves) in the kohya, ComfyUI, fal Kontext and bare spellings against hand math, the block-diagonal chunking,
-text-encoder keys reported unmatched, and FLUX <-> Qwen-Image refusals.
+"""FLUX.1 LoRA dialects on the tiny FLUX (fp32, CPU): diffusers/PEFT names, kohya on BFL names and XLabs' processor
+names against diffusers' load_lora_weights (per-module delta W and whole images, XLabs' through the CLI), the fused BFL
+splits (qkv, single linear1, the final adaLN's swapped halves) in the kohya, ComfyUI, fal Kontext and bare spellings
+against hand math, the block-diagonal chunking, text-encoder keys reported unmatched, FLUX <-> Qwen-Image refusals,
+and BFL's Control LoRAs (Canny/Depth) refused in one line.
 
 Diffusers' own FLUX converters assume FLUX.1's full size (single linear1 split 3072*3 + 12288, fal's 19 + 38 blocks),
 so single linear1 and the fal / ComfyUI spellings are checked against delta W computed by hand from the file."""
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 import qimg
-from qimg.errors import InputError
+from qimg.cli.main import app
+from qimg.errors import CheckpointError, InputError
 from qimg.loading.flux import flux_linears
 from qimg.loading.lora import read_lora
 from tests.fixtures_flux_model import write_tiny_flux
@@ -39,7 +42,17 @@ SPLITS = {
     "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
     "linear2": ("proj_out",),
     "modulation.lin": ("norm.linear",),
+    # XLabs (x-flux): lora1 adds to the image stream, lora2 to the text stream; a single block's qkv_lora to
+    # linear1's q, k, v rows (not proj_mlp), its proj_lora to linear2
+    "processor.qkv_lora1": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "processor.proj_lora1": ("attn.to_out.0",),
+    "processor.qkv_lora2": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "processor.proj_lora2": ("attn.to_add_out",),
+    "processor.qkv_lora": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "processor.proj_lora": ("proj_out",),
 }
+XLABS = [f"double_blocks.{i}.processor.{m}_lora{s}" for i in range(2) for m in ("qkv", "proj") for s in (1, 2)]
+XLABS += [f"single_blocks.{i}.processor.{m}_lora" for i in range(2) for m in ("qkv", "proj")]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +114,11 @@ def _write(path: Path, pairs, prefix: str, down: str, up: str, alpha: float | No
     state.update(extra or {})
     save_file(state, str(path))
     return path
+
+
+def _xlabs(path, pairs, prefix="", extra=None):
+    """x-flux's save: down/up of each LoRALinearLayer, no alpha (its network_alpha is not saved)."""
+    return _write(path, pairs, prefix, ".down.weight", ".up.weight", alpha=None, extra=extra)
 
 
 def _kohya(path, pairs, alpha, extra=None):
@@ -188,6 +206,111 @@ def test_fused_and_final_layer_splits_match_hand_math(dialect, linears, tmp_path
     assert set(lora.modules) == set(want)
     assert {lora.modules[f"single_transformer_blocks.0.{t}"].up.shape[0] for t in SPLITS["linear1"]} == {32, 128}
     assert _max_diff(_ours(lora), want) < 1e-5
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion_model."])
+def test_xlabs_names_match_diffusers(prefix, flux, linears, tmp_path, one_thread):
+    ref, _ = flux
+    pairs = _bfl_pairs(linears, XLABS, rank=4, seed=8)
+    path = _xlabs(tmp_path / "xlabs.safetensors", pairs, prefix)
+    lora = read_lora(path, linears, "flux")
+    assert lora.dialect == "xlabs" and not lora.unmatched
+    assert len(lora.modules) == 2 * (3 + 1 + 3 + 1) + 2 * (3 + 1)
+    assert "single_transformer_blocks.0.proj_mlp" not in lora.modules
+    ours = _ours(lora)
+    assert _max_diff(ours, _by_hand(linears, pairs, 1.0)) < 1e-6  # no alpha: delta W = up @ down
+    assert _max_diff(ours, _diffusers_deltas(ref, path)) < 1e-5
+    # a random up is not block-diagonal: q, k, v each keep the whole down, as diffusers copies it
+    assert lora.modules["transformer_blocks.1.attn.add_v_proj"].rank == 4
+
+
+def test_xlabs_alpha_and_misfits(linears, tmp_path):
+    pairs = _bfl_pairs(linears, ["double_blocks.0.processor.qkv_lora1"], rank=4, seed=9)
+    alpha = {"double_blocks.0.processor.qkv_lora1.alpha": torch.tensor(2.0)}
+    lora = read_lora(_xlabs(tmp_path / "a.safetensors", pairs, extra=alpha), linears, "flux")
+    assert lora.summary().startswith("xlabs LoRA: 3 modules, rank 4, alpha 2")
+    assert _max_diff(_ours(lora), _by_hand(linears, pairs, 2.0 / 4)) < 1e-6
+    down, up = pairs["double_blocks.0.processor.qkv_lora1"]
+    bad = {"double_blocks.0.processor.qkv_lora1": (down, up[:64])}  # a 2-way split where q, k, v need 3
+    with pytest.raises(CheckpointError, match="double_blocks.0.processor.qkv_lora1"):
+        read_lora(_xlabs(tmp_path / "bad.safetensors", bad), linears, "flux")
+    # a bare ".down.weight" is XLabs' suffix only: on diffusers names it names nothing
+    save_file({"transformer.transformer_blocks.0.attn.to_q.down.weight": down,
+               "transformer.transformer_blocks.0.attn.to_q.up.weight": up[:32]}, str(tmp_path / "loose.safetensors"))
+    with pytest.raises(InputError, match="no key of this LoRA matches"):
+        read_lora(tmp_path / "loose.safetensors", linears, "flux")
+
+
+@pytest.mark.parity
+def test_xlabs_lora_through_the_cli_matches_diffusers(flux, linears, tmp_path, one_thread):
+    ref, root = flux
+    path = _xlabs(tmp_path / "realism.safetensors", _bfl_pairs(linears, XLABS, rank=4, seed=10))
+    out = tmp_path / "fox.png"
+    done = CliRunner().invoke(app, ["generate", PROMPT, "-o", str(out), "--model", str(root), "--seed", "5",
+                                    "--steps", "2", "--width", "32", "--height", "32", "--device", "cpu", "--dtype",
+                                    "float32", "--lora", str(path), "-v"])
+    assert done.exit_code == 0, done.output
+    assert "lora: " in done.stderr and "xlabs" in done.stderr
+    from PIL import Image
+
+    got = np.asarray(Image.open(out)).astype(np.int16)
+    options = dict(num_inference_steps=2, width=32, height=32, guidance_scale=3.5, output_type="np")
+    with torch.no_grad():
+        base = ref(PROMPT, generator=torch.Generator("cpu").manual_seed(5), **options).images[0]
+    ref.load_lora_weights(str(path), adapter_name="xlabs")
+    try:
+        with torch.no_grad():
+            want = ref(PROMPT, generator=torch.Generator("cpu").manual_seed(5), **options).images[0]
+    finally:
+        ref.delete_adapters("xlabs")
+    want, base = (np.round(x * 255).astype(np.int16) for x in (want, base))
+    assert np.abs(want - base).max() > 8  # the LoRA visibly changes the image
+    assert np.abs(got - want).max() <= 1, np.abs(got - want).max()
+
+
+def _control(path: Path, linears, prefix: str = "", norms: bool = True) -> Path:
+    """A tiny BFL Control LoRA: img_in's LoRA reads noise + control latents (twice the channels), lora_B biases, and
+    (norms) the QK-norm scales it replaces outright."""
+    gen = torch.Generator().manual_seed(11)
+    out, inp = linears["x_embedder"]
+    state = {f"{prefix}img_in.lora_A.weight": torch.randn(4, 2 * inp, generator=gen),
+             f"{prefix}img_in.lora_B.weight": torch.randn(out, 4, generator=gen),
+             f"{prefix}img_in.lora_B.bias": torch.randn(out, generator=gen)}
+    for name, (down, up) in _bfl_pairs(linears, ["double_blocks.0.img_attn.qkv"], 4, 12).items():
+        state[f"{prefix}{name}.lora_A.weight"], state[f"{prefix}{name}.lora_B.weight"] = down, up
+    if norms:
+        for stream in ("img", "txt"):
+            for norm in ("query_norm", "key_norm"):
+                state[f"{prefix}double_blocks.0.{stream}_attn.norm.{norm}.scale"] = torch.ones(16)
+    save_file(state, str(path))
+    return path
+
+
+def test_a_control_lora_is_refused_in_one_line(flux, linears, tmp_path):
+    _, root = flux
+    path = _control(tmp_path / "canny.safetensors", linears)
+    out = tmp_path / "fox.png"
+    done = CliRunner().invoke(app, ["generate", PROMPT, "-o", str(out), "--model", str(root), "--steps", "1",
+                                    "--width", "32", "--height", "32", "--device", "cpu", "--lora", str(path)])
+    assert done.exit_code == 1, done.output
+    error = next(line for line in done.stderr.splitlines() if line.startswith("error: "))
+    assert "canny.safetensors is a FLUX Control LoRA (Canny/Depth" in error
+    assert "img_attn.norm.key_norm.scale replaces a QK-norm scale" in error and "control-image pipeline" in error
+    assert "FLUX.1 Control is not supported" in done.stderr and "FLUX.1-dev" in done.stderr
+    assert "Traceback" not in done.output and not out.exists()
+    # without the norm scales, img_in (x_embedder) taking twice the latent channels tells it, in any dialect
+    bare = _control(tmp_path / "depth.safetensors", linears, prefix="diffusion_model.", norms=False)
+    save_file({"transformer.x_embedder.lora_A.weight": torch.zeros(4, 128),
+               "transformer.x_embedder.lora_B.weight": torch.zeros(32, 4)}, str(tmp_path / "named.safetensors"))
+    for plain in (bare, tmp_path / "named.safetensors"):
+        with pytest.raises(InputError) as e:
+            read_lora(plain, linears, "flux")
+        text = str(e.value)
+        assert "is a FLUX Control LoRA" in text and "takes 128 input channels, twice the model's 64" in text
+        assert "\n" not in text
+    # on a Qwen-Image model it is a FLUX LoRA, said as such
+    with pytest.raises(InputError, match="is a FLUX LoRA; this model is qwen-image"):
+        read_lora(path, {"transformer_blocks.0.attn.to_q": (32, 32)}, "qwen-image")
 
 
 def test_block_diagonal_up_chunks_the_down(linears, tmp_path):

@@ -218,8 +218,9 @@ TransformerOption = Annotated[
     Path | None,
     typer.Option("--transformer", metavar="FILE",
                  help="Transformer weights from one safetensors file (or a sharded release's folder or "
-                 "*.safetensors.index.json) instead of the model folder's: the official key layout or ComfyUI's "
-                 "(model.diffusion_model.), bf16 or FP8 (e4m3fn, with or without scales, kept as FP8 storage). "
+                 "*.safetensors.index.json) instead of the model folder's: the official key layout, ComfyUI's "
+                 "(model.diffusion_model.) or, for FLUX.1, BFL's own (flux1-dev.safetensors), bf16 or FP8 "
+                 "(e4m3fn, with or without scales, kept as FP8 storage). "
                  "The VAE, text encoder and configs still come from --model."),
 ]
 

@@ -21,8 +21,10 @@ from qimg.nets.flux_vae import FluxVAE
 from qimg.pipelines.family import BlockLists, Family
 from qimg.pipelines.flux import FluxPipeline
 from qimg.pipelines.flux_prompts import encode_prompt, t5_fp8_layers
-from qimg.pipelines.memory import denoiser_footprint, footprint, stored_fp8_mode
-from qimg.runtime.planner import Footprint, GiB, MiB, Needs, RequestShape
+from qimg.pipelines.memory import block_train_needs, denoiser_footprint, footprint, stored_fp8_mode
+from qimg.runtime.planner import Footprint, GiB, MiB, Needs, RequestShape, TrainNeeds
+from qimg.training.config import FLUX_TARGETS
+from qimg.training.flux_step import flux_flow_loss
 
 BLOCKS = BlockLists(("transformer_blocks", "single_transformer_blocks"))
 
@@ -104,6 +106,18 @@ def flux_needs(root: Path, dtype: torch.dtype, fp8: str | None, task: str, shape
     )
 
 
+def flux_train_needs(root: Path, dtype: torch.dtype, fp8: str | None, tokens: int, batch: int, adapter_params: int,
+                     *, weights: TransformerFile | None = None) -> TrainNeeds:
+    """What a LoRA training step of `batch` rows of `tokens` tokens (image, Kontext controls, 512 text) needs on
+    the device. The saved activations per block are counted as Qwen-Image's measured 22 hidden-state copies: a
+    FLUX double block has the same shape (width 3072, 4x MLP), a single block a little less (its MLP input and
+    attention share one projection)."""
+    fp = transformer_footprint(root / "transformer", dtype, fp8, tokens, batch, weights)
+    params = flux_params(root / "transformer")
+    return block_train_needs(fp, params.dim, torch.empty(0, dtype=dtype).element_size(), tokens, batch,
+                             adapter_params)
+
+
 def load_vae(folder: Path, device: torch.device, dtype: torch.dtype) -> FluxVAE:
     vae = load_flux_vae(folder, device=device, dtype=dtype)
     return vae.to(memory_format=torch.channels_last)
@@ -121,5 +135,8 @@ FLUX = Family(
     needs=flux_needs,
     encode_prompt=encode_prompt,
     denoiser_linears=flux_linears,
+    train_needs=flux_train_needs,
+    train_targets=FLUX_TARGETS,
+    train_loss=flux_flow_loss,
     cfg_norm_rescale=False,
 )

@@ -16,11 +16,13 @@ from qimg.loading.single_file import TransformerFile
 from qimg.nets.qwen_mmdit import QwenMMDiT
 from qimg.nets.qwen_vae import QwenVAE
 from qimg.pipelines.family import BlockLists, Family
-from qimg.pipelines.memory import denoiser_footprint, footprint, stored_fp8_mode
+from qimg.pipelines.memory import block_train_needs, denoiser_footprint, footprint, stored_fp8_mode
 from qimg.pipelines.prompts import encode_prompt
 from qimg.pipelines.qwen import QwenImagePipeline
 from qimg.runtime.planner import Footprint, GiB, MiB, Needs, RequestShape, TrainNeeds
 from qimg.specs import QwenMMDiTParams
+from qimg.training.config import TARGETS
+from qimg.training.step import flow_loss
 
 BLOCKS = BlockLists(("transformer_blocks",))
 
@@ -140,30 +142,14 @@ def mmdit_linears(folder: Path | None) -> dict[str, tuple[int, int]]:
     return {n: (m.out_features, m.in_features) for n, m in net.named_modules() if isinstance(m, nn.Linear)}
 
 
-# Bytes one block keeps for its backward, in hidden-state copies (B x tokens x dim in the compute dtype): bench/
-# train.py's un-checkpointed step on the full model at 1024x1024 peaked 33.3 GiB over the weights for 60 blocks of
-# 4224 tokens, 23 copies each with the adapters' gradients and optimizer state counted in; 22 without them.
-TRAIN_SAVED_COPIES = 22
-
-
 def qwen_train_needs(root: Path, dtype: torch.dtype, fp8: str | None, tokens: int, batch: int, adapter_params: int,
                      *, weights: TransformerFile | None = None) -> TrainNeeds:
     """What a LoRA training step of `batch` rows of `tokens` tokens (image, control, text) needs on the device;
     adapter_params: the trainable values (fp32, with a gradient and AdamW's two moments: 16 bytes each)."""
     fp = transformer_footprint(root / "transformer", dtype, fp8, tokens, batch, weights)
     params = components.qwen_mmdit_params(root / "transformer")
-    return mmdit_train_needs(fp, params.dim, torch.empty(0, dtype=dtype).element_size(), tokens, batch,
+    return block_train_needs(fp, params.dim, torch.empty(0, dtype=dtype).element_size(), tokens, batch,
                              adapter_params)
-
-
-def mmdit_train_needs(weights: Footprint, dim: int, size: int, tokens: int, batch: int, adapter_params: int
-                      ) -> TrainNeeds:
-    """qwen_train_needs from the weights' footprint (its act: the inference working set of one block), the hidden
-    width and the compute dtype's bytes."""
-    copy = batch * tokens * dim * size
-    saved = TRAIN_SAVED_COPIES * copy
-    return TrainNeeds(weights=weights, saved=saved, inputs=copy, work=saved + weights.act,
-                      adapters=16 * adapter_params)
 
 
 QWEN_IMAGE = Family(
@@ -179,5 +165,7 @@ QWEN_IMAGE = Family(
     encode_prompt=encode_prompt,
     denoiser_linears=mmdit_linears,
     train_needs=qwen_train_needs,
+    train_targets=TARGETS,
+    train_loss=flow_loss,
     cfg_norm_rescale=True,
 )

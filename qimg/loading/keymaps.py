@@ -69,7 +69,7 @@ def qwen_vae_tensor(name: str, tensor: Tensor) -> Tensor:
 # is spelled: "dotted" is the denoiser's own module name, "underscored" is kohya's (dots turned into "_"), mapped
 # back only through the model's own names, never guessed. The suffix says which matrix the tensor is. Rows are tried
 # in order and the first whose prefix, suffix style and module all fit the model wins, so bare rows ("") come last.
-# A new dialect (FLUX's XLabs or BFL names, say) is a new row; "*" accepts any suffix style, or any family.
+# A new dialect is a new row; "*" accepts any suffix style of LORA_SUFFIXES, or any family.
 # (dialect, key prefix, module spelling, suffix styles, families)
 LORA_DIALECTS: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("diffusers", "transformer.", "dotted", ("*",), ("*",)),  # save_lora_weights of a diffusers pipeline
@@ -81,6 +81,9 @@ LORA_DIALECTS: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...
     ("kohya", "lora_unet_", "bfl_underscored", ("*",), ("flux",)),
     ("comfy", "diffusion_model.", "bfl", ("*",), ("flux",)),
     ("fal", "base_model.model.", "bfl", ("*",), ("flux",)),
+    # XLabs' x-flux trainer: its attention processors' names (FLUX_XLABS_MODULES), bare or as ComfyUI keeps them
+    ("xlabs", "", "xlabs", ("xlabs",), ("flux",)),
+    ("xlabs", "diffusion_model.", "xlabs", ("xlabs",), ("flux",)),
     ("bfl", "", "bfl", ("peft", "kohya"), ("flux",)),
     ("lycoris", "lycoris_", "underscored", ("lycoris", "kohya"), ("*",)),  # the LyCORIS library (SimpleTuner)
     ("diffsynth", "", "dotted", ("peft_default",), ("*",)),  # DiffSynth-Studio: PEFT keys with the adapter name
@@ -117,6 +120,13 @@ LORA_SUFFIXES: tuple[tuple[str, str, str], ...] = (
     (".lokr_w2_a", "lokr_w2_a", "lycoris"),
     (".lokr_w2_b", "lokr_w2_b", "lycoris"),
     (".alpha", "alpha", "*"),  # kohya's 0-d alpha; any dialect may carry one, and it is always applied
+)
+# Suffixes only the rows naming their style read, never a "*" row: a bare ".down.weight" is a LoRA matrix only on
+# XLabs' processor names (x-flux LoRALinearLayer's down/up). Kept out of LORA_SUFFIXES, which also tells a LoRA
+# from a transformer file (single_file.py), where so loose a suffix would say too much.
+LORA_OWN_SUFFIXES: tuple[tuple[str, str, str], ...] = (
+    (".down.weight", "down", "xlabs"),
+    (".up.weight", "up", "xlabs"),
 )
 # The adapter kinds, by the roles that make one whole: each kind is a tuple of factors, each factor the role sets that
 # may give it (LoKr stores W1 and W2 either whole or as a low-rank pair, never both). An alpha may come with any kind.
@@ -189,3 +199,27 @@ FLUX_BFL_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 # BFL modules whose output halves are (shift, scale) where the diffusers linear has (scale, shift): the up rows swap.
 FLUX_BFL_SWAPPED: tuple[str, ...] = ("final_layer.adaLN_modulation.1",)
+# XLabs' processor LoRAs (x-flux DoubleStreamBlockLoraProcessor / SingleStreamBlockLoraProcessor) -> the diffusers
+# linears they add to, split like FLUX_BFL_MODULES (diffusers lora_conversion_utils._convert_xlabs_flux_lora_to_
+# diffusers). lora1 is the image stream, lora2 the text stream. A single block's qkv_lora adds to linear1's q, k, v
+# rows only (never proj_mlp); its proj_lora reads linear2's whole input (attention output and MLP activation).
+FLUX_XLABS_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("double_blocks.{i}.processor.qkv_lora1", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                               "transformer_blocks.{i}.attn.to_v")),
+    ("double_blocks.{i}.processor.proj_lora1", ("transformer_blocks.{i}.attn.to_out.0",)),
+    ("double_blocks.{i}.processor.qkv_lora2", ("transformer_blocks.{i}.attn.add_q_proj",
+                                               "transformer_blocks.{i}.attn.add_k_proj",
+                                               "transformer_blocks.{i}.attn.add_v_proj")),
+    ("double_blocks.{i}.processor.proj_lora2", ("transformer_blocks.{i}.attn.to_add_out",)),
+    ("single_blocks.{i}.processor.qkv_lora", ("single_transformer_blocks.{i}.attn.to_q",
+                                              "single_transformer_blocks.{i}.attn.to_k",
+                                              "single_transformer_blocks.{i}.attn.to_v")),
+    ("single_blocks.{i}.processor.proj_lora", ("single_transformer_blocks.{i}.proj_out",)),
+)
+# BFL's FLUX.1 Control LoRAs (FLUX.1-Canny-dev-lora, -Depth-dev-lora) replace every QK-norm scale outright (plain
+# tensors next to the LoRA pairs: diffusers tells them by "query_norm.scale", lora_pipeline.lora_state_dict) and
+# widen img_in / x_embedder to twice the latent channels: the control image's latents are concatenated to the
+# noise (FluxControlPipeline). Without that pipeline they cannot run, so they are refused by these key endings or
+# by an img_in down that is twice as wide as the model's.
+FLUX_CONTROL_MARKERS: tuple[str, ...] = ("norm.query_norm.scale", "norm.key_norm.scale")
+FLUX_CONTROL_EMBEDDERS: tuple[str, ...] = ("img_in", "x_embedder")  # BFL and diffusers names of the patch embedder

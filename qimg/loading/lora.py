@@ -1,12 +1,13 @@
 """LoRA files as trainers write them, read into two forms: denoiser module name -> a low-rank pair (down, up, alpha),
 or a Kronecker pair (LyCORIS LoKr: w1, w2, scale).
 
-The dialects (diffusers/PEFT, kohya/musubi, ComfyUI/ai-toolkit, DiffSynth, Lightning, LyCORIS) differ only in key
-prefixes, key suffixes and where alpha lives; those are the tables in keymaps.py (LORA_DIALECTS, LORA_SUFFIXES,
-LORA_KINDS). A LyCORIS LoHa is exactly a low-rank pair and is read as one (loading/adapters.py). Reading is loud: a
-shape that does not fit, a file made for another family, an adapter kind qimg cannot apply exactly (DoRA, Tucker), or
-a file naming no module of the model is an error. Keys that name nothing are returned for the caller to report.
-Safetensors only: nothing is ever unpickled.
+The dialects (diffusers/PEFT, kohya/musubi, ComfyUI/ai-toolkit, DiffSynth, Lightning, LyCORIS; for FLUX also BFL
+names, fal and XLabs) differ only in key prefixes, key suffixes and where alpha lives; those are the tables in
+keymaps.py (LORA_DIALECTS, LORA_SUFFIXES, LORA_OWN_SUFFIXES, LORA_KINDS). A LyCORIS LoHa is exactly a low-rank pair
+and is read as one (loading/adapters.py). Reading is loud: a shape that does not fit, a file made for another family,
+an adapter kind qimg cannot apply exactly (DoRA, Tucker), a FLUX Control LoRA, or a file naming no module of the
+model is an error. Keys that name nothing are returned for the caller to report. Safetensors only: nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,12 @@ from qimg.loading.keymaps import (
     LORA_FAMILY_NAMES,
     LORA_KINDS,
     LORA_ONLY_FAMILY_MARKERS,
+    LORA_OWN_SUFFIXES,
     LORA_SUFFIXES,
     LORA_TEXT_ENCODER_PREFIXES,
     LORA_UNSUPPORTED,
 )
+from qimg.loading.lora_flux import control_lora_key, xlabs_modules
 from qimg.loading.lora_fused import bfl_modules, split_fused
 
 # diffusers writes a LoRA's peft.LoraConfig as JSON under this header key (lora_base.LORA_ADAPTER_METADATA_KEY). A
@@ -56,7 +59,7 @@ class LoRAFile:
     """A LoRA file read against one denoiser: its adapters by module name, and the keys that named nothing."""
 
     path: Path
-    dialect: str  # "diffusers", "kohya", "comfy", "diffsynth", "lightning", "lycoris"; FLUX also "fal", "bfl"
+    dialect: str  # "diffusers", "kohya", "comfy", "diffsynth", "lightning", "lycoris"; FLUX also "fal", "bfl", "xlabs"
     family: str  # the family its keys name
     modules: dict[str, Adapter]  # denoiser module name ("transformer_blocks.3.attn.to_q") -> adapter
     unmatched: tuple[str, ...]  # tensor keys that named no module of the model, or were not understood
@@ -109,7 +112,7 @@ class _Dialect:
 
     name: str
     prefix: str
-    spelling: str  # "dotted" | "underscored" | "bfl" | "bfl_underscored" (FLUX's BFL names, FLUX_BFL_MODULES)
+    spelling: str  # "dotted" | "underscored" | "bfl" | "bfl_underscored" (FLUX_BFL_MODULES) | "xlabs"
     styles: tuple[str, ...]
     families: tuple[str, ...]
 
@@ -121,6 +124,8 @@ class _Dialect:
 
 
 _DIALECTS = tuple(_Dialect(*row) for row in LORA_DIALECTS)
+# The suffixes each row reads: all of LORA_SUFFIXES its styles take, and LORA_OWN_SUFFIXES only where it names them.
+_SUFFIXES = {d: LORA_SUFFIXES + tuple(row for row in LORA_OWN_SUFFIXES if row[2] in d.styles) for d in _DIALECTS}
 
 
 def _tokens(tokens: tuple[str, ...]) -> re.Pattern[str]:
@@ -144,16 +149,22 @@ def read_lora(path: str | Path, linears: Mapping[str, tuple[int, int]], family: 
     metadata = dict(handle.metadata() or {})
     _refuse_other_family(shown, keys, metadata, family)
     _refuse_unsupported(shown, keys)
+    if family == "flux":
+        _refuse_flux_control(shown, handle, keys, linears)
     config = _peft_config(shown, metadata)
 
     # Each key -> (dialect row, module, role); keys of one module group by the row's prefix, so that one file
     # naming a module twice (two prefixes) is caught instead of one silently winning. FLUX's BFL names are modules
-    # too, as wide as the linears they fuse; their adapters are split onto those linears once read.
-    fused = bfl_modules(linears) if family == "flux" else {}
-    bfl = {name: (sum(linears[t][0] for t in targets), linears[targets[0]][1]) for name, targets in fused.items()}
+    # too, as wide as the linears they fuse, and so are XLabs' processor names; their adapters are split onto those
+    # linears once read.
+    bfl = bfl_modules(linears) if family == "flux" else {}
+    xlabs = xlabs_modules(linears) if family == "flux" else {}
+    fused = {**bfl, **xlabs}
     spellings = {"dotted": {name: name for name in linears}, "underscored": _underscored(linears),
-                 "bfl": {name: name for name in bfl}, "bfl_underscored": _underscored(bfl)}
-    widths = {**linears, **bfl}
+                 "bfl": {name: name for name in bfl}, "bfl_underscored": _underscored(bfl),
+                 "xlabs": {name: name for name in xlabs}}
+    widths = {**linears, **{name: (sum(linears[t][0] for t in targets), linears[targets[0]][1])
+                            for name, targets in fused.items()}}
     groups: dict[tuple[str, str], dict[str, str]] = {}
     dialect_of: dict[tuple[str, str], str] = {}
     guesses: Counter[str] = Counter()
@@ -271,10 +282,19 @@ def _refuse_unsupported(shown: str, keys: list[str]) -> None:
                              hint=hint)
 
 
-def _underscored(linears: Mapping[str, tuple[int, int]]) -> dict[str, str]:
+def _refuse_flux_control(shown: str, handle: Any, keys: list[str], linears: Mapping[str, tuple[int, int]]) -> None:
+    """BFL's FLUX.1 Control LoRAs (Canny, Depth) by name: read as LoRAs they would fail on img_in's width."""
+    found = control_lora_key(keys, lambda key: tuple(handle.get_slice(key).get_shape()), linears)
+    if found is not None:
+        raise InputError(f"{shown} is a FLUX Control LoRA (Canny/Depth: {_show(found[0])} {found[1]}); it needs a "
+                         "control-image pipeline, which qimg does not have",
+                         hint="FLUX.1 Control is not supported; use a LoRA made for FLUX.1-dev")
+
+
+def _underscored(names: Iterable[str]) -> dict[str, str]:
     """kohya spelling -> module name; a spelling two modules share maps to neither (never guessed)."""
     seen: dict[str, str | None] = {}
-    for name in linears:
+    for name in names:
         spelled = name.replace(".", "_")
         seen[spelled] = name if seen.get(spelled, name) == name else None
     return {spelled: name for spelled, name in seen.items() if name is not None}
@@ -289,7 +309,7 @@ def _locate(key: str, spellings: Mapping[str, Mapping[str, str]],
         if not dialect.serves(family) or not key.startswith(dialect.prefix):
             continue
         rest = key[len(dialect.prefix):]
-        for suffix, role, style in LORA_SUFFIXES:
+        for suffix, role, style in _SUFFIXES[dialect]:
             if not rest.endswith(suffix) or not dialect.writes(style):
                 continue
             stem = rest[: len(rest) - len(suffix)]

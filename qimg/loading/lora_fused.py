@@ -4,7 +4,7 @@ one module as wide as the diffusers linears it covers, and its adapter split ont
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -15,10 +15,17 @@ from qimg.loading.keymaps import FLUX_BFL_MODULES, FLUX_BFL_SWAPPED
 
 
 def bfl_modules(linears: Mapping[str, tuple[int, int]]) -> dict[str, tuple[str, ...]]:
-    """FLUX's BFL module names -> the model's linears each covers (FLUX_BFL_MODULES), for every block the model has.
-    A BFL name is a module only where all its linears exist and take the same input."""
+    """FLUX's BFL module names -> the model's linears each covers (FLUX_BFL_MODULES), for every block the model has."""
+    return fused_modules(FLUX_BFL_MODULES, linears)
+
+
+def fused_modules(table: Sequence[tuple[str, tuple[str, ...]]], linears: Mapping[str, tuple[int, int]]
+                  ) -> dict[str, tuple[str, ...]]:
+    """A fused-module table's names ("{i}" for the block index) -> the model's linears each covers, for every block
+    the model has. A name is a module only where all its linears exist and take the same input (so one down
+    matrix can serve them)."""
     out: dict[str, tuple[str, ...]] = {}
-    for pattern, targets in FLUX_BFL_MODULES:
+    for pattern, targets in table:
         for i in range(10_000) if "{i}" in pattern else (0,):
             names = tuple(t.format(i=i) for t in targets)
             if not all(n in linears for n in names):

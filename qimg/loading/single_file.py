@@ -1,6 +1,7 @@
 """One-file transformer checkpoints in place of a model folder's transformer weights: ComfyUI's repackaged and
-FP8 files (keys under "model.diffusion_model."), and files in the official key layout (DiffSynth's distilled
-models, fine-tunes). The configs, VAE, text encoder and scheduler still come from the model folder.
+FP8 files (keys under "model.diffusion_model."), files in the official key layout (DiffSynth's distilled
+models, fine-tunes), and FLUX.1 in BFL's own layout (loading/flux_single_file.py). The configs, VAE, text encoder
+and scheduler still come from the model folder.
 
 The layout is found from the keys (LAYOUTS, a table), never from the file name, and loading is as strict as for
 the folder: every tensor the network needs, nothing it does not know, the right shapes (checkpoint.load_module).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qimg.errors import CheckpointError, InputError
+from qimg.loading.flux_single_file import load_parts, split_bfl, take_rows
 from qimg.loading.keymaps import LORA_FAMILY_MARKERS, LORA_FAMILY_NAMES, LORA_SUFFIXES
 
 if TYPE_CHECKING:
@@ -47,6 +50,12 @@ LAYOUTS: tuple[tuple[str, str], ...] = (
 FAMILY_ANCHORS: dict[str, tuple[str, ...]] = {
     "qwen-image": ("img_in.weight", "txt_in.weight", "txt_norm.weight", "time_text_embed.timestep_embedder.linear_1"
                    ".weight"),
+}
+# A family's layouts in names other than the network's, tried before LAYOUTS under each of their prefixes:
+# (layout, anchors). "BFL": FLUX.1's release and ComfyUI files, fused tensors split by loading/flux_single_file.py.
+FAMILY_LAYOUTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "flux": (("BFL", ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+                      "time_in.in_layer.weight", "final_layer.adaLN_modulation.1.weight")),),
 }
 # Key prefixes of the other components an all-in-one ComfyUI checkpoint carries (VAE, text encoders).
 ALL_IN_ONE_PREFIXES = ("first_stage_model.", "cond_stage_model.", "conditioner.", "text_encoders.", "vae.")
@@ -71,7 +80,7 @@ class TransformerFile:
 
     path: Path
     family: str
-    layout: str  # "diffusers" or "ComfyUI"
+    layout: str  # "diffusers", "ComfyUI" or a FAMILY_LAYOUTS one ("BFL")
     prefix: str  # the layout's key prefix
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # module name -> (safetensors dtype, shape), weights only
     stored: dict[str, str]  # module name -> its key in the file
@@ -83,6 +92,8 @@ class TransformerFile:
     # The safetensors files (one, or a sharded release's shards) and each key's file; `path` is what was named.
     files: tuple[Path, ...] = ()
     where: dict[str, Path] = dataclasses.field(default_factory=dict)
+    # A fused layout (BFL): module name -> the row ranges of its stored tensor it is (absent: the whole tensor).
+    parts: dict[str, tuple[tuple[int, int], ...]] | None = None
 
     def rename(self) -> dict[str, str | None]:
         """Key in the file -> module name, or None for keys the loader reads past (scales, markers)."""
@@ -139,7 +150,11 @@ class TransformerFile:
         """The fp32 scale of a stored FP8 weight (module name "...to_q.weight"): one number, or one per output row
         (shape (N,)); None when the file stores none (the values are the weights)."""
         key = self.scales.get(weight)
-        return None if key is None else self._handle(key).get_tensor(key).float().reshape(-1)
+        if key is None:
+            return None
+        value = self._handle(key).get_tensor(key).float().reshape(-1)
+        rows = (self.parts or {}).get(weight)  # a part of a fused tensor has its own rows of a per-row scale
+        return value if rows is None or value.numel() == 1 else take_rows(value, rows)
 
     def dequantize(self, name: str, tensor: Tensor) -> Tensor:
         """A stored e4m3 tensor as the fp32 values it stands for (exact up to the one product with its scale)."""
@@ -168,6 +183,8 @@ class TransformerFile:
 
         hint = (f"the file is not a {self.family} transformer of the variant and size transformer/config.json "
                 "describes, or it is incomplete")
+        if self.parts is not None:
+            return load_parts(self, build, device=device, convert=convert, hint=hint, **grouping)
         return load_module(build, list(self.files or (self.path,)), device=device, dtype=dtype, rename=self.rename(),
                            convert=convert, what=self.what, hint=hint, **grouping)
 
@@ -227,6 +244,10 @@ def read_transformer_file(path: str | Path, family: str = "qwen-image") -> Trans
             foreign.append(key)
             del scales[weight]
     _check_formats(shown, header, tensors, scales, marker, prefix, metadata, where)
+    parts = None
+    if layout == "BFL":  # checked in BFL's names above; now onto the network's
+        tensors, stored, scales, parts, unknown = split_bfl(shown, tensors, stored, scales)
+        foreign.extend(unknown)
     fp8_format = ""
     if any(dt == FP8 for dt, _ in tensors.values()):
         quant_ops = any(k.endswith(".comfy_quant") for k in skipped) or "_quantization_metadata" in metadata
@@ -235,7 +256,7 @@ def read_transformer_file(path: str | Path, family: str = "qwen-image") -> Trans
     return TransformerFile(path=path.resolve(), family=family, layout=layout, prefix=prefix, tensors=tensors,
                            stored=stored, scales=scales, skipped=tuple(skipped), foreign=tuple(foreign),
                            flags=tuple(flags), fp8_format=fp8_format, files=tuple(f.resolve() for f in files),
-                           where={k: f.resolve() for k, f in where.items()})
+                           where={k: f.resolve() for k, f in where.items()}, parts=parts)
 
 
 def with_transformer(model: str | Path | ModelRef, path: str | Path | None) -> ModelRef:
@@ -385,6 +406,9 @@ def _refuse_other_kinds(shown: str, keys: list[str], family: str) -> None:
 def _layout(shown: str, keys: list[str], family: str) -> tuple[str, str]:
     anchors = FAMILY_ANCHORS.get(family, ())
     present = set(keys)
+    for (layout, own), (_, prefix) in itertools.product(FAMILY_LAYOUTS.get(family, ()), LAYOUTS):
+        if any(prefix + a in present for a in own):
+            return layout, prefix
     for layout, prefix in LAYOUTS:
         if any(prefix + a in present for a in anchors) or (not anchors and any(k.startswith(prefix) for k in keys)):
             return layout, prefix

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -140,9 +141,25 @@ def set_attention_impl(fn: AttentionFn) -> AttentionFn:
     return previous
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; backward hands on a contiguous gradient. cuDNN's attention backward fails on a strided
+    output gradient ("mha_graph.execute ... is_good()", then an illegal memory access: torch 2.11, H200), which
+    is what a consumer that slices the attention output gives it (FLUX's single blocks concatenate it with their
+    MLP branch before proj_out)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017); the engine's one call site, so kernels are one switch.
 
     q, k, v: (B, L, H, D); mask: None or bool (B, L_k) with True = attend. Returns (B, L, H * D).
     """
-    return _attention_impl(q, k, v, mask).flatten(2)
+    out = _attention_impl(q, k, v, mask).flatten(2)
+    return _ContiguousGrad.apply(out) if out.requires_grad else out

@@ -5,9 +5,10 @@ lives in qimg/families/; nothing under runtime/ or in the generic pipeline code 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,4 +89,10 @@ class Family:
     # (root, dtype, fp8 mode, tokens, batch, adapter values, weights=TransformerFile | None) -> TrainNeeds: what a
     # LoRA training step needs on the device (None: the family does not train yet).
     train_needs: Callable[..., TrainNeeds] | None = None
+    # --targets name ("attn", "attn-mlp", "all") -> the block-relative linear names it trains, for every block list
+    # (a name a block does not have is skipped there: FLUX's single blocks have no to_out).
+    train_targets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # (model, x0, texts, size, generator, dtype, device, refs=, ref_shapes=) -> the flow-matching loss of one
+    # micro-batch (training/step.py flow_loss for Qwen-Image, training/flux_step.py flux_flow_loss for FLUX.1).
+    train_loss: Callable[..., torch.Tensor] | None = None
     cfg_norm_rescale: bool = False  # true CFG keeps the conditional velocity's norm (Qwen-Image)

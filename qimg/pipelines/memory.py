@@ -26,7 +26,7 @@ from qimg.runtime.fp8 import FP8Linear, Predicate, apply_fp8
 from qimg.runtime.merge import Delta, merge_deltas
 from qimg.runtime.offload import HostCopy, Offloaded, module_tensors
 from qimg.runtime.options import RuntimeOptions
-from qimg.runtime.planner import Footprint, GiB, MemoryPlan, Needs, RequestShape, plan_memory
+from qimg.runtime.planner import Footprint, GiB, MemoryPlan, Needs, RequestShape, TrainNeeds, plan_memory
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
@@ -80,6 +80,23 @@ def denoiser_footprint(
     kept = weights.kept_fp8()
     return footprint(weights.tensors, blocks.key, size,
                      lambda name: name in kept or (fp8 is not None and quantisable(name)), act)
+
+
+# Bytes one block keeps for its backward, in hidden-state copies (B x tokens x dim in the compute dtype): bench/
+# train.py's un-checkpointed step on the full model at 1024x1024 peaked 33.3 GiB over the weights for 60 blocks of
+# 4224 tokens, 23 copies each with the adapters' gradients and optimizer state counted in; 22 without them.
+TRAIN_SAVED_COPIES = 22
+
+
+def block_train_needs(weights: Footprint, dim: int, size: int, tokens: int, batch: int, adapter_params: int
+                      ) -> TrainNeeds:
+    """What a LoRA training step needs from the denoiser's footprint (its act: the inference working set of one
+    block), the hidden width, the compute dtype's bytes, `batch` rows of `tokens` tokens, and the trainable
+    values (fp32, with a gradient and AdamW's two moments: 16 bytes each)."""
+    copy = batch * tokens * dim * size
+    saved = TRAIN_SAVED_COPIES * copy
+    return TrainNeeds(weights=weights, saved=saved, inputs=copy, work=saved + weights.act,
+                      adapters=16 * adapter_params)
 
 
 def stored_fp8_mode(fp8: str | None, weights: TransformerFile | None) -> str | None:

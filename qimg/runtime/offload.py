@@ -228,6 +228,9 @@ class Offloaded:
             copy.release()
         self._flats.clear()
         self._slots: list[Tensor] = []
+        # The per-slot views hold the slot buffers too: dropping only the slots list kept every streamed
+        # component's slots allocated through later phases (2 GiB of FLUX's 8 GiB budget, found on an H200).
+        self._views: dict[tuple[int, int], list[Tensor]] = {}
         self.on_device = False
 
     # -- block streaming --------------------------------------------------------------------------------------

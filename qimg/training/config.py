@@ -22,6 +22,13 @@ TARGETS: dict[str, tuple[str, ...]] = {
 TARGETS["attn-mlp"] = TARGETS["attn"] + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
                                          "txt_mlp.net.2")
 TARGETS["all"] = TARGETS["attn-mlp"] + ("img_mod.1", "txt_mod.1")
+# FLUX.1 (diffusers' module names, both block lists): attn is the attention projections of both streams and the
+# single blocks' q, k, v; attn-mlp adds every MLP linear, the single blocks' proj_mlp and proj_out (musubi's
+# lora_flux.py: every block linear but the modulation); all adds the modulation (sd-scripts' choice).
+FLUX_TARGETS: dict[str, tuple[str, ...]] = {"attn": TARGETS["attn"]}
+FLUX_TARGETS["attn-mlp"] = FLUX_TARGETS["attn"] + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                                                   "ff_context.net.2", "proj_mlp", "proj_out")
+FLUX_TARGETS["all"] = FLUX_TARGETS["attn-mlp"] + ("norm1.linear", "norm1_context.linear", "norm.linear")
 # Settings a resumed run must share with the run it continues (others, like the learning rate, may change).
 FIXED_ON_RESUME = ("model", "data", "rank", "alpha", "targets", "seed", "resolution", "batch_size")
 

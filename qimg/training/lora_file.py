@@ -6,6 +6,10 @@ Three key layouts, one row each in FORMATS:
              diffusers' save_lora_weights writes it ("transformer."-prefixed LoraConfig fields, as JSON);
   comfy      diffusion_model.<module>.lora_A.weight / .lora_B.weight / .alpha (0-d);
   kohya      lora_unet_<module, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha (0-d).
+For FLUX, comfy and kohya spell modules with BFL's names, as ComfyUI and sd-scripts do, a double block's q, k, v (and a
+single block's q, k, v and MLP input) fused into one adapter (lora_file_flux.py); diffusers keeps diffusers' names.
+diffusers (FluxPipeline) reads the FLUX diffusers and kohya files, not the comfy one (no FLUX converter of its takes
+diffusion_model. keys with lora_A / lora_B): that one is for ComfyUI (and qimg).
 Alpha is always stored: without it every reader falls back to alpha = rank (scale 1), which is wrong whenever the
 trainer's alpha is not its rank. It is stored exactly once: diffusers' Qwen-Image loader bakes an `.alpha` tensor
 into the matrices and would then apply the header's lora_alpha on top, so a file never holds both.
@@ -30,7 +34,9 @@ from safetensors import safe_open
 from torch import Tensor
 
 from qimg.errors import CheckpointError, OutputError, QimgError
+from qimg.loading.keymaps import LORA_FAMILY_NAMES
 from qimg.loading.lora import PEFT_COMPONENT, PEFT_METADATA_KEY, LoRAModule, read_lora
+from qimg.training.lora_file_flux import bfl_part, fuse_bfl, kohya_dropped
 
 __all__ = ["FORMATS", "check_saved", "save_lora"]
 
@@ -45,15 +51,16 @@ class LoRAFormat:
     down: str  # key suffixes
     up: str
     alpha: str | None  # suffix of the per-module 0-d alpha tensor; None: alpha lives in the PEFT header instead
+    bfl: bool  # FLUX: BFL's module names, fused where BFL fuses (what ComfyUI and sd-scripts read and write)
 
     def stem(self, module: str) -> str:
         return self.prefix + (module.replace(".", "_") if self.underscored else module)
 
 
 FORMATS: dict[str, LoRAFormat] = {
-    "diffusers": LoRAFormat("diffusers", "transformer.", False, ".lora_A.weight", ".lora_B.weight", None),
-    "comfy": LoRAFormat("comfy", "diffusion_model.", False, ".lora_A.weight", ".lora_B.weight", ".alpha"),
-    "kohya": LoRAFormat("kohya", "lora_unet_", True, ".lora_down.weight", ".lora_up.weight", ".alpha"),
+    "diffusers": LoRAFormat("diffusers", "transformer.", False, ".lora_A.weight", ".lora_B.weight", None, False),
+    "comfy": LoRAFormat("comfy", "diffusion_model.", False, ".lora_A.weight", ".lora_B.weight", ".alpha", True),
+    "kohya": LoRAFormat("kohya", "lora_unet_", True, ".lora_down.weight", ".lora_up.weight", ".alpha", True),
 }
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _FORMAT_KEY, _RANK_KEY, _ALPHA_KEY = "qimg.format", "qimg.rank", "qimg.alpha"
@@ -64,14 +71,19 @@ _HINT_RESAVE = "save the LoRA again; if it fails again, report it as a qimg bug"
 
 
 def save_lora(path: str | Path, modules: Mapping[str, tuple[Tensor, Tensor]], *, rank: int, alpha: float,
-              fmt: str = "diffusers", metadata: Mapping[str, str] | None = None,
+              fmt: str = "diffusers", family: str = "qwen-image",
+              linears: Mapping[str, tuple[int, int]] | None = None, metadata: Mapping[str, str] | None = None,
               dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a LoRA file atomically; returns its path.
 
     modules: denoiser module name ("transformer_blocks.3.attn.to_q") -> (down (rank, in), up (out, rank)), as trained.
-    fmt: a key of FORMATS. metadata: the caller's training settings (strings), stored in the header next to
-    qimg.format, qimg.rank and qimg.alpha. Bad arguments raise ValueError and write nothing; a failed write leaves
-    no file behind (and any file already at `path` as it was), an OS error raising OutputError.
+    fmt: a key of FORMATS. family: the denoiser's ("qwen-image", "flux"); for "flux" the comfy and kohya formats
+    write BFL's fused names. linears: the denoiser's nn.Linear names -> (out_features, in_features), as for
+    check_saved; when given, every module must be one of them, shapes matching, and it sizes the zero blocks of a
+    FLUX fused module trained only in part (without it such a module is refused). metadata: the caller's training
+    settings (strings), stored in the header next to qimg.format, qimg.rank and qimg.alpha (rank and alpha of each
+    trained linear). Bad arguments raise ValueError and write nothing; a failed write leaves no file behind (and any
+    file already at `path` as it was), an OS error raising OutputError.
     """
     layout = FORMATS.get(fmt) if isinstance(fmt, str) else None
     if layout is None:
@@ -87,21 +99,36 @@ def save_lora(path: str | Path, modules: Mapping[str, tuple[Tensor, Tensor]], *,
         raise ValueError(f"alpha must be a positive finite number, not {alpha!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"LoRA matrices are stored as {', '.join(_DTYPES.values())}, not {dtype}")
+    if family not in LORA_FAMILY_NAMES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(LORA_FAMILY_NAMES)}")
     if not modules:
         raise ValueError("no modules to save: a LoRA needs at least one adapted linear")
 
+    stored = {module: _stored_pair(module, pair, rank, dtype) for module, pair in modules.items()}
+    if linears is not None:
+        _check_fit(stored, linears)
+    # file module name -> (down, up, its alpha); a fused module of n parts has rank n * rank, hence alpha n * alpha
+    written: dict[str, tuple[Tensor, Tensor, float]] = {}
+    if family == "flux" and layout.bfl:
+        for name, (down, up, n) in fuse_bfl(stored, rank, linears).items():
+            if layout.dialect == "kohya" and kohya_dropped(name):
+                # train-lora trains the blocks only; a file diffusers would apply in part is never written
+                raise ValueError(f"diffusers drops the kohya adapter of {name} (only double_blocks and "
+                                 "single_blocks load); save it in the diffusers format, or comfy for ComfyUI")
+            written[name] = (down, up, n * float(alpha))
+    else:
+        written = {module: (down, up, float(alpha)) for module, (down, up) in stored.items()}
     tensors: dict[str, Tensor] = {}
-    for module, pair in modules.items():
-        down, up = _stored_pair(module, pair, rank, dtype)
+    for module, (down, up, module_alpha) in written.items():
         stem = layout.stem(module)
         if stem + layout.down in tensors:
             raise ValueError(f"two modules are both written as {stem!r} in the {fmt} format (one is {module!r})")
         tensors[stem + layout.down], tensors[stem + layout.up] = down, up
         if layout.alpha is not None:
             # fp32 whatever the matrices' dtype: a bf16 alpha would round values like 0.3 or 257
-            tensors[stem + layout.alpha] = torch.tensor(float(alpha), dtype=torch.float32)
+            tensors[stem + layout.alpha] = torch.tensor(module_alpha, dtype=torch.float32)
 
-    _write_atomically(path, tensors, _header(fmt, layout, modules, rank, alpha, metadata))
+    _write_atomically(path, tensors, _header(fmt, layout, modules, rank, alpha, metadata, linears))
     return path
 
 
@@ -109,7 +136,9 @@ def check_saved(path: str | Path, linears: Mapping[str, tuple[int, int]], family
     """Read a file save_lora wrote back the way `qimg generate --lora` reads it, and raise CheckpointError (one line)
     unless every key matches a linear of the model, the file holds exactly the keys its format writes for the
     modules read, each reads back with the rank and alpha its header states, and at least one up matrix is nonzero.
-    linears: the denoiser's nn.Linear names -> (out_features, in_features)."""
+    linears: the denoiser's nn.Linear names -> (out_features, in_features). For a FLUX comfy or kohya file the keys
+    are BFL's fused names; the reader splits each fused adapter into its parts, and each part must read back with
+    the header's rank and alpha, which only the block-diagonal layout save_lora writes (alpha n * alpha) gives."""
     path = Path(path)
     shown = _show(path)
     try:
@@ -129,8 +158,13 @@ def check_saved(path: str | Path, linears: Mapping[str, tuple[int, int]], family
         raise CheckpointError(f"{shown}: {count} key{'s' if count > 1 else ''} match{'' if count > 1 else 'es'} no "
                               f"linear of the {family} denoiser (first {_show(lora.unmatched[0])})", hint=_HINT_RESAVE)
     expected: set[str] = set()
+    bfl = family == "flux" and layout.bfl
     for module in lora.modules:
-        stem = layout.stem(module)
+        part = bfl_part(module) if bfl else None
+        if bfl and part is None:
+            raise CheckpointError(f"{shown}: {module} has no BFL name, so save_lora cannot have written it",
+                                  hint=_HINT_RESAVE)
+        stem = layout.stem(module if part is None else part.module)
         expected.update(stem + s for s in (layout.down, layout.up, layout.alpha) if s is not None)
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         keys = set(handle.keys())
@@ -181,8 +215,19 @@ def _stored_pair(module: object, pair: object, rank: int, dtype: torch.dtype) ->
     return stored[0], stored[1]
 
 
+def _check_fit(stored: Mapping[str, tuple[Tensor, Tensor]], linears: Mapping[str, tuple[int, int]]) -> None:
+    """Every module a linear of the denoiser, its down as wide as its input and its up as tall as its output."""
+    for module, (down, up) in stored.items():
+        if module not in linears:
+            raise ValueError(f"{module!r} is not a linear of the denoiser")
+        out, inp = linears[module]
+        if down.shape[1] != inp or up.shape[0] != out:
+            raise ValueError(f"{module}: down {tuple(down.shape)} and up {tuple(up.shape)} do not fit its linear "
+                             f"(out {out}, in {inp})")
+
+
 def _header(fmt: str, layout: LoRAFormat, modules: Mapping[str, object], rank: int, alpha: float,
-            metadata: Mapping[str, str] | None) -> dict[str, str]:
+            metadata: Mapping[str, str] | None, linears: Mapping[str, object] | None) -> dict[str, str]:
     header = {"format": "pt"}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -192,11 +237,12 @@ def _header(fmt: str, layout: LoRAFormat, modules: Mapping[str, object], rank: i
         header[key] = value
     header.update({_FORMAT_KEY: fmt, _RANK_KEY: str(rank), _ALPHA_KEY: repr(float(alpha))})
     if layout.alpha is None:
-        header[PEFT_METADATA_KEY] = _peft_header(modules, rank, alpha)
+        header[PEFT_METADATA_KEY] = _peft_header(modules, rank, alpha, linears)
     return header
 
 
-def _peft_header(modules: Mapping[str, object], rank: int, alpha: float) -> str:
+def _peft_header(modules: Mapping[str, object], rank: int, alpha: float, linears: Mapping[str, object] | None
+                 ) -> str:
     """The transformer's LoraConfig as diffusers' save_lora_weights stores it (lora_base.write_lora_layers): fields
     prefixed with the component, JSON with indent 2 and sorted keys. load_lora_weights builds LoraConfig(**fields)
     from it, so scale = lora_alpha / r; the fields that change that scale are spelled out rather than left to
@@ -204,13 +250,43 @@ def _peft_header(modules: Mapping[str, object], rank: int, alpha: float) -> str:
     config = {
         "r": rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
-        "target_modules": sorted({_target(module) for module in modules}),
+        "target_modules": _targets(modules, linears),
         "rank_pattern": {},
         "alpha_pattern": {},
         "use_rslora": False,
         "use_dora": False,
     }
     return json.dumps({f"{PEFT_COMPONENT}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
+
+
+def _targets(modules: Mapping[str, object], linears: Mapping[str, object] | None) -> list[str] | str:
+    """PEFT's target_modules naming exactly the adapted modules: each module's tail (_target), except where the
+    denoiser's linears show that tail also naming a linear the file does not adapt (FLUX's single-block "proj_out" is
+    also its final proj_out; a block left out of training): those modules are named whole. Where even a whole name is
+    another linear's tail (FLUX's final "proj_out"), a list cannot say it, and the targets become one regex, which
+    PEFT matches against whole module names."""
+    by_tail: dict[str, list[str]] = {}
+    for module in modules:
+        by_tail.setdefault(_target(module), []).append(module)
+    tails: set[str] = set()
+    wholes: set[str] = set()
+    for tail, named in by_tail.items():
+        if _names_more(tail, modules, linears):
+            wholes.update(named)
+        else:
+            tails.add(tail)
+    if not any(_names_more(whole, modules, linears) for whole in wholes):
+        return sorted(tails | wholes)
+    exact = [re.escape(whole) for whole in sorted(wholes)]
+    tail = [r"(?:.*\.)?(?:" + "|".join(re.escape(t) for t in sorted(tails)) + ")"] if tails else []
+    return "|".join(exact + tail)
+
+
+def _names_more(target: str, modules: Mapping[str, object], linears: Mapping[str, object] | None) -> bool:
+    """Whether a target_modules entry also names a linear the file does not adapt: PEFT matches it against a module
+    name whole or as its dotted tail (peft.tuners.tuners_utils.check_target_module_exists)."""
+    return linears is not None and any((name == target or name.endswith("." + target)) and name not in modules
+                                       for name in linears)
 
 
 def _target(module: str) -> str:

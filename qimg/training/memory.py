@@ -18,7 +18,7 @@ from qimg.runtime.compile import compile_inside
 from qimg.runtime.offload import Offloaded
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import PlanError, TrainNeeds, TrainPlan, plan_training
-from qimg.training.config import TARGETS, TrainConfig
+from qimg.training.config import TrainConfig
 from qimg.training.data import TrainItem, bucket_for
 
 VL_PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: 14-pixel patches merged 2x2 into one text-stream token
@@ -30,7 +30,7 @@ def target_modules(family: Family, linears: Mapping[str, Any], targets: str) -> 
     out = []
     for name in linears:
         prefix = family.denoiser_blocks.prefix(name + ".")
-        if prefix is not None and name[len(prefix) + 1:] in TARGETS[targets]:
+        if prefix is not None and name[len(prefix) + 1:] in family.train_targets[targets]:
             out.append(name)
     return out
 
@@ -42,7 +42,9 @@ def step_tokens(ref: ModelRef, config: TrainConfig, items: Sequence[TrainItem]) 
     size = max((bucket_for(i.width, i.height, max_pixels=config.max_pixels) for i in items),
                key=lambda s: s[0] * s[1])
     controls = max((len(i.controls) for i in items), default=0)
-    return (size[0] * size[1] // 256 + controls * spec.vae_image_area // 256 + TEXT_TOKENS
+    # A control's VAE area: the spec's, or (FLUX.1-Kontext) its largest training resolution.
+    control_area = spec.vae_image_area or max((w * h for w, h in spec.input_sizes), default=0)
+    return (size[0] * size[1] // 256 + controls * control_area // 256 + TEXT_TOKENS
             + controls * spec.vl_image_area // VL_PIXELS_PER_TOKEN)
 
 

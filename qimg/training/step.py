@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from qimg.embeddings import PromptEmbeds
 from qimg.nets.qwen_mmdit import qwen_rope
 from qimg.pipelines.qwen import text_batch
-from qimg.request import calculate_dimensions
+from qimg.request import calculate_dimensions, input_size
 from qimg.specs import ModelSpec
 from qimg.training.images import upright_size
 
@@ -63,9 +63,12 @@ def flow_loss(model: torch.nn.Module, x0: torch.Tensor, texts: Sequence[PromptEm
 
 
 def control_size(spec: ModelSpec, path: Path) -> tuple[int, int]:
-    """The (width, height) a control image is VAE-encoded at: about the spec's VAE area at the image's upright
-    aspect, as run_qwen_edit sizes an input image (calculate_dimensions; multiples of 32)."""
+    """The (width, height) a control image is VAE-encoded at, as `qimg edit` encodes an input image: for specs
+    with training resolutions (FLUX.1-Kontext) the one nearest the image's upright aspect (request.input_size);
+    otherwise about the spec's VAE area at that aspect, as run_qwen_edit sizes it (multiples of 32)."""
     width, height = upright_size(path, "control")
+    if spec.input_sizes:
+        return input_size(spec, width, height)
     return calculate_dimensions(spec.vae_image_area, width / height)
 
 

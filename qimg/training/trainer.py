@@ -49,7 +49,7 @@ from qimg.training.data import TrainItem, bucket_for, cache_key, epoch_batches, 
 from qimg.training.images import DatasetError, load_image
 from qimg.training.lora_file import check_saved, save_lora
 from qimg.training.memory import place_for_training
-from qimg.training.step import Grid, control_size, flow_loss, init_adapters, step_generator
+from qimg.training.step import Grid, control_size, init_adapters, step_generator
 
 ADAPTER = "train"
 
@@ -102,9 +102,12 @@ class Trainer:
         # Placed before the adapters exist: packing blocks into host memory must not take the trainable
         # adapters along (the optimizer updates those in place, on the device).
         place_for_training(self.pipe, plan)
-        lists = self.pipe.family.denoiser_blocks.names
-        names = [f"{blocks}.{i}.{t}" for blocks in lists for i in range(len(model.get_submodule(blocks)))
-                 for t in TARGETS[self.config.targets]]
+        family = self.pipe.family
+        linears = model_linears(model)
+        # Block by block in the target table's order (so a run's adapters, and their seeded initialisation, do
+        # not depend on module registration order); a name a block list lacks is skipped there.
+        names = [name for blocks in family.denoiser_blocks.names for i in range(len(model.get_submodule(blocks)))
+                 for t in family.train_targets[self.config.targets] if (name := f"{blocks}.{i}.{t}") in linears]
         init = init_adapters(model, names, self.config.rank, self.config.seed)
         scale = self.config.alpha / self.config.rank
         with torch.inference_mode(False):
@@ -210,8 +213,9 @@ class Trainer:
         """The flow-matching loss of one micro-batch (one bucket: every image the same size)."""
         x0, texts, refs, ref_shapes = self._batch(indices)
         gen = step_generator(self.config.seed, step, micro)
-        return flow_loss(self.pipe.transformer, x0, texts, self.sizes[indices[0]], gen, self.pipe.torch_dtype,
-                         self.pipe.torch_device, refs=refs, ref_shapes=ref_shapes)
+        return self.pipe.family.train_loss(self.pipe.transformer, x0, texts, self.sizes[indices[0]], gen,
+                                           self.pipe.torch_dtype, self.pipe.torch_device, refs=refs,
+                                           ref_shapes=ref_shapes)
 
     def run(self) -> Path:
         """Train to config.steps, saving state every save_every steps and at the end; returns
@@ -295,9 +299,11 @@ class Trainer:
         cfg, step = self.config, self.progress.step
         meta = {f"qimg.train.{k}": str(v) for k, v in asdict(cfg).items()}
         meta["qimg.train.step"] = str(step)
+        linears = model_linears(self.pipe.transformer)
         lora = save_lora(self.run_dir / f"lora-step{step:06d}.safetensors", self.adapter_modules(), rank=cfg.rank,
-                         alpha=cfg.alpha, fmt=cfg.format, metadata=meta)
-        check_saved(lora, model_linears(self.pipe.transformer), self.pipe.family.name)
+                         alpha=cfg.alpha, fmt=cfg.format, family=self.pipe.family.name, linears=linears,
+                         metadata=meta)
+        check_saved(lora, linears, self.pipe.family.name)
         shutil.copyfile(lora, self.run_dir / ".lora.tmp")
         os.replace(self.run_dir / ".lora.tmp", self.run_dir / "lora.safetensors")
         self._save_state()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from qimg.errors import CheckpointError, ConfigError
 from qimg.loading.flux import flux_linears, flux_params, load_flux
-from qimg.nets.flux import FluxTransformer, flux_ids, flux_rope
+from qimg.nets.flux import FluxTransformer, SingleBlock, flux_ids, flux_rope
 from qimg.specs import FluxParams
 from tests.fixtures import randomize_
 
@@ -212,3 +212,26 @@ def test_released_dev_shapes():
         state = FluxTransformer(FluxParams()).state_dict()
     assert len(state) == 20 + 19 * 32 + 38 * 14
     assert sum(t.numel() for t in state.values()) == 11_901_408_320
+
+
+def test_the_attention_kernel_gets_a_contiguous_output_gradient_in_training():
+    """A single block slices the attention output (cat with the MLP branch), so its gradient arrives strided;
+    cuDNN's attention backward fails on that on the GPU, so the call site hands kernels a contiguous one."""
+    from qimg.nets import layers
+
+    strides: list[bool] = []
+
+    def recording(q, k, v, mask):
+        out = layers.sdpa(q, k, v, mask)
+        out.register_hook(lambda g: strides.append(g.is_contiguous()))
+        return out
+
+    previous = layers.set_attention_impl(recording)
+    try:
+        block = SingleBlock(32, 16)
+        x = torch.randn(1, 6, 32, requires_grad=True)
+        rope = flux_rope(flux_ids(2, [(0, 2, 2)]), (4, 6, 6), 10000.0)
+        block(x, torch.randn(1, 32), rope).sum().backward()
+    finally:
+        layers.set_attention_impl(previous)
+    assert strides == [True] and x.grad is not None

@@ -75,6 +75,32 @@ def test_streamed_blocks_give_exactly_the_resident_output(fp8, streamed):
     assert not off.on_device and torch.equal(_forward(model), expected)  # runs from host memory as well
 
 
+@pytest.mark.parametrize("streamed", [[0, 1, 2, 3], [1, 3]])
+def test_off_device_frees_every_device_buffer(streamed):
+    """Nothing may keep a flat buffer or a streaming slot alive once the component leaves the device: the next
+    phase's component is planned into that room."""
+    import gc
+
+    model = _model()
+    off = Offloaded(model, CPU, model.transformer_blocks)
+    off.stream(streamed)
+    off.to_device()
+    _forward(model)
+    buffers = {t.untyped_storage().data_ptr() for t in (*off._flats, *off._slots)}
+    assert len(buffers) == 3  # the flat buffer and two slots
+    off.off_device()
+    gc.collect()
+
+    def points_into_a_buffer(o: object) -> bool:
+        try:
+            return isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in buffers
+        except RuntimeError:  # tensors without storage (fake tensors other tests' compiles leave behind)
+            return False
+
+    alive = [o for o in gc.get_objects() if points_into_a_buffer(o)]
+    assert alive == []  # no tensor (a parameter, a cached view) still points into a device buffer
+
+
 def test_prefetch_runs_ahead_by_the_slots_and_wraps_into_the_next_forward():
     model = _model()
     off = Offloaded(model, CPU, model.transformer_blocks, slots=2)

@@ -35,6 +35,7 @@ Examples:
   qimg train-lora --config fox.toml --steps 500 --fp8 weights
   qimg train-lora --model qwen-image --data photos/ -o runs/fox --vram-budget 24 --compile -v
   qimg train-lora --model qwen-image-edit-2511 --data pairs/ -o runs/relight   # pairs/control/NAME.png
+  qimg train-lora --model flux-dev --data photos/ -o runs/fox-flux --format comfy
   qimg generate "a photo of sks fox" -o fox.png --model qwen-image --lora runs/fox/lora.safetensors
 """
 
@@ -71,13 +72,15 @@ def train_lora(
                                             "RESOLUTION^2 pixels (never upscaled).")] = 1024,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step (from one bucket).")] = 1,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Batches whose gradients add up per step.")] = 1,
-    targets: Annotated[str, typer.Option(help="Which linears of each block train: attn, attn-mlp (the 12 "
-                                         "attention and MLP linears) or all (adds modulation).")] = "attn-mlp",
+    targets: Annotated[str, typer.Option(help="Which linears of each block train: attn, attn-mlp (the "
+                                         "attention and MLP linears: 12 per Qwen-Image or FLUX double block, 5 per "
+                                         "FLUX single block) or all (adds modulation).")] = "attn-mlp",
     save_every: Annotated[int, typer.Option("--save-every", help="Save the LoRA and the resumable state every N "
                                             "steps.")] = 250,
     keep: Annotated[int, typer.Option(help="Keep the last N lora-stepN.safetensors files.")] = 4,
     fmt: Annotated[str, typer.Option("--format", help="The LoRA file's keys: diffusers (header alpha; diffusers, "
-                                     "ComfyUI and qimg load it), comfy or kohya (.alpha tensors).")] = "diffusers",
+                                     "ComfyUI and qimg load it), comfy or kohya (.alpha tensors; for FLUX, BFL's "
+                                     "fused names).")] = "diffusers",
     sample_every: Annotated[int, typer.Option("--sample-every", help="Every N steps, one image per line of "
                                               "--sample-prompts into RUN_DIR/samples/ (0: never).")] = 0,
     sample_prompts: Annotated[Path | None, typer.Option("--sample-prompts", metavar="FILE", help="Prompts to sample "
