@@ -67,6 +67,9 @@ _LAZY = {
     "psnr": "qimg.metrics",
     "ssim": "qimg.metrics",
     "TransformerFile": "qimg.loading.single_file",
+    "BenchResult": "qimg.benchmarking",
+    "bench_job": "qimg.benchmarking",
+    "benchmark": "qimg.benchmarking",
 }
 
 

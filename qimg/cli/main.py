@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 import qimg
-from qimg.cli.commands import download, edit, encode_prompt, generate, lora, models, train, vae
+from qimg.cli.commands import bench, download, edit, encode_prompt, generate, lora, models, train, vae
 from qimg.cli.commands import info as info_command
 from qimg.cli.output import Output
 
@@ -171,6 +171,7 @@ app.add_typer(vae.build_app(guarded), name="vae")
 app.add_typer(lora.build_app(guarded), name="lora")
 app.command("train-lora", epilog=train.EXAMPLES, no_args_is_help=True)(guarded(train.train_lora))
 app.command("download", epilog=download.EXAMPLES, no_args_is_help=True)(guarded(download.download))
+app.command("bench", epilog=bench.EXAMPLES, no_args_is_help=True)(guarded(bench.bench))
 app.command("models", epilog=models.EXAMPLES)(guarded(models.models))
 app.command("info", epilog=info_command.EXAMPLES, no_args_is_help=True)(guarded(info_command.info))
 

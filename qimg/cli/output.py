@@ -170,6 +170,31 @@ def params_token_warnings(params: dict[str, Any]) -> list[str]:
     return dropped_token_warnings(dropped, int(params.get("max_sequence_length") or 512), params.get("model_family"))
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux: /proc), so a time to first image counts the interpreter and the
+    imports too; None where the system does not say."""
+    import os
+    from pathlib import Path
+
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def timings_line(params: dict[str, Any], load: float, write: float, total: float | None) -> str:
+    """One line of where an image's time went: load, the pipeline's phases (image metadata "timings"), write."""
+    phases = dict(params.get("timings") or {})
+    parts = [f"load {load:.2f} s"] + [f"{name} {seconds:.2f} s" for name, seconds in phases.items()]
+    steps = params.get("steps")
+    if steps and "denoise" in phases:
+        parts[-2 if "decode" in phases else -1] += f" ({phases['denoise'] / steps:.3f} s/step)"
+    parts.append(f"write {write:.2f} s")
+    return "time: " + ", ".join(parts) + ("" if total is None else f"; {total:.1f} s since the process started")
+
+
 def show_plan(out: Output, pipe: Any) -> None:
     """--verbose: which spec runs the model (and which files chose it), then the memory plan of a loaded
     pipeline, a line per component and phase."""

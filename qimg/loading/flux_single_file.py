@@ -1,5 +1,5 @@
 """FLUX.1 transformer files in Black Forest Labs' own key layout (the "BFL" layout of single_file.py): the
-flux1-dev / flux1-kontext-dev releases, transformer-only FP8 casts (Kijai's), ComfyUI's `model.diffusion_model.` copies.
+flux1-dev / flux1-kontext-dev releases, FP8 casts, ComfyUI's `model.diffusion_model.` copies and checkpoints.
 
 BFL fuses what qimg's net (diffusers' names) keeps apart: a double block's q, k, v in one `img_attn.qkv` (and
 `txt_attn.qkv`), a single block's q, k, v and MLP input in one `linear1`; and its final adaLN stores (shift, scale)

@@ -94,6 +94,7 @@ class TransformerFile:
     where: dict[str, Path] = dataclasses.field(default_factory=dict)
     # A fused layout (BFL): module name -> the row ranges of its stored tensor it is (absent: the whole tensor).
     parts: dict[str, tuple[tuple[int, int], ...]] | None = None
+    components: tuple[str, ...] = ()  # key prefixes of the other components an all-in-one file holds (read past)
 
     def rename(self) -> dict[str, str | None]:
         """Key in the file -> module name, or None for keys the loader reads past (scales, markers)."""
@@ -221,9 +222,12 @@ def read_transformer_file(path: str | Path, family: str = "qwen-image") -> Trans
     foreign: list[str] = []
     flags: list[str] = []
     marker = None
+    others = {p for k in keys for p in ALL_IN_ONE_PREFIXES if prefix and k.startswith(p)}  # all-in-one files
     for key in keys:
         name = key[len(prefix):] if key.startswith(prefix) else None
-        if name is None:
+        if key.startswith(tuple(others)):  # their VAE and text encoders: read past, the folder's are used
+            skipped.append(key)
+        elif name is None:
             foreign.append(key)
         elif name == SCALED_FP8_MARKER:
             marker = key
@@ -256,7 +260,8 @@ def read_transformer_file(path: str | Path, family: str = "qwen-image") -> Trans
     return TransformerFile(path=path.resolve(), family=family, layout=layout, prefix=prefix, tensors=tensors,
                            stored=stored, scales=scales, skipped=tuple(skipped), foreign=tuple(foreign),
                            flags=tuple(flags), fp8_format=fp8_format, files=tuple(f.resolve() for f in files),
-                           where={k: f.resolve() for k, f in where.items()}, parts=parts)
+                           where={k: f.resolve() for k, f in where.items()}, parts=parts,
+                           components=tuple(sorted(others)))
 
 
 def with_transformer(model: str | Path | ModelRef, path: str | Path | None) -> ModelRef:
@@ -272,10 +277,12 @@ def with_transformer(model: str | Path | ModelRef, path: str | Path | None) -> M
 
 
 def fp8_notes(found: TransformerFile, fp8: str | None, quantisable: Callable[[str], bool], dtype: str) -> list[str]:
-    """What loading this file does with its FP8 tensors, as lines a CLI can print (none for a bf16 file)."""
+    """What loading this file does with its FP8 tensors and an all-in-one file's other parts, as lines to print."""
     kept = found.kept_fp8()
     upcast = found.upcast_fp8()
-    notes = []
+    others = ", ".join(found.components)
+    notes = [f"{found.path.name} is an all-in-one checkpoint: qimg reads only its transformer ({others} weights "
+             "come from the model folder instead)"] if others else []
     if kept and fp8 != "compute":
         notes.append(f"{found.path.name} stores {len(kept)} linears in FP8 ({found.fp8_format}): they stay FP8 as "
                      f"stored (as with --fp8 weights, computing in {dtype}); upcasting them would only use more memory")
@@ -382,7 +389,7 @@ def _entry(shown: str, key: str, info: Any) -> tuple[str, tuple[int, ...]]:
 
 
 def _refuse_other_kinds(shown: str, keys: list[str], family: str) -> None:
-    """A LoRA, another family's transformer or an all-in-one checkpoint, named as what it is."""
+    """A LoRA or another family's transformer, named as what it is."""
     suffixes = tuple(row[0] for row in LORA_SUFFIXES if row[0] != ".alpha")
     lora = next((k for k in keys if k.startswith(("lora_unet_", "lora_te")) or k.endswith(suffixes)
                  or k.rsplit(".", 1)[-1].startswith(ADAPTER_TENSORS)), None)
@@ -397,10 +404,6 @@ def _refuse_other_kinds(shown: str, keys: list[str], family: str) -> None:
                              f"{LORA_FAMILY_NAMES.get(family, family)}",
                              hint=f"pass a {LORA_FAMILY_NAMES.get(family, family)} transformer file, or use a "
                                   f"{name} model")
-    others = sorted({p for k in keys for p in ALL_IN_ONE_PREFIXES if k.startswith(p)})
-    if others and any(k.startswith(LAYOUTS[0][1]) for k in keys):
-        raise InputError(f"{shown} is an all-in-one checkpoint (it also holds {', '.join(others)} weights)",
-                         hint="pass a transformer-only file; qimg takes the VAE and text encoder from --model")
 
 
 def _layout(shown: str, keys: list[str], family: str) -> tuple[str, str]:

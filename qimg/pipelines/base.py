@@ -30,12 +30,11 @@ from qimg.loading.single_file import TransformerFile, file_sha256, fp8_notes, re
 from qimg.pipelines import memory
 from qimg.pipelines.common import Progress, latents_to_images
 from qimg.pipelines.family import Family
+from qimg.pipelines.guards import Phases, check_finite, resolve_device
 from qimg.request import DEFAULT_STRENGTH, GenerateRequest, check_task, make_request, request_shape, without_negative
-from qimg.runtime.attention import resolve as resolve_attention
 from qimg.runtime.attention import use_attention
 from qimg.runtime.compile import compile_blocks
-from qimg.runtime.devices import cuda_index, pick_device, pick_dtype
-from qimg.runtime.fp8 import fp8_supported
+from qimg.runtime.devices import cuda_index
 from qimg.runtime.offload import Offloaded, Residency
 from qimg.runtime.options import RuntimeOptions, Tiling
 from qimg.runtime.planner import GiB, MemoryPlan, Needs, PlanError, RequestShape, suggest
@@ -48,52 +47,11 @@ if TYPE_CHECKING:
     from qimg.pipelines.loras import LoRAs
 
 
-def resolve_device(options: RuntimeOptions) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype the options mean on this machine, refusing (one line each, before any weight is
-    read) what it cannot run."""
-    dev = pick_device(options.device)
-    dt = pick_dtype(options.dtype, dev)
-    if options.fp8 == "compute" and not fp8_supported(dev):
-        raise InputError(
-            f"--fp8 compute needs an FP8 GPU (Ada or Hopper, compute capability 8.9+); {dev} has none",
-            hint="use --fp8 weights (FP8 storage, bf16 compute) or leave FP8 off",
-        )
-    try:
-        resolve_attention(options.attention, dev)
-    except (ValueError, ImportError) as e:
-        raise InputError(str(e), hint="--attention sdpa works everywhere") from e
-    gpu_only = ([f"--offload {options.offload}"] if options.offload in ("model", "layer") else []) + (
-        [f"--vram-budget {options.vram_budget:g}"] if options.vram_budget is not None else [])
-    if dev.type != "cuda" and gpu_only:
-        raise InputError(f"{' and '.join(gpu_only)} manage{'s' if len(gpu_only) == 1 else ''} GPU memory; the "
-                         f"device is {dev}", hint="leave it off on the CPU, or pass --device cuda")
-    if dev.type != "cuda" and options.text_encoder_device == "cuda":
-        raise InputError("--text-encoder-device cuda needs a CUDA device", hint="pass --device cuda")
-    return dev, dt
-
-
 def fitting_flags(fp8: str | None) -> str:
     hints = ["a larger --vram-budget", "--offload layer"]
     if fp8 is None:
         hints.insert(0, "--fp8 weights")
     return "try " + ", ".join(hints) + " or a smaller --width/--height"
-
-
-def check_finite(x: Tensor, where: str, dtype: torch.dtype, model: nn.Module | None = None) -> Tensor:
-    """Refuse NaN or infinite values, saying where they came from: the prompt embeddings, the model's own
-    weights (searched only once something is wrong), or float16 overflowing."""
-    if bool(torch.isfinite(x).all()):
-        return x
-    if model is not None:
-        bad = next((n for n, t in model.state_dict().items() if t.is_floating_point()
-                    and not bool(torch.isfinite(t.float()).all())), None)
-        if bad is not None:
-            raise NumericsError(f"the model's weights hold NaN or infinite values ({bad})",
-                                hint="the checkpoint is damaged; re-download the model")
-    if dtype == torch.float16:
-        raise NumericsError(f"{where} produced NaN or infinite values in float16",
-                            hint="float16 overflows on this model; use --dtype bfloat16 (CUDA) or float32")
-    raise NumericsError(f"{where} produced NaN or infinite values", hint="rerun with --debug and report it")
 
 
 @dataclass
@@ -367,8 +325,9 @@ class Pipeline(abc.ABC):
         extra = dropped_params(embeddings, uncond is not None)
         return request, embeddings.cond.to(self.torch_device), uncond and uncond.to(self.torch_device), extra
 
-    def _finish(self, request: GenerateRequest, x: Tensor, started: float, **extra: Any) -> list[Any]:
+    def _finish(self, request: GenerateRequest, x: Tensor, started: float, phases: Phases, **extra: Any) -> list[Any]:
         images = latents_to_images(self.decode(x, request.height, request.width))
+        phases.mark("decode")
         params = {
             **request.as_dict(),
             "cfg_enabled": request.cfg_enabled,
@@ -379,6 +338,7 @@ class Pipeline(abc.ABC):
             "qimg_version": __version__,
             **extra,
             "seconds": round(time.perf_counter() - started, 3),
+            "timings": phases.seconds,  # place (memory plan moves), text, denoise, decode; not replayed
         }
         if request.guidance is None:
             params.pop("guidance")  # families without distilled guidance record nothing about it
@@ -411,13 +371,16 @@ class Pipeline(abc.ABC):
             request = self._request(prompt, embeddings, init_size, init_image is not None, options)
         elif init_image is not None and request.strength is None:
             request = dataclasses.replace(request, strength=DEFAULT_STRENGTH)
-        started = time.perf_counter()
+        started, phases = time.perf_counter(), Phases(self.torch_device)
         with torch.inference_mode(), self._oom_as_error():
             self.fit(self.shape_of(request, embeddings=embeddings is not None))
+            phases.mark("place")
             request, cond, uncond, extra = self._conditioning(request, embeddings)
+            phases.mark("text")
             x = self.denoise_image(request, cond, uncond, init_image, mask, progress)
             x = check_finite(x, "the sampler", self.torch_dtype, self.transformer)
-            return self._finish(request, x, started, **extra)
+            phases.mark("denoise")
+            return self._finish(request, x, started, phases, **extra)
 
     def edit(
         self,
@@ -438,13 +401,16 @@ class Pipeline(abc.ABC):
         self.prompts.check_images(images)
         if request is None:
             request = self._request(prompt, embeddings, images[-1].size if images else None, False, options)
-        started = time.perf_counter()
+        started, phases = time.perf_counter(), Phases(self.torch_device)
         with torch.inference_mode(), self._oom_as_error():
             self.fit(self.shape_of(request, len(images), embeddings is not None))
+            phases.mark("place")
             request, cond, uncond, extra = self._conditioning(request, embeddings, images)
+            phases.mark("text")
             x = self.denoise_edit(request, cond, uncond, images, progress)
             x = check_finite(x, "the sampler", self.torch_dtype, self.transformer)
-            out = self._finish(request, x, started, keep_size=keep_size, **extra)
+            phases.mark("denoise")
+            out = self._finish(request, x, started, phases, keep_size=keep_size, **extra)
         if keep_size and out[0].size != images[0].size:
             from PIL import Image
 

@@ -74,6 +74,17 @@ def test_corrupt_file_is_one_error_and_exit_1(runner: CliRunner, hf_hub: HubServ
     assert f"{VAE} from Qwen/Qwen-Image is corrupt (sha256" in line and "the file was removed" in line
 
 
+def test_a_gated_repo_without_a_token_says_what_to_do(runner: CliRunner, hf_hub: HubServer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLUX.1-dev's repo is gated: without a token the hub answers 401 GatedRepo."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    hf_hub.gated.add("Qwen/Qwen-Image")
+    result = _run(runner, "download", "qwen-image")
+    line = _one_error(result)  # exit 1, one line, no traceback
+    assert "Qwen/Qwen-Image on " in line and "is gated or disabled" in line
+    assert "accept its license on the model page and set HF_TOKEN" in result.stderr
+
+
 def test_offline_download_and_generate_name_the_command(runner: CliRunner, tmp_path: Path) -> None:
     # HF_HUB_OFFLINE=1 is the suite's default, and the caches are empty.
     line = _one_error(_run(runner, "download", "qwen-image"))

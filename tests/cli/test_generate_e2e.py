@@ -28,10 +28,18 @@ def test_generate_tiny_model(tiny_qwen: Path, tmp_path: Path) -> None:
     assert (params["seed"], params["steps"], params["prompt"]) == (3, 2, "a red fox in snow")
     assert (params["width"], params["height"]) == (64, 48)
 
-    second = runner.invoke(app, argv, prog_name="qimg")
+    # Where the time went, stored and (with -v) printed: the pipeline's phases, then load and write around them.
+    assert set(params["timings"]) == {"place", "text", "denoise", "decode"}
+    assert all(v >= 0 for v in params["timings"].values()) and params["timings"]["denoise"] > 0
+    assert not any(line.startswith("time:") for line in first.stderr.splitlines())
+
+    second = runner.invoke(app, [*argv, "-v"], prog_name="qimg")
     assert second.exit_code == 0, second.output
     with Image.open(out) as im:
         assert im.convert("RGB").tobytes() == pixels  # same seed, same image
+    line = next(line for line in second.stderr.splitlines() if line.startswith("time:"))
+    for part in ("load ", "text ", "denoise ", "s/step)", "decode ", "write ", "since the process started"):
+        assert part in line, line
 
 
 def _run(*argv: str):

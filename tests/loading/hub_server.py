@@ -75,6 +75,7 @@ class HubServer:
     cut_once: set[str] = field(default_factory=set)  # repo file paths whose next GET stops half-way
     corrupt: set[str] = field(default_factory=set)  # served with one byte flipped, advertised with the true sha256
     fail: dict[str, int] = field(default_factory=dict)  # path -> HTTP status for its GET
+    gated: set[str] = field(default_factory=set)  # repo ids answered 401 GatedRepo without an Authorization header
     _httpd: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -144,6 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.hub.repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound")
+        elif repo_id in self.hub.gated and not self.headers.get("Authorization"):
+            self._error(401, "GatedRepo", repo)  # what the hub answers for a gated repo (FLUX.1-dev) without a token
         elif rev not in ("main", repo.commit):
             self._error(404, "RevisionNotFound", repo)
         else:

@@ -183,6 +183,22 @@ def test_a_bfl_file_loads_the_folders_exact_weights(folders, tmp_path, variant, 
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_an_all_in_one_flux_checkpoint_gives_its_transformer(folders, tmp_path):
+    """Comfy-Org's flux1-dev-fp8.safetensors layout: the BFL transformer under model.diffusion_model. beside the
+    VAE and both text encoders; only the transformer is read."""
+    folder = folders["dev"]
+    others = {"vae.decoder.conv_out.bias": torch.zeros(3),
+              "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": torch.ones(4),
+              "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(4)}
+    path = _save(tmp_path / "flux1-dev-fp8.safetensors",
+                 {**{COMFY + k: v for k, v in to_bfl(_state(folder)).items()}, **others})
+    found = read_transformer_file(path, "flux")
+    assert (found.layout, found.components, found.foreign) == ("BFL", ("text_encoders.", "vae."), ())
+    got = _load(folder, path).state_dict()
+    want = memory.load_denoiser(FLUX, folder / "transformer", CPU, torch.float32, RESIDENT)[0].state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize("style", ["plain", "scaled", "rowwise"])
 def test_an_fp8_file_keeps_e4m3_parts_with_their_fused_tensors_scale(folders, tmp_path, style):
     """plain: every tensor cast to e4m3 (flux1-dev-fp8 casts); scaled: ComfyUI's scaled fp8, one scale per fused

@@ -136,6 +136,22 @@ def test_pipeline_with_a_transformer_file_records_it_and_matches_the_folder(tiny
     assert "transformer" not in folder.generate(embeddings=embeddings, **OPTIONS)[0].info["qimg"]
 
 
+def test_an_all_in_one_checkpoint_gives_its_transformer_and_says_the_rest_is_the_folders(tiny_qwen, state, baseline,
+                                                                                        tmp_path):
+    """ComfyUI's checkpoints also hold the VAE and text encoders (Comfy-Org's flux1-dev-fp8, say): qimg reads only
+    the transformer, from the file, and says so; the image is the folder's."""
+    _, embeddings, want = baseline
+    others = {"first_stage_model.decoder.conv_out.bias": torch.zeros(2),
+              "text_encoders.qwen25_7b.transformer.model.norm.weight": torch.ones(4)}
+    path = _save(tmp_path / "checkpoint.safetensors", {**{COMFY + k: v for k, v in state.items()}, **others})
+    found = read_transformer_file(path)
+    assert found.components == ("first_stage_model.", "text_encoders.") and found.foreign == ()
+    pipe = qimg.load(tiny_qwen, device="cpu", transformer=path, shape=NO_TEXT)
+    assert pipe.notes == ("checkpoint.safetensors is an all-in-one checkpoint: qimg reads only its transformer "
+                          "(first_stage_model., text_encoders. weights come from the model folder instead)",)
+    assert np.array_equal(np.asarray(pipe.generate(embeddings=embeddings, **OPTIONS)[0]), want)
+
+
 def test_other_weights_change_the_image(tiny_qwen, state, baseline, tmp_path):
     _, embeddings, want = baseline
     gen = torch.Generator().manual_seed(1)
@@ -266,7 +282,6 @@ def _comfy_quant(fmt: str) -> torch.Tensor:
     ("flux", InputError, f"is a FLUX transformer (key {COMFY}double_blocks.0.img_attn.qkv.weight)"),
     ("lora", InputError, "is a LoRA (key transformer_blocks.0.attn.to_q.lora_A.weight)"),
     ("vae", InputError, "looks like a VAE"),
-    ("all-in-one", InputError, "is an all-in-one checkpoint (it also holds first_stage_model. weights)"),
     ("pickle", CheckpointError, "is not a safetensors file"),
     ("gguf", CheckpointError, "is a GGUF file"),
     ("missing", InputError, "does not exist"),
@@ -286,8 +301,6 @@ def test_files_qimg_cannot_use_are_refused_in_one_line(tiny_qwen, state, tmp_pat
         _save(path, {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32)})
     elif kind == "vae":
         _save(path, {"encoder.conv_in.weight": torch.zeros(2, 2), "decoder.conv_out.bias": torch.zeros(2)})
-    elif kind == "all-in-one":
-        _save(path, {**tensors, "first_stage_model.decoder.conv_out.bias": torch.zeros(2)})
     elif kind == "pickle":
         path = tmp_path / "model.pt"
         torch.save(state, path)

@@ -41,7 +41,7 @@ from qimg.cli.options import (
     require_model,
     runtime_options,
 )
-from qimg.cli.output import Output, params_token_warnings, show_loaded
+from qimg.cli.output import Output, params_token_warnings, process_seconds, show_loaded, timings_line
 
 EXAMPLES = """\
 Examples:
@@ -306,13 +306,17 @@ def run_and_save(
     with qimg.catch_signals():
         with out.status(f"loading {job.ref.name}"):
             pipe = qimg.load(job.ref, runtime, shape=job.shape, loras=job.loras or ())
-        out.info(f"loaded {job.ref.name} on {pipe.device} ({pipe.dtype}) in {time.perf_counter() - started:.1f} s")
+        loaded = time.perf_counter() - started
+        out.info(f"loaded {job.ref.name} on {pipe.device} ({pipe.dtype}) in {loaded:.1f} s")
         show_loaded(out, pipe, verbose)
         with out.steps("denoising") as progress:
             images = pipe.run(job, progress, on_stage=progress.stage)
         params = images[0].info.get("qimg", {})
+        writing = time.perf_counter()
         qimg.save_png(images[0], path, overwrite=overwrite)
     out.info(f"wrote {path} (seed {job.request.seed}, {time.perf_counter() - started:.1f} s)")
+    if verbose:
+        out.info(timings_line(params, loaded, time.perf_counter() - writing, process_seconds()))
     for warning in params_token_warnings(params):
         out.warn(warning)
     if json_out:
