@@ -140,7 +140,8 @@ def main() -> None:
             torch.cuda.synchronize()
         total = time.perf_counter() - started
         per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
-        rows[name] = {"s_per_image": round(total, 3), "steps": steps, "s_per_step": per_step and round(per_step, 4),
+        rows[name] = {"command": " ".join(["python", *sys.argv]),  # each row's own: rows come from several runs
+                      "s_per_image": round(total, 3), "steps": steps, "s_per_step": per_step and round(per_step, 4),
                       "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                       **(extra or {})}
         print(name, json.dumps(rows[name]), flush=True)

@@ -106,16 +106,21 @@ def flux_needs(root: Path, dtype: torch.dtype, fp8: str | None, task: str, shape
     )
 
 
+# Hidden-state copies one FLUX block keeps for its backward, averaged over the 19 double and 38 single blocks:
+# bench/flux_train.py's un-checkpointed eager step (1024x1024 + 512 text tokens, rank 16, H200,
+# bench/results/flux_train_h200.json) peaked 27.2 GiB over the weights, 1.0 GiB of it the adapters with their
+# gradients and AdamW state: 26.2 GiB / 57 blocks / 27 MiB per copy = 17.4. Rounded up for headroom.
+FLUX_TRAIN_SAVED_COPIES = 18
+
+
 def flux_train_needs(root: Path, dtype: torch.dtype, fp8: str | None, tokens: int, batch: int, adapter_params: int,
                      *, weights: TransformerFile | None = None) -> TrainNeeds:
     """What a LoRA training step of `batch` rows of `tokens` tokens (image, Kontext controls, 512 text) needs on
-    the device. The saved activations per block are counted as Qwen-Image's measured 22 hidden-state copies: a
-    FLUX double block has the same shape (width 3072, 4x MLP), a single block a little less (its MLP input and
-    attention share one projection)."""
+    the device (saved activations: FLUX_TRAIN_SAVED_COPIES per block)."""
     fp = transformer_footprint(root / "transformer", dtype, fp8, tokens, batch, weights)
     params = flux_params(root / "transformer")
     return block_train_needs(fp, params.dim, torch.empty(0, dtype=dtype).element_size(), tokens, batch,
-                             adapter_params)
+                             adapter_params, saved_copies=FLUX_TRAIN_SAVED_COPIES)
 
 
 def load_vae(folder: Path, device: torch.device, dtype: torch.dtype) -> FluxVAE:

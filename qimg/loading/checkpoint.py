@@ -147,6 +147,7 @@ def load_module(
     rename: Mapping[str, str | None] | None = None,
     convert: Callable[[str, Tensor], Tensor] | None = None,
     hint: str | None = None,
+    aliases: Iterable[str] = (),
 ) -> M:
     """Build a module on the meta device and fill it from safetensors files, strictly.
 
@@ -163,16 +164,21 @@ def load_module(
     holds one group, not the checkpoint) and `on_group(prefix, module)` runs right after each group is in place: FP8
     quantisation or packing into host memory then happens block by block. Names and (untransformed) shapes are
     checked from the headers before anything is read.
+
+    `aliases` are names the module fills from another tensor (tied weights, as transformers ties T5's
+    encoder.embed_tokens to shared): not read, and a file that stores them anyway is not refused for it; the
+    caller ties them once loaded.
     """
     with torch.device("meta"):
         module = build()
-    expected = module.state_dict()
+    tied = set(aliases)
+    expected = {k: v for k, v in module.state_dict().items() if k not in tied}
     unused = tuple(known_unused)
     where: dict[str, tuple[Any, str]] = {}  # module name -> (open file, key in it)
     unexpected: list[str] = []
     for key, handle in open_checkpoint(files).items():
         name = key if rename is None else rename.get(key, "")
-        if name is None:
+        if name is None or name in tied:
             continue
         if name in expected:
             where[name] = (handle, key)

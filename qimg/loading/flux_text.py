@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from qimg.errors import ModelNotFoundError
 from qimg.loading import components
-from qimg.loading.checkpoint import check_keys
+from qimg.loading.checkpoint import check_keys, load_module, safetensors_files
 
 # What each folder holds, for the one-line error when it is absent.
 ROLES = {
@@ -21,6 +24,7 @@ ROLES = {
 }
 # Buffers older transformers saved that the current models rebuild (CLIP's position ids).
 _KNOWN_UNUSED = ("text_model.embeddings.position_ids",)
+_T5_BLOCK = re.compile(r"encoder\.block\.\d+\.")
 
 
 def require_folder(folder: Path) -> None:
@@ -59,12 +63,39 @@ def load_clip_text_model(folder: Path, *, device: torch.device | str, dtype: tor
     return _load_pretrained(CLIPTextModel, folder, device, dtype)
 
 
-def load_t5_encoder(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> Any:
-    """text_encoder_2/: transformers' T5EncoderModel (in float16 transformers keeps the FFN output linears `wo`
-    in float32, as it does for diffusers)."""
-    from transformers import T5EncoderModel
+def load_t5_encoder(folder: Path, *, device: torch.device | str | None, dtype: torch.dtype,
+                    on_block: Callable[[int, nn.Module], None] | None = None) -> Any:
+    """text_encoder_2/: transformers' T5EncoderModel, read block by block from its safetensors (memory-mapped), so
+    host memory never holds the whole 9.5 GB encoder: on_block(i, block) runs right after block i is in place (FP8
+    quantisation, packing into pinned memory, or a move to the GPU, one block at a time). Strict about keys, as
+    every qimg loader; in float16 the FFN output linears `wo` stay float32, as transformers keeps them. device
+    None leaves the blocks where on_block put them (the rest on the CPU)."""
+    from transformers import T5Config, T5EncoderModel
 
-    return _load_pretrained(T5EncoderModel, folder, device, dtype)
+    require_folder(folder)
+    components.require_safetensors_model(folder)
+    config = T5Config.from_pretrained(folder)
+    fp32 = tuple(f".{m}.weight" for m in T5EncoderModel._keep_in_fp32_modules or ()) if dtype == torch.float16 else ()
+
+    def convert(name: str, tensor: Tensor) -> Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        return tensor.to(torch.float32 if name.endswith(fp32) else dtype)
+
+    def group(name: str) -> str | None:
+        m = _T5_BLOCK.match(name)
+        return None if m is None else m.group(0)[:-1]
+
+    def placed(prefix: str, model: nn.Module) -> None:
+        if on_block is not None:
+            on_block(int(prefix.rsplit(".", 1)[1]), model.get_submodule(prefix))
+
+    model = load_module(lambda: T5EncoderModel(config), safetensors_files(folder, stem="model"),
+                        convert=convert, group=group, on_group=placed, aliases=("encoder.embed_tokens.weight",),
+                        what=f"{folder.name}/ weights")
+    model.encoder.set_input_embeddings(model.shared)  # the tie the meta build made points at a meta tensor
+    model = model.eval().requires_grad_(False)
+    return model if device is None else model.to(device)
 
 
 def _load_pretrained(cls: Any, folder: Path, device: torch.device | str, dtype: torch.dtype) -> Any:

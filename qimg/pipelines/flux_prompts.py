@@ -20,7 +20,7 @@ from qimg.pipelines.family import Family
 from qimg.request import GenerateRequest, check_images
 from qimg.runtime.devices import pick_device, pick_dtype
 from qimg.runtime.fp8 import FP8Linear, Predicate, apply_fp8
-from qimg.runtime.offload import Offloaded, Residency, prepare_blocks
+from qimg.runtime.offload import HostCopy, Offloaded, Residency, prepare_block
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import MemoryPlan
 from qimg.version import __version__
@@ -223,12 +223,9 @@ def load_text_encoders(
     # Normal tensors even when the first prompt arrives inside inference mode: offloading rebinds their storage.
     with torch.inference_mode(False), torch.no_grad():
         clip = flux_text.load_clip_text_model(ref.path / "text_encoder", device="cpu", dtype=dtype)
-        t5 = flux_text.load_t5_encoder(ref.path / "text_encoder_2", device="cpu", dtype=dtype)
-        models = nn.ModuleDict({"text_encoder": clip, "text_encoder_2": t5})
         runs_on = torch.device("cpu") if plan is not None and plan.text_encoder_device == "cpu" else device
         offloaded = plan is not None and plan.mode != "none" and plan.text_encoder_device != "cpu"
         work = device if device.type == "cuda" else torch.device("cpu")  # quantise on the GPU when there is one
-        blocks = t5.encoder.block
 
         def prepare(prefix: str, block: nn.Module) -> None:
             if fp8 is not None:
@@ -237,7 +234,16 @@ def load_text_encoders(
             if runs_on.type == "cpu":
                 block.to("cpu")
 
-        copies = prepare_blocks(blocks, work, prepare, keep=lambda i: not offloaded, prefix="encoder.block.")
+        copies: dict[int, HostCopy] = {}
+
+        def arrived(i: int, block: nn.Module) -> None:  # each T5 block as it is read: host memory holds one
+            copy = prepare_block(block, work, prepare, keep=not offloaded, prefix=f"encoder.block.{i}.")
+            if copy is not None:
+                copies[i] = copy
+
+        t5 = flux_text.load_t5_encoder(ref.path / "text_encoder_2", device=None, dtype=dtype, on_block=arrived)
+        models = nn.ModuleDict({"text_encoder": clip, "text_encoder_2": t5})
+        blocks = t5.encoder.block
         if not offloaded:
             return models.to(runs_on), None
         result = Offloaded(models, device, blocks, block_copies=copies)

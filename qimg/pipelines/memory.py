@@ -88,13 +88,14 @@ def denoiser_footprint(
 TRAIN_SAVED_COPIES = 22
 
 
-def block_train_needs(weights: Footprint, dim: int, size: int, tokens: int, batch: int, adapter_params: int
-                      ) -> TrainNeeds:
+def block_train_needs(weights: Footprint, dim: int, size: int, tokens: int, batch: int, adapter_params: int,
+                      saved_copies: int = TRAIN_SAVED_COPIES) -> TrainNeeds:
     """What a LoRA training step needs from the denoiser's footprint (its act: the inference working set of one
     block), the hidden width, the compute dtype's bytes, `batch` rows of `tokens` tokens, and the trainable
-    values (fp32, with a gradient and AdamW's two moments: 16 bytes each)."""
+    values (fp32, with a gradient and AdamW's two moments: 16 bytes each). saved_copies: the hidden-state copies
+    one block keeps for its backward, as measured for the family (Qwen-Image's by default)."""
     copy = batch * tokens * dim * size
-    saved = TRAIN_SAVED_COPIES * copy
+    saved = saved_copies * copy
     return TrainNeeds(weights=weights, saved=saved, inputs=copy, work=saved + weights.act,
                       adapters=16 * adapter_params)
 

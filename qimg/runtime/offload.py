@@ -423,8 +423,16 @@ def prepare_blocks(
     block beyond what is kept."""
     copies = {}
     for i, block in enumerate(blocks):
-        block.to(work_device)
-        prepare(f"{prefix}{i}.", block)
-        if not keep(i):
-            copies[i] = HostCopy(module_tensors(block))
+        copy = prepare_block(block, work_device, prepare, keep=keep(i), prefix=f"{prefix}{i}.")
+        if copy is not None:
+            copies[i] = copy
     return copies
+
+
+def prepare_block(block: nn.Module, work_device: torch.device, prepare: Callable[[str, nn.Module], None], *,
+                  keep: bool, prefix: str) -> HostCopy | None:
+    """prepare_blocks for one block (a loader that reads block by block calls it as each block arrives): prepare
+    it on `work_device`, then keep it there, or pack it into host memory and return the copy."""
+    block.to(work_device)
+    prepare(prefix, block)
+    return None if keep else HostCopy(module_tensors(block))

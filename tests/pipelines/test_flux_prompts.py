@@ -369,6 +369,49 @@ def test_t5_weights_must_match_the_network(root: Path, tmp_path: Path, damage: s
     assert ("extra.weight" if damage == "unexpected" else key) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_t5_loads_block_by_block_and_ties_its_embedding(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Host memory never holds the whole encoder: when block i arrives, the later blocks are not read yet. The
+    result equals transformers' own from_pretrained, with encoder.embed_tokens tied to shared, whether the file
+    stores the tied copy or not; in float16 the FFN output linears stay float32, as transformers keeps them."""
+    from safetensors.torch import load_file, save_file
+    from transformers import T5EncoderModel
+
+    import qimg.loading.flux_text as flux_text
+
+    blocks: list[torch.nn.Module] = []  # the meta-built model's blocks, watched while they load
+    build = flux_text.load_module
+
+    def watched(make, *args, **kwargs):
+        def made():
+            model = make()
+            blocks.extend(model.encoder.block)
+            return model
+        return build(made, *args, **kwargs)
+
+    arrived: list[tuple[int, bool]] = []
+
+    def on_block(i: int, block: torch.nn.Module) -> None:
+        arrived.append((i, all(p.is_meta for later in blocks[i + 1:] for p in later.parameters())))
+
+    monkeypatch.setattr(flux_text, "load_module", watched)
+    ours = load_t5_encoder(root / "text_encoder_2", device="cpu", dtype=torch.float32, on_block=on_block)
+    assert arrived == [(i, True) for i in range(TINY_T5["num_layers"])]
+    assert ours.encoder.embed_tokens.weight is ours.shared.weight
+    want = T5EncoderModel.from_pretrained(root / "text_encoder_2").eval()
+    ids = torch.tensor([[5, 9, 3, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).last_hidden_state, want(ids).last_hidden_state, rtol=0, atol=0)
+
+    folder = _text_encoder_2_copy(root, tmp_path)  # a file that stores the tied copy too
+    state = load_file(str(root / "text_encoder_2" / "model.safetensors"))
+    state["encoder.embed_tokens.weight"] = state["shared.weight"].clone()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    half = load_t5_encoder(folder, device="cpu", dtype=torch.float16)
+    assert half.encoder.embed_tokens.weight is half.shared.weight
+    assert {p.dtype for n, p in half.named_parameters() if n.endswith(".wo.weight")} == {torch.float32}
+    assert half.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float16
+
+
 def test_loaded_encoders_hold_the_saved_weights(root: Path, encoder: FluxPromptEncoder):
     from safetensors.torch import load_file
 

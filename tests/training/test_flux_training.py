@@ -223,3 +223,16 @@ def test_cli_train_lora_on_flux(tiny_flux, tmp_path, one_thread):
                               "--height", "64", "--device", "cpu", "--dtype", "float32", "-v"])
     assert gen.exit_code == 0, gen.output
     assert "kohya" in gen.stderr and out.is_file()
+
+
+def test_the_training_plan_counts_flux_blocks_at_their_measured_saved_activations(tiny_flux):
+    """FLUX's per-block saved activations are its own measured count (18 copies), not Qwen-Image's 22: with
+    Qwen's, a 48 GiB budget would checkpoint blocks that fit (bench/results/flux_train_h200.json)."""
+    from qimg.families.flux import FLUX, FLUX_TRAIN_SAVED_COPIES
+
+    folder = tiny_flux["dev"][1]
+    tokens, dim = 256 + 512, TINY_FLUX["num_attention_heads"] * TINY_FLUX["attention_head_dim"]
+    needs = FLUX.train_needs(folder, torch.bfloat16, None, tokens, 2, 1000)
+    assert FLUX_TRAIN_SAVED_COPIES == 18
+    assert needs.saved == 18 * 2 * tokens * dim * 2 and needs.inputs == 2 * tokens * dim * 2
+    assert needs.adapters == 16 * 1000

@@ -107,6 +107,6 @@ def bench(
     typer.echo(f"{result.model} on {result.device} ({result.dtype}), {request['width']}x{request['height']}, "
                f"{request['steps']} steps{', CFG ' + str(request['cfg']) if job.request.cfg_enabled else ''}")
     flags = ", ".join(f"{k} {v}" for k, v in result.options.items() if k not in ("device", "dtype"))
-    typer.echo(f"flags: {flags or 'none'}{'; ' + result.plan if result.plan else ''}")
+    typer.echo(f"flags: {flags or 'none'}{'; memory plan: ' + result.plan if result.plan else ''}")
     typer.echo(f"load {result.load_s:.2f} s, first image {result.first_image_s:.2f} s; "
                f"{result.s_per_image:.3f} s/image{step}{peak} (median of {len(result.runs)})")
