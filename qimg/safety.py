@@ -25,6 +25,7 @@ class _Deferral:
 
     depth = 0
     pending: int | None = None
+    received: int | None = None  # the last signal caught in the current catch_signals block
 
 
 _DEFER = _Deferral()
@@ -32,6 +33,7 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    _DEFER.received = signum
     if _DEFER.depth:
         _DEFER.pending = signum  # raised when the section ends
         return
@@ -43,16 +45,26 @@ def catch_signals() -> Iterator[None]:
     """Inside the block, SIGTERM behaves like Ctrl-C (KeyboardInterrupt, so every `finally` and temporary-file
     cleanup runs; a bare SIGTERM would kill the process mid-write), and both wait for deferred_signals
     sections to end. The previous handlers come back afterwards. Off the main thread, where Python cannot set
-    handlers, it does nothing."""
+    handlers, it does nothing.
+
+    An interrupt raised inside native code can come back out as another error (safetensors' reader turns it
+    into a ValueError about an UntypedStorage); an error leaving the block after a signal arrived is therefore
+    re-raised as the interrupt, so the run still ends as interrupted (exit 130), not as a damaged file."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     for sig in _SIGNALS:
         signal.signal(sig, _interrupt)
+    _DEFER.received = None
     try:
         yield
+    except Exception as exc:
+        if _DEFER.received is None:
+            raise
+        raise KeyboardInterrupt(signal.Signals(_DEFER.received).name) from exc
     finally:
+        _DEFER.received = None
         for sig, handler in previous.items():
             # None: a handler set outside Python; the default is the closest we can restore.
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)

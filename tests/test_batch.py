@@ -257,6 +257,21 @@ def test_an_interrupt_inside_a_deferred_section_waits_for_its_end() -> None:
     assert done == ["section finished"]
 
 
+def test_an_interrupt_that_native_code_turned_into_another_error_still_ends_as_an_interrupt() -> None:
+    """safetensors' reader, interrupted, raises a ValueError about an UntypedStorage instead: still an interrupt."""
+
+    def native_read() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), catch_signals():
+        native_read()
+    with pytest.raises(ValueError, match="plain"), catch_signals():  # no signal: errors stay what they are
+        raise ValueError("plain")
+
+
 def test_stale_temporaries_are_removed_and_the_folder_is_locked(tmp_path: Path) -> None:
     stale = tmp_path / ".0000-a.png.dead.tmp"
     stale.write_bytes(b"half")

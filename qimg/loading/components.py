@@ -10,7 +10,8 @@ import torch
 
 from qimg.errors import CheckpointError, ConfigError
 from qimg.loading import keymaps
-from qimg.loading.checkpoint import check_keys, load_module, params_from_config, read_json, safetensors_files
+from qimg.loading.checkpoint import load_module, params_from_config, read_json, safetensors_files
+from qimg.loading.qwen_text import LayerHook, load_qwen_text_encoder
 from qimg.nets.qwen_mmdit import QwenMMDiT
 from qimg.nets.qwen_vae import QwenVAE
 from qimg.specs import FlowSchedule, QwenMMDiTParams, QwenVAEParams
@@ -83,34 +84,14 @@ def require_safetensors_model(folder: Path) -> None:
     safetensors_files(folder, stem="model")
 
 
-def load_text_encoder(folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> Any:
-    """text_encoder/: Qwen2.5-VL through transformers, from safetensors only, checked for missing and unexpected
-    weights (transformers would only warn)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
+def load_text_encoder(folder: Path, *, device: torch.device | str | None, dtype: torch.dtype, vision: bool = True,
+                      head: bool = True, on_layer: LayerHook | None = None) -> Any:
+    """text_encoder/: Qwen2.5-VL, from safetensors only (a pickle is refused unread), read layer by layer and
+    strictly (loading/qwen_text.py); on_layer(kind, i, module) sees each layer as it arrives. vision / head False
+    leave out the vision tower / LM head unread. device None leaves each layer where on_layer put it."""
     require_safetensors_model(folder)
-    # transformers draws its own tqdm bar while loading; qimg's CLI owns the terminal.
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, output_loading_info=True, low_cpu_mem_usage=True, use_safetensors=True
-        )
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    # Known unused: lm_head (prompt encoding stops at the hidden states; older exports tie, omit or keep it), and any
-    # key transformers lists only because it is tied to another: it is filled from that one, not from the file.
-    tied = getattr(model, "all_tied_weights_keys", None) or {}  # transformers 5.x: {target: source}
-
-    def used(key: str) -> bool:
-        return "lm_head" not in key and key not in tied
-
-    missing = sorted(k for k in info.get("missing_keys", []) if used(k))
-    unexpected = sorted(k for k in info.get("unexpected_keys", []) if used(k))
-    check_keys(f"{folder.name}/ weights", missing, unexpected, [])
-    return model.to(device).eval().requires_grad_(False)
+    model = load_qwen_text_encoder(folder, dtype=dtype, vision=vision, head=head, on_layer=on_layer)
+    return model if device is None else model.to(device)
 
 
 # Tokenizers already read, by folder and the size and time of each of its files: building the Qwen2 tokenizer

@@ -22,7 +22,7 @@ from qimg.pipelines.family import Family
 from qimg.request import GenerateRequest, check_images
 from qimg.runtime.devices import pick_device, pick_dtype
 from qimg.runtime.fp8 import Predicate, apply_fp8
-from qimg.runtime.offload import Offloaded, Residency, prepare_blocks
+from qimg.runtime.offload import HostCopy, Offloaded, Residency, prepare_block
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import MemoryPlan
 from qimg.version import __version__
@@ -206,15 +206,10 @@ def load_text_encoder(
     head always, the vision tower for text-to-image. FP8 storage covers the linears `fp8_layers` selects."""
     # Normal tensors even when the first prompt arrives inside inference mode: offloading rebinds their storage.
     with torch.inference_mode(False), torch.no_grad():
-        model = components.load_text_encoder(folder, device="cpu", dtype=dtype)
-        model.lm_head = nn.Identity()  # ~1 GiB of logits weights the prompt encoding never reads
-        if task != "edit":
-            model.model.visual = None  # text-only prompts never reach the vision tower (~1.3 GiB)
         runs_on = torch.device("cpu") if plan is not None and plan.text_encoder_device == "cpu" else device
         offloaded = plan is not None and plan.mode != "none" and plan.text_encoder_device != "cpu"
         # Quantise on the GPU when there is one (seconds, against minutes on the CPU), a layer at a time.
         work = device if device.type == "cuda" else torch.device("cpu")
-        layers = text_encoder_layers(model)
 
         def prepare(prefix: str, layer: nn.Module) -> None:
             if fp8 is not None:
@@ -222,7 +217,18 @@ def load_text_encoder(
             if runs_on.type == "cpu":
                 layer.to("cpu")
 
-        copies = prepare_blocks(layers, work, prepare, keep=lambda i: not offloaded)
+        copies: dict[int, HostCopy] = {}
+
+        def arrived(kind: str, i: int, layer: nn.Module) -> None:  # each decoder layer as it is read
+            if kind == "layers":
+                copy = prepare_block(layer, work, prepare, keep=not offloaded, prefix=f"{i}.")
+                if copy is not None:
+                    copies[i] = copy
+
+        # The LM head (~1 GiB of logits weights) is never read; the vision tower (~1.3 GiB) only for edit models.
+        model = components.load_text_encoder(folder, device=None, dtype=dtype, vision=task == "edit", head=False,
+                                             on_layer=arrived)
+        layers = text_encoder_layers(model)
         if not offloaded:
             return model.to(runs_on), None
         result = Offloaded(model, device, layers, block_copies=copies)

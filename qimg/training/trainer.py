@@ -211,7 +211,10 @@ class Trainer:
 
     def loss(self, indices: Sequence[int], step: int, micro: int) -> torch.Tensor:
         """The flow-matching loss of one micro-batch (one bucket: every image the same size)."""
-        x0, texts, refs, ref_shapes = self._batch(indices)
+        # A signal raised inside safetensors' reader comes out as a ValueError ("could not determine the shape of
+        # object type UntypedStorage"), not as the interrupt: reading the cached batch defers it to after the read.
+        with deferred_signals():
+            x0, texts, refs, ref_shapes = self._batch(indices)
         gen = step_generator(self.config.seed, step, micro)
         return self.pipe.family.train_loss(self.pipe.transformer, x0, texts, self.sizes[indices[0]], gen,
                                            self.pipe.torch_dtype, self.pipe.torch_device, refs=refs,

@@ -99,3 +99,44 @@ def test_a_tokenizer_is_read_once_per_unchanged_folder(qwen_tokenizer_dir: Path,
     (folder / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ConfigError, match="tokenizer_config.json is not readable JSON"):
         load_tokenizer(folder)
+
+
+def test_layer_by_layer_loading_equals_from_pretrained_and_reads_nothing_unused(saved, monkeypatch) -> None:
+    """Host memory never holds the whole encoder: when layer i arrives the later ones are unread. The encoder
+    built that way (its rotary tables rebuilt, since a meta build has none) computes what transformers'
+    from_pretrained computes; without the vision tower and the LM head, neither is read."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import qimg.loading.qwen_text as qwen_text
+
+    folder, _ = saved
+    layers: list[torch.nn.Module] = []
+    build = qwen_text.load_module
+
+    def watched(make, *args, **kwargs):
+        def made():
+            model = make()
+            inner = model.model
+            layers.extend(getattr(inner, "language_model", inner).layers)
+            return model
+        return build(made, *args, **kwargs)
+
+    monkeypatch.setattr(qwen_text, "load_module", watched)
+    arrived: list[tuple[str, int, bool]] = []
+
+    def on_layer(kind: str, i: int, module: torch.nn.Module) -> None:
+        arrived.append((kind, i, all(p.is_meta for later in layers[i + 1:] for p in later.parameters())))
+
+    ours = load_text_encoder(folder, device="cpu", dtype=torch.float32, vision=False, head=False, on_layer=on_layer)
+    assert [a for a in arrived if a[0] == "layers"] == [("layers", i, True) for i in range(len(layers))]
+    assert not any(a[0] == "blocks" for a in arrived)  # the vision tower was not read
+    assert ours.model.visual is None and isinstance(ours.lm_head, torch.nn.Identity)
+    assert not any(b.is_meta for b in ours.buffers())
+    want = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    ids = torch.tensor([[3, 17, 42, 5, 9]])
+    with torch.no_grad():
+        got = ours(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        ref = want(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(got, ref)
+    with_vision = load_text_encoder(folder, device="cpu", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(with_vision.buffers(), want.buffers(), strict=True))

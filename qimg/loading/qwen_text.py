@@ -1,0 +1,108 @@
+"""Qwen-Image's text encoder (Qwen2.5-VL through transformers) read layer by layer from its safetensors, so host
+memory never holds the whole 15 GB model: each decoder layer (and, for edit models, each vision block) is handed
+to the caller as it arrives, to be quantised, packed into pinned memory or moved to the GPU before the next one is
+read. The parts prompt encoding never reads (the LM head; the vision tower for text-to-image) are not read at all.
+
+The released files name the language model `model.layers.N` and the vision tower `visual.*`; transformers 5
+nests them as `model.language_model.layers.N` and `model.visual.*`. Each stored key is matched to the network
+built for its config (either layout), and loading is strict: a key that names nothing, a missing or misshapen
+tensor is one error. The rotary tables are non-persistent buffers that a network built on the meta device lacks;
+they come from a one-layer copy of the network built on the CPU from the same config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qimg.loading.checkpoint import load_module, open_checkpoint, safetensors_files
+
+LayerHook = Callable[[str, int, nn.Module], None]  # (kind "layers" or "blocks", index, module)
+_GROUP = re.compile(r"^(model\.(?:language_model\.)?layers\.\d+|(?:model\.)?visual\.blocks\.\d+)\.")
+
+
+def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = True, head: bool = True,
+                           on_layer: LayerHook | None = None) -> Any:
+    """text_encoder/ as transformers' Qwen2_5_VLForConditionalGeneration on the CPU (or wherever on_layer put each
+    layer), in eval mode without gradients. vision / head False: the vision tower / LM head are not read and the
+    model gets none (`model.model.visual = None`, `lm_head = Identity`). A file without an LM head loads too (older
+    exports omit it; prompt encoding never reads it)."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(folder)
+    files = safetensors_files(folder, stem="model")
+    stored = list(open_checkpoint(files))
+
+    def build() -> nn.Module:
+        return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+
+    with torch.device("meta"):
+        names = set(build().state_dict())
+    rename = {key: _network_name(key, names) for key in stored}
+    skipped = {n for n in names if (not vision and ".visual." in f".{n}")}
+    tied = any(getattr(c, "tie_word_embeddings", False) for c in (config, getattr(config, "text_config", None)))
+    if not head or tied or "lm_head.weight" not in rename.values():
+        skipped.add("lm_head.weight")
+
+    def group(name: str) -> str | None:
+        m = _GROUP.match(name)
+        return None if m is None else m.group(1)
+
+    def arrived(prefix: str, model: nn.Module) -> None:
+        if on_layer is not None:
+            kind, _, i = prefix.rpartition(".")
+            on_layer(kind.rpartition(".")[2], int(i), model.get_submodule(prefix))
+
+    model = load_module(build, files, dtype=dtype, rename=rename, aliases=sorted(skipped), group=group,
+                        on_group=arrived, what=f"{folder.name}/ weights")
+    _fill_rotary_tables(model, config, dtype)
+    if not vision:
+        model.model.visual = None  # text-only prompts never reach the vision tower (~1.3 GiB)
+    if not head:
+        model.lm_head = nn.Identity()  # ~1 GiB of logits weights the prompt encoding never reads
+    elif tied or "lm_head.weight" in skipped:
+        # Tied as the config says, or (a file without one) bound to the embeddings rather than left on the meta
+        # device: prompt encoding never reads it, but the module must be movable.
+        model.lm_head.weight = model.get_input_embeddings().weight
+    return model.eval().requires_grad_(False)
+
+
+def _network_name(key: str, names: set[str]) -> str:
+    """The network's name for a stored key, in either transformers layout; the key itself when nothing fits (the
+    strict load then reports it as unexpected)."""
+    if key in names:
+        return key
+    for old, new in (("model.", "model.language_model."), ("visual.", "model.visual.")):
+        if key.startswith(old) and new + key[len(old):] in names:
+            return new + key[len(old):]
+    return key
+
+
+def _fill_rotary_tables(model: nn.Module, config: Any, dtype: torch.dtype) -> None:
+    """The non-persistent buffers (rotary inverse frequencies) of a network built on the meta device, from a copy
+    with one language layer and one vision block built for real on the CPU: they depend on the widths and the
+    rope settings, never on the depth or the vocabulary."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    missing = {n for n, b in model.named_buffers() if b.is_meta}
+    if not missing:
+        return
+    small = config.to_dict()
+    text = small.get("text_config", small)
+    text.update(num_hidden_layers=1, vocab_size=16)
+    text.pop("layer_types", None)  # derived from the layer count when absent
+    for part in (small, text):  # token ids beyond the shrunk vocabulary would make transformers warn
+        part.update({k: None for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in part})
+    small["vision_config"].update(depth=1, fullatt_block_indexes=[0])
+    copy = Qwen2_5_VLForConditionalGeneration._from_config(type(config).from_dict(small), dtype=dtype)
+    buffers = dict(copy.named_buffers())
+    for name in missing:
+        owner, _, attr = name.rpartition(".")
+        if name not in buffers:
+            raise RuntimeError(f"qimg cannot rebuild the buffer {name} of this transformers version's Qwen2.5-VL")
+        model.get_submodule(owner).register_buffer(attr, buffers[name].clone(), persistent=False)
