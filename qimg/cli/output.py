@@ -190,7 +190,7 @@ def timings_line(params: dict[str, Any], load: float, write: float, total: float
     parts = [f"load {load:.2f} s"] + [f"{name} {seconds:.2f} s" for name, seconds in phases.items()]
     steps = params.get("steps")
     if steps and "denoise" in phases:
-        parts[-2 if "decode" in phases else -1] += f" ({phases['denoise'] / steps:.3f} s/step)"
+        parts[1 + list(phases).index("denoise")] += f" ({phases['denoise'] / steps:.3f} s/step)"
     parts.append(f"write {write:.2f} s")
     return "time: " + ", ".join(parts) + ("" if total is None else f"; {total:.1f} s since the process started")
 

@@ -1,16 +1,19 @@
-"""LoRA training for the Qwen-Image family's denoiser: flow matching on cached latents and prompt embeddings.
+"""LoRA training for a family's denoiser (Qwen-Image and its Edit models, FLUX.1-dev and Kontext): flow matching on
+cached latents and prompt embeddings. The family record gives the loss (`Family.train_loss`) and the linears each
+--targets name trains (`Family.train_targets`).
 
 One step: x_t = (1 - t) x0 + t noise, the model predicts the velocity noise - x0 (MSE), with t = sigmoid(N(0, 1))
-shifted for the image's token count (musubi-tuner's `qwen_shift`: mu linear from 256 tokens -> 0.5 to 8192 ->
-0.9, t' = e^mu t / (1 + (e^mu - 1) t)). The adapters are runtime/lora.py's side branches with fp32 master weights
-(trainable_lora); the base model stays frozen in its load dtype. AdamW, constant learning rate after a linear
-warmup, gradients clipped to a norm.
+shifted for the image's token count (Qwen-Image: musubi-tuner's `qwen_shift`, mu linear from 256 tokens -> 0.5 to
+8192 -> 0.9, t' = e^mu t / (1 + (e^mu - 1) t); FLUX.1: `flux_shift`, 256 -> 0.5 to 4096 -> 1.15, guidance 1.0).
+The adapters are runtime/lora.py's side branches with fp32 master weights (trainable_lora); the base model stays
+frozen in its load dtype. AdamW, constant learning rate after a linear warmup, gradients clipped to a norm.
 
 Edit models (Qwen-Image-Edit, -2509, -2511) train on (controls, target) pairs the way they edit: each control's
 latents (VAE posterior mode at the spec's VAE area, as run_qwen_edit makes them) follow the noisy target tokens
 with their own RoPE frame, the prompt embeddings are the VL prompt that saw the controls, the model gets
 n_target (so -2511's zero_cond_t gives the control tokens the t = 0 modulation), and the loss and the timestep
-shift cover the target tokens only.
+shift cover the target tokens only. FLUX.1-Kontext trains the same way: its control at the training resolution
+nearest its aspect, after the targets at RoPE frame 1 (training/flux_step.py).
 
 Everything random in a step comes from a generator seeded by (seed, step, micro-batch), and the data order is a
 pure function of (seed, epoch) (data.epoch_batches), so a run resumed from its saved state (adapter, optimizer,
