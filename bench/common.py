@@ -37,33 +37,28 @@ def time_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
 
 
 def random_diffusers_mmdit(layers: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Any:
-    """diffusers' QwenImageTransformer2DModel at full width, built directly in `dtype` on `device` (20B params in
-    fp32 would not fit beside anything), every parameter random (diffusers zero-initialises some layers)."""
+    """diffusers' QwenImageTransformer2DModel at full width (20B params in fp32 would not fit beside anything),
+    every parameter random (diffusers zero-initialises some layers)."""
     from diffusers import QwenImageTransformer2DModel
 
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = QwenImageTransformer2DModel(num_layers=layers)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    return model.eval().requires_grad_(False)
+    return random_diffusers(QwenImageTransformer2DModel, dict(num_layers=layers), device, dtype)
 
 
 def random_diffusers_flux(config: dict, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Any:
-    """diffusers' FluxTransformer2DModel of `config`, built directly in `dtype` on `device`, every parameter random
-    (normal, std 0.02)."""
+    """diffusers' FluxTransformer2DModel of `config`, every parameter random."""
     from diffusers import FluxTransformer2DModel
 
+    return random_diffusers(FluxTransformer2DModel, config, device, dtype)
+
+
+def random_diffusers(cls: Any, config: dict, device: torch.device, dtype: torch.dtype) -> Any:
+    """A diffusers model of `config` built directly in `dtype` on `device`, every parameter normal(0, 0.02), in eval
+    mode without gradients."""
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = FluxTransformer2DModel(**config)
+            model = cls(**config)
     finally:
         torch.set_default_dtype(torch.float32)
     with torch.no_grad():

@@ -42,7 +42,8 @@ def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = T
         return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
 
     with torch.device("meta"):
-        names = set(build().state_dict())
+        network = build()  # built once: its names choose the renames, then load_module fills it
+    names = set(network.state_dict())
     rename = {key: _network_name(key, names) for key in stored}
     skipped = {n for n in names if (not vision and ".visual." in f".{n}")}
     tied = any(getattr(c, "tie_word_embeddings", False) for c in (config, getattr(config, "text_config", None)))
@@ -58,7 +59,7 @@ def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = T
             kind, _, i = prefix.rpartition(".")
             on_layer(kind.rpartition(".")[2], int(i), model.get_submodule(prefix))
 
-    model = load_module(build, files, dtype=dtype, rename=rename, aliases=sorted(skipped), group=group,
+    model = load_module(lambda: network, files, dtype=dtype, rename=rename, aliases=sorted(skipped), group=group,
                         on_group=arrived, what=f"{folder.name}/ weights")
     _fill_rotary_tables(model, config, dtype)
     if not vision:

@@ -3,7 +3,6 @@ diffusers' FluxPipeline.encode_prompt does (the same prompt to both encoders, pa
 
 from __future__ import annotations
 
-import gc
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +16,11 @@ from qimg.errors import InputError
 from qimg.loading import components, flux_text
 from qimg.loading.hub import ModelRef
 from qimg.pipelines.family import Family
-from qimg.request import GenerateRequest, check_images
+from qimg.pipelines.text_slot import TextEncoderSlot
+from qimg.request import GenerateRequest
 from qimg.runtime.devices import pick_device, pick_dtype
 from qimg.runtime.fp8 import FP8Linear, Predicate, apply_fp8
-from qimg.runtime.offload import HostCopy, Offloaded, Residency, prepare_block
+from qimg.runtime.offload import HostCopy, Offloaded, prepare_block
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import MemoryPlan
 from qimg.version import __version__
@@ -69,41 +69,16 @@ def check_length(max_sequence_length: int) -> None:
 
 
 @dataclass
-class FluxPromptEncoder:
+class FluxPromptEncoder(TextEncoderSlot):
     """CLIP-L and T5 with their tokenizers, of one FLUX.1 model; the encoders load together on first use."""
 
-    ref: ModelRef
-    family: Family
-    torch_device: torch.device
-    torch_dtype: torch.dtype
-    fp8: str | None = None  # FP8 storage for the T5 linears family.text_encoder_fp8 selects
-    plan: MemoryPlan | None = None  # where the encoders run, whether they visit the GPU only to encode
-    residency: Residency | None = None
-    _model: Any = None
     _tokenizer: Any = None
     _tokenizer_2: Any = None
 
-    @property
-    def model(self) -> nn.ModuleDict:
+    def _load(self) -> tuple[nn.ModuleDict, Offloaded | None]:
         """{"text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel}, placed as the plan says."""
-        if self._model is None:
-            self._model, offloaded = load_text_encoders(
-                self.ref, self.torch_device, self.torch_dtype, self.fp8, self.plan, self.family.text_encoder_fp8
-            )
-            if offloaded is not None and self.residency is not None:
-                self.residency.add("text_encoder", offloaded)
-        return self._model
-
-    def release(self) -> None:
-        """Free both text encoders (a later prompt loads them again)."""
-        if self._model is None:
-            return
-        if self.residency is not None:
-            self.residency.drop("text_encoder")
-        self._model = None
-        gc.collect()
-        if self.torch_device.type == "cuda":
-            torch.cuda.empty_cache()
+        return load_text_encoders(self.ref, self.torch_device, self.torch_dtype, self.fp8, self.plan,
+                                  self.family.text_encoder_fp8)
 
     def load_tokenizers(self) -> None:
         """Read both tokenizers now rather than at the first prompt."""
@@ -122,20 +97,9 @@ class FluxPromptEncoder:
         return self._tokenizer_2
 
     @property
-    def loaded(self) -> bool:
-        return self._model is not None
-
-    @property
-    def model_if_loaded(self) -> Any:
-        """The text encoders if they are loaded, else None (for error reports that must not load them)."""
-        return self._model
-
-    @property
     def template_name(self) -> str:
         return TEMPLATE
 
-    def check_images(self, images: Sequence[Any]) -> None:
-        check_images(self.ref.spec, self.ref.name, len(images))
 
     def encode(self, prompt: str, max_sequence_length: int = T5_MAX_LENGTH, images: Sequence[Any] = ()
                ) -> PromptEmbeds:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +18,11 @@ from qimg.loading.hub import ModelRef
 from qimg.nets.text_encoders import TEMPLATES, dropped_prompt_tokens, encode_qwen_prompt, encode_qwen_prompt_with_images
 from qimg.pipelines.common import resize_to_area
 from qimg.pipelines.family import Family
-from qimg.request import GenerateRequest, check_images
+from qimg.pipelines.text_slot import TextEncoderSlot
+from qimg.request import GenerateRequest
 from qimg.runtime.devices import pick_device, pick_dtype
 from qimg.runtime.fp8 import Predicate, apply_fp8
-from qimg.runtime.offload import HostCopy, Offloaded, Residency, prepare_block
+from qimg.runtime.offload import HostCopy, Offloaded, prepare_block
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import MemoryPlan
 from qimg.version import __version__
@@ -38,41 +38,15 @@ def image_fingerprint(image: Any) -> str:
 
 
 @dataclass
-class QwenPromptEncoder:
+class QwenPromptEncoder(TextEncoderSlot):
     """The text encoder, tokenizer and (edit models) image processor of one model; each loads on first use."""
 
-    ref: ModelRef
-    family: Family
-    torch_device: torch.device
-    torch_dtype: torch.dtype
-    fp8: str | None = None  # FP8 storage for the language model's linears
-    plan: MemoryPlan | None = None  # where the encoder runs and whether it visits the GPU only to encode
-    residency: Residency | None = None
-    _model: Any = None
     _tokenizer: Any = None
     _image_processor: Any = None
 
-    @property
-    def model(self) -> Any:
-        if self._model is None:
-            self._model, offloaded = load_text_encoder(
-                self.ref.path / "text_encoder", self.torch_device, self.torch_dtype, self.fp8, self.plan,
-                self.ref.spec.task, self.family.text_encoder_fp8,
-            )
-            if offloaded is not None and self.residency is not None:
-                self.residency.add("text_encoder", offloaded)
-        return self._model
-
-    def release(self) -> None:
-        """Free the text encoder (a later prompt loads it again)."""
-        if self._model is None:
-            return
-        if self.residency is not None:
-            self.residency.drop("text_encoder")
-        self._model = None
-        gc.collect()
-        if self.torch_device.type == "cuda":
-            torch.cuda.empty_cache()
+    def _load(self) -> tuple[Any, Offloaded | None]:
+        return load_text_encoder(self.ref.path / "text_encoder", self.torch_device, self.torch_dtype, self.fp8,
+                                 self.plan, self.ref.spec.task, self.family.text_encoder_fp8)
 
     def load_tokenizers(self) -> None:
         """Read the tokenizer (and, for edit models, the image processor) now rather than at the first prompt."""
@@ -93,20 +67,9 @@ class QwenPromptEncoder:
         return self._image_processor
 
     @property
-    def loaded(self) -> bool:
-        return self._model is not None
-
-    @property
-    def model_if_loaded(self) -> Any:
-        """The text encoder if it is loaded, else None (for error reports that must not load it)."""
-        return self._model
-
-    @property
     def template_name(self) -> str:
         return self.ref.spec.prompt_template
 
-    def check_images(self, images: Sequence[Any]) -> None:
-        check_images(self.ref.spec, self.ref.name, len(images))
 
     def encode(self, prompt: str, max_sequence_length: int = 512, images: Sequence[Any] = ()) -> PromptEmbeds:
         """Conditioning for one prompt: embeds (1, L, 3584) and no mask (a single prompt has no padding).

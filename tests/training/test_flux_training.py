@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from typer.testing import CliRunner
 
 import qimg
@@ -22,6 +21,7 @@ from qimg.training.flux_step import TRAIN_GUIDANCE, flux_flow_loss, flux_shift
 from qimg.training.step import step_generator
 from qimg.training.trainer import TrainConfig, Trainer, train_items
 from tests.fixtures_flux_model import TINY_FLUX, write_tiny_flux
+from tests.training.test_edit_training import _picture
 
 CPU = qimg.RuntimeOptions(device="cpu", dtype="float32")
 
@@ -32,14 +32,6 @@ def tiny_flux(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux-train")
     return {"dev": (write_tiny_flux(root / "dev", seed=3), root / "dev"),
             "kontext": (write_tiny_flux(root / "kontext", kontext=True, seed=7), root / "kontext")}
-
-
-def _picture(size: tuple[int, int], seed: int) -> Image.Image:
-    width, height = size
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx / width, yy / height, 0.5 + 0.5 * np.sin(xx / 5.0 + yy / 9.0)], -1)
-    return Image.fromarray(((0.85 * base + 0.15 * rng.random((height, width, 3))) * 255).astype(np.uint8))
 
 
 def _dataset(folder: Path, n: int = 1, control: tuple[int, int] | None = None) -> Path:
