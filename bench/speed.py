@@ -8,6 +8,8 @@ Rows (1024x1024: 4096 image tokens; prompt 128 text tokens, negative prompt 8):
 - one CFG step: diffusers = two forwards (cond, uncond), qimg = one batch-of-two forward (TextPadding: each row
   attends over its own prompt tokens, no mask);
 - FP8 compute (qimg only): forward batch 1 and CFG step, eager and compiled;
+- resident --fp8 weights (FP8 storage, bf16 compute): CFG step, eager and compiled;
+- qimg rows named "fused" run with the fused Triton kernels on (qimg/runtime/kernels.py), the others without;
 plus the relative L2 error of each qimg variant's velocity against diffusers' bf16 output.
 """
 
@@ -34,6 +36,7 @@ from qimg.pipelines.qwen import text_batch  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
 from qimg.runtime.fp8 import apply_fp8  # noqa: E402
+from qimg.runtime.kernels import use_fused_kernels  # noqa: E402
 from qimg.specs import QwenMMDiTParams  # noqa: E402
 
 
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--attention", default="sdpa,cudnn", help="the eager rows' attention kernels")
     ap.add_argument("--no-fp8", action="store_true")
     args = ap.parse_args()
 
@@ -65,6 +69,23 @@ def main() -> None:
 
     rows: dict[str, dict] = {}
 
+    def dump() -> None:
+        """Write what is measured so far (a run stopped at a time limit keeps its rows)."""
+        report = {
+            "benchmark": "qwen-image mmdit fast paths, 1024x1024, 128 + 8 text tokens",
+            "device": torch.cuda.get_device_name(dev),
+            "torch": torch.__version__,
+            "diffusers": __import__("diffusers").__version__,
+            "python": platform.python_version(),
+            "layers": args.layers,
+            "command": " ".join(["python", *sys.argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "rows": rows,
+            "rel_l2_vs_diffusers_bf16": err,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
     def measure(name: str, fn, warmup: int | None = None) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -77,6 +98,7 @@ def main() -> None:
                       "first_call_s": round(first, 2),
                       "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
         print(name, json.dumps(rows[name]), flush=True)
+        dump()
 
     def d_fwd(txt, n):
         return ref(hidden_states=x, encoder_hidden_states=txt, timestep=t1, img_shapes=[shapes],
@@ -105,17 +127,27 @@ def main() -> None:
 
         measure("forward b1: diffusers eager", lambda: d_fwd(cond, 128))
         measure("cfg step: diffusers eager (2 forwards)", d_step)
-        for backend in ("sdpa", "cudnn"):
+        use_fused_kernels("cpu")  # off: the unfused rows first
+        for backend in args.attention.split(","):
             use_attention(backend, dev)
             rel(f"qimg eager {backend}")
             measure(f"forward b1: qimg eager {backend}", q_fwd)
             measure(f"cfg step: qimg eager {backend} (batch 2, TextPadding)", q_step)
+        use_fused_kernels(dev)
+        rel("qimg eager cudnn fused")
+        measure("forward b1: qimg eager cudnn fused", q_fwd)
+        measure("cfg step: qimg eager cudnn fused (batch 2, TextPadding)", q_step)
         if not args.no_compile:
             use_attention("cudnn", dev)
             compile_blocks(ours.transformer_blocks)
+            use_fused_kernels("cpu")
             rel("qimg compiled cudnn")
             measure("forward b1: qimg compiled cudnn", q_fwd, warmup=2)
             measure("cfg step: qimg compiled cudnn (batch 2, TextPadding)", q_step, warmup=2)
+            use_fused_kernels(dev)  # dynamo guards on the swapped function: the blocks recompile
+            rel("qimg compiled cudnn fused")
+            measure("forward b1: qimg compiled cudnn fused", q_fwd, warmup=2)
+            measure("cfg step: qimg compiled cudnn fused (batch 2, TextPadding)", q_step, warmup=2)
             ref.compile_repeated_blocks(fullgraph=True)
             measure("forward b1: diffusers compiled", lambda: d_fwd(cond, 128), warmup=2)
             measure("cfg step: diffusers compiled (2 forwards)", d_step, warmup=2)
@@ -124,29 +156,35 @@ def main() -> None:
             n = apply_fp8(ours, qwen_mmdit_fp8_layers, compute=True)
             print("fp8 linears", n, flush=True)
             use_attention("cudnn", dev)
-            rel("qimg fp8 eager")
-            measure("forward b1: qimg fp8 eager", q_fwd)
-            measure("cfg step: qimg fp8 eager (batch 2, TextPadding)", q_step)
+            for fused in (False, True):
+                use_fused_kernels(dev if fused else "cpu")
+                tag = " fused" if fused else ""
+                rel(f"qimg fp8 eager{tag}")
+                measure(f"forward b1: qimg fp8 eager{tag}", q_fwd)
+                measure(f"cfg step: qimg fp8 eager{tag} (batch 2, TextPadding)", q_step)
             if not args.no_compile:
                 compile_blocks(ours.transformer_blocks)
-                rel("qimg fp8 compiled")
-                measure("forward b1: qimg fp8 compiled", q_fwd, warmup=2)
-                measure("cfg step: qimg fp8 compiled (batch 2, TextPadding)", q_step, warmup=2)
+                for fused in (False, True):
+                    use_fused_kernels(dev if fused else "cpu")
+                    tag = " fused" if fused else ""
+                    rel(f"qimg fp8 compiled{tag}")
+                    measure(f"forward b1: qimg fp8 compiled{tag}", q_fwd, warmup=2)
+                    measure(f"cfg step: qimg fp8 compiled{tag} (batch 2, TextPadding)", q_step, warmup=2)
+            # --fp8 weights, resident: FP8 storage, bf16 compute (each linear dequantises its weight per call)
+            del ours
+            ours = sharing_qimg_mmdit(ref, args.layers)
+            apply_fp8(ours, qwen_mmdit_fp8_layers, compute=False)
+            for fused in (False, True):
+                use_fused_kernels(dev if fused else "cpu")
+                tag = " fused" if fused else ""
+                rel(f"qimg fp8 weights eager{tag}")
+                measure(f"cfg step: qimg fp8 weights eager{tag} (batch 2, TextPadding)", q_step)
+            if not args.no_compile:
+                compile_blocks(ours.transformer_blocks)
+                rel("qimg fp8 weights compiled fused")
+                measure("cfg step: qimg fp8 weights compiled fused (batch 2, TextPadding)", q_step, warmup=2)
 
-    report = {
-        "benchmark": "qwen-image mmdit fast paths, 1024x1024, 128 + 8 text tokens",
-        "device": torch.cuda.get_device_name(dev),
-        "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
-        "python": platform.python_version(),
-        "layers": args.layers,
-        "command": " ".join(["python", *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "rows": rows,
-        "rel_l2_vs_diffusers_bf16": err,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    dump()
     for name, row in rows.items():
         print(f"{name:<52}{row['median_ms']:>10} ms {row['peak_reserved_gib']:>7} GiB")
     for name, e in err.items():

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from qimg.errors import CheckpointError, ConfigError, ModelNotFoundError
+from qimg.loading.reader import Entry, Reader, file_entries
 
 P = TypeVar("P")
 M = TypeVar("M", bound=nn.Module)
@@ -160,8 +161,9 @@ def load_module(
     `convert(name, tensor)` then replaces the cast to `dtype` (it may keep FP8 values as stored or dequantise
     them); it keeps shapes, which are checked from the headers. `hint` replaces the mismatch error's hint.
 
-    With `group(name)` -> prefix (or None), tensors load one group at a time (memory-mapped reads, so the host
-    holds one group, not the checkpoint) and `on_group(prefix, module)` runs right after each group is in place: FP8
+    Tensors are read in parallel straight to `device` (loading/reader.py). With `group(name)` -> prefix (or
+    None), they load one group at a time (the next group's reads overlapping this one's placing, so memory holds
+    two groups, not the checkpoint) and `on_group(prefix, module)` runs right after each group is in place: FP8
     quantisation or packing into host memory then happens block by block. Names and (untransformed) shapes are
     checked from the headers before anything is read.
 
@@ -195,11 +197,13 @@ def load_module(
     check_keys(what, missing, unexpected, misshapen, hint)
     _check_dtypes(what, where, expected)
 
-    def read(names: list[str]) -> dict[str, Tensor]:
+    entries: dict[str, Entry] = {}
+    for path in files:
+        entries.update(file_entries(path))
+
+    def finish(names: list[str], tensors: list[Tensor]) -> dict[str, Tensor]:
         state = {}
-        for name in names:
-            handle, key = where[name]
-            tensor = handle.get_tensor(key)
+        for name, tensor in zip(names, tensors, strict=True):
             if transform is not None:
                 tensor = transform(name, tensor)
             if convert is not None:
@@ -215,15 +219,23 @@ def load_module(
     groups: dict[str | None, list[str]] = {}
     for name in expected:
         groups.setdefault(group(name) if group else None, []).append(name)
-    for prefix, names in groups.items():
-        if prefix is None:
-            continue
-        module.load_state_dict(read(names), strict=False, assign=True)
-        if on_group is not None:
-            on_group(prefix, module)
-    state = read(groups.get(None, []))
-    check_keys(what, [], [], misshapen, hint)
-    module.load_state_dict(state, strict=False, assign=True)
+    # the groups in order, then the tensors outside any group; each group's reads start while the one before
+    # it is being placed (on_group: FP8 quantisation, packing into host memory)
+    order = [(prefix, names) for prefix, names in groups.items() if prefix is not None]
+    order.append((None, groups.get(None, [])))
+    with Reader(device) as reader:
+        pending = reader.submit(entries[where[name][1]] for name in order[0][1])
+        for k, (prefix, names) in enumerate(order):
+            tensors = [f.result() for f in pending]
+            if k + 1 < len(order):
+                pending = reader.submit(entries[where[name][1]] for name in order[k + 1][1])
+            state = finish(names, tensors)
+            del tensors
+            if prefix is None:
+                check_keys(what, [], [], misshapen, hint)
+            module.load_state_dict(state, strict=False, assign=True)
+            if prefix is not None and on_group is not None:
+                on_group(prefix, module)
     return module
 
 

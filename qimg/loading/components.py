@@ -109,12 +109,14 @@ def load_tokenizer(folder: Path) -> Any:
     key = _folder_key(folder)
     if key is not None and key in _TOKENIZERS:
         return _TOKENIZERS[key]
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (folder / name).is_file():
-            read_json(folder / name)  # a broken JSON file is named here, not deep inside transformers
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as e:
+        # A broken JSON file is named, not the error deep inside transformers; parsed only now, because a
+        # tokenizer.json runs to megabytes and transformers parses it anyway (twice).
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                read_json(folder / name)
         raise ConfigError(f"{folder} does not hold a readable tokenizer ({type(e).__name__}: {str(e)[:120]})",
                           hint="re-download the model") from e
     if key is not None:

@@ -17,10 +17,11 @@ from qimg.nets.layers import (
     AdaNormOut,
     FeedForward,
     MLPEmbedder,
-    apply_rope,
     attention,
     layer_norm,
+    linear_gelu,
     modulate,
+    norm_rope,
     timestep_embedding,
 )
 from qimg.specs import FluxParams
@@ -95,14 +96,14 @@ class JointAttention(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
         heads = (-1, self.head_dim)
-        iq = self.norm_q(self.to_q(x).unflatten(-1, heads))  # (B, Li, H, Dh)
-        ik = self.norm_k(self.to_k(x).unflatten(-1, heads))
+        iq = self.to_q(x).unflatten(-1, heads)  # (B, Li, H, Dh), normalised in norm_rope
+        ik = self.to_k(x).unflatten(-1, heads)
         iv = self.to_v(x).unflatten(-1, heads)
-        tq = self.norm_added_q(self.add_q_proj(c).unflatten(-1, heads))  # (B, Lt, H, Dh)
-        tk = self.norm_added_k(self.add_k_proj(c).unflatten(-1, heads))
+        tq = self.add_q_proj(c).unflatten(-1, heads)  # (B, Lt, H, Dh)
+        tk = self.add_k_proj(c).unflatten(-1, heads)
         tv = self.add_v_proj(c).unflatten(-1, heads)
-        q = apply_rope(torch.cat([tq, iq], dim=1), rope)  # (B, Lt + Li, H, Dh)
-        k = apply_rope(torch.cat([tk, ik], dim=1), rope)
+        q = norm_rope(tq, self.norm_added_q, iq, self.norm_q, rope)  # (B, Lt + Li, H, Dh)
+        k = norm_rope(tk, self.norm_added_k, ik, self.norm_k, rope)
         out = attention(q, k, torch.cat([tv, iv], dim=1))  # (B, Lt + Li, D)
         c_out, x_out = out.split([c.shape[1], x.shape[1]], dim=1)
         # Contiguous, as diffusers makes them: a batched matmul reads a strided input with other kernels (CPU bf16
@@ -121,8 +122,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor) -> Tensor:
         heads = (-1, self.head_dim)
-        q = apply_rope(self.norm_q(self.to_q(x).unflatten(-1, heads)), rope)  # (B, L, H, Dh)
-        k = apply_rope(self.norm_k(self.to_k(x).unflatten(-1, heads)), rope)
+        q = norm_rope(None, None, self.to_q(x).unflatten(-1, heads), self.norm_q, rope)  # (B, L, H, Dh)
+        k = norm_rope(None, None, self.to_k(x).unflatten(-1, heads), self.norm_k, rope)
         return attention(q, k, self.to_v(x).unflatten(-1, heads))  # (B, L, D)
 
 
@@ -167,7 +168,7 @@ class SingleBlock(nn.Module):
         """h (B, Lt + Li, D) joint [text, image] tokens, temb (B, D), rope (Lt + Li, Dh / 2) -> h."""
         shift, scale, gate = self.norm(temb)
         n = modulate(layer_norm(h), shift, scale)
-        mlp = F.gelu(self.proj_mlp(n), approximate="tanh")  # (B, L, 4D)
+        mlp = linear_gelu(self.proj_mlp, n)  # (B, L, 4D)
         h = h + gate * self.proj_out(torch.cat([self.attn(n, rope), mlp], dim=-1))
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)

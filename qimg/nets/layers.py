@@ -71,6 +71,26 @@ class MLPEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def _linear_gelu_torch(linear: nn.Module, x: Tensor) -> Tensor:
+    return F.gelu(linear(x), approximate="tanh")
+
+
+_linear_gelu_impl: Callable[[nn.Module, Tensor], Tensor] = _linear_gelu_torch
+
+
+def set_linear_gelu_impl(fn: Callable[[nn.Module, Tensor], Tensor] | None) -> Callable[[nn.Module, Tensor], Tensor]:
+    """Swap the kernel behind linear_gelu() (qimg.runtime.kernels: GELU in the matmul's epilogue; None restores
+    the PyTorch form); returns the previous one."""
+    global _linear_gelu_impl
+    previous, _linear_gelu_impl = _linear_gelu_impl, fn or _linear_gelu_torch
+    return previous
+
+
+def linear_gelu(linear: nn.Module, x: Tensor) -> Tensor:
+    """tanh-GELU(linear(x)), the MLPs' up projection: one call site, so the GELU can run inside the matmul."""
+    return _linear_gelu_impl(linear, x)
+
+
 class GeluProj(nn.Module):
     """Linear followed by tanh-approximated GELU; a module of its own only to keep the checkpoint's `.proj` name."""
 
@@ -79,7 +99,7 @@ class GeluProj(nn.Module):
         self.proj = nn.Linear(dim, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        return linear_gelu(self.proj, x)
 
 
 class FeedForward(nn.Module):
@@ -121,6 +141,33 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
         return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D/2)
     return torch.view_as_real(xc * rope[None, :, None, :]).flatten(-2).to(x.dtype)
+
+
+NormRopeFn = Callable[[Tensor | None, "nn.Module | None", Tensor, nn.Module, Tensor], Tensor]
+
+
+def _norm_rope_torch(t: Tensor | None, t_norm: nn.Module | None, i: Tensor, i_norm: nn.Module, rope: Tensor) -> Tensor:
+    joined = i_norm(i) if t is None or t_norm is None else torch.cat([t_norm(t), i_norm(i)], dim=1)
+    return apply_rope(joined, rope)
+
+
+_norm_rope_impl: NormRopeFn = _norm_rope_torch
+
+
+def set_norm_rope_impl(fn: NormRopeFn | None) -> NormRopeFn:
+    """Swap the kernel behind norm_rope() (qimg.runtime.kernels does this; None restores the PyTorch one);
+    returns the previous one."""
+    global _norm_rope_impl
+    previous, _norm_rope_impl = _norm_rope_impl, fn or _norm_rope_torch
+    return previous
+
+
+def norm_rope(t: Tensor | None, t_norm: nn.Module | None, i: Tensor, i_norm: nn.Module, rope: Tensor) -> Tensor:
+    """The q or k path of attention: each stream's heads RMS-normalised by its own norm, joined [text, image]
+    along the tokens, rotated by rope. t, i: (B, L, H, D) (t None: one stream); rope: (Lt + Li, D/2) complex64.
+    One call site for both families, so a fused kernel (one pass instead of norm, concatenation and rotation)
+    is one switch."""
+    return _norm_rope_impl(t, t_norm, i, i_norm, rope)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:

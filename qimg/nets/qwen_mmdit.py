@@ -16,10 +16,10 @@ from qimg.nets.layers import (
     FeedForward,
     MLPEmbedder,
     RMSNorm,
-    apply_rope,
     attention,
     layer_norm,
     modulate,
+    norm_rope,
     rope_angles,
     rope_table,
     timestep_embedding,
@@ -78,11 +78,11 @@ class QwenAttention(nn.Module):
         self, x: Tensor, c: Tensor, rope: Tensor, mask: Tensor | TextPadding | None
     ) -> tuple[Tensor, Tensor]:
         heads = (-1, self.head_dim)
-        tq = self.norm_added_q(self.add_q_proj(c).unflatten(-1, heads))  # (B, Lt, H, Dh)
-        tk = self.norm_added_k(self.add_k_proj(c).unflatten(-1, heads))
+        tq = self.add_q_proj(c).unflatten(-1, heads)  # (B, Lt, H, Dh), normalised in norm_rope
+        tk = self.add_k_proj(c).unflatten(-1, heads)
         tv = self.add_v_proj(c).unflatten(-1, heads)
-        iq = self.norm_q(self.to_q(x).unflatten(-1, heads))  # (B, Li, H, Dh)
-        ik = self.norm_k(self.to_k(x).unflatten(-1, heads))
+        iq = self.to_q(x).unflatten(-1, heads)  # (B, Li, H, Dh)
+        ik = self.to_k(x).unflatten(-1, heads)
         iv = self.to_v(x).unflatten(-1, heads)
         lt, li = c.shape[1], x.shape[1]
         if isinstance(mask, TextPadding):
@@ -90,16 +90,16 @@ class QwenAttention(nn.Module):
             for b, n in enumerate(mask.lengths):
                 rows = slice(b, b + 1)
                 r = rope if n == lt else torch.cat([rope[:n], rope[lt:]])
-                q = apply_rope(torch.cat([tq[rows, :n], iq[rows]], dim=1), r)
-                k = apply_rope(torch.cat([tk[rows, :n], ik[rows]], dim=1), r)
+                q = norm_rope(tq[rows, :n], self.norm_added_q, iq[rows], self.norm_q, r)
+                k = norm_rope(tk[rows, :n], self.norm_added_k, ik[rows], self.norm_k, r)
                 out = attention(q, k, torch.cat([tv[rows, :n], iv[rows]], dim=1))  # (1, n + Li, D)
                 c_part, x_part = out.split([n, li], dim=1)
                 c_rows.append(F.pad(c_part, (0, 0, 0, lt - n)))  # padding rows: zeros, never read
                 x_rows.append(x_part)
             c_out, x_out = torch.cat(c_rows), torch.cat(x_rows)
         else:
-            q = apply_rope(torch.cat([tq, iq], dim=1), rope)  # (B, Lt + Li, H, Dh)
-            k = apply_rope(torch.cat([tk, ik], dim=1), rope)
+            q = norm_rope(tq, self.norm_added_q, iq, self.norm_q, rope)  # (B, Lt + Li, H, Dh)
+            k = norm_rope(tk, self.norm_added_k, ik, self.norm_k, rope)
             out = attention(q, k, torch.cat([tv, iv], dim=1), mask)  # (B, Lt + Li, D)
             c_out, x_out = out.split([lt, li], dim=1)
         return self.to_out[0](x_out), self.to_add_out(c_out)

@@ -35,6 +35,7 @@ from qimg.request import DEFAULT_STRENGTH, GenerateRequest, check_task, make_req
 from qimg.runtime.attention import use_attention
 from qimg.runtime.compile import compile_blocks
 from qimg.runtime.devices import cuda_index
+from qimg.runtime.kernels import use_fused_kernels
 from qimg.runtime.offload import Offloaded, Residency
 from qimg.runtime.options import RuntimeOptions, Tiling
 from qimg.runtime.planner import GiB, MemoryPlan, Needs, PlanError, RequestShape, suggest
@@ -120,6 +121,10 @@ class Pipeline(abc.ABC):
         prompts = cls.prompt_encoder(ref, family, dev, dt, fp8=options.fp8, plan=plan, residency=None)
         if shape.text_encoder:
             prompts.load_tokenizers()  # small files, read first: a broken one fails before gigabytes load
+            if plan.mode == "none" and dev.type == "cuda":
+                # Everything stays resident: the text encoder loads on a thread while the denoiser loads here, the
+                # two reads overlapping (a cron job's first image pays the longer of them, not their sum).
+                prompts.load_in_background()
         try:
             vae = family.load_vae(root / "vae", dev, dt)
             transformer, offloaded = memory.load_denoiser(family, root / family.denoiser_folder, dev, dt, plan,
@@ -127,6 +132,7 @@ class Pipeline(abc.ABC):
         except torch.OutOfMemoryError as e:
             raise out_of_memory(family, ref, dev, dt, fp8) from e
         use_attention(options.attention, dev)
+        use_fused_kernels(dev)
         if options.compile:
             compile_blocks(family.denoiser_blocks.modules(transformer))
             vae.decoder.compile()

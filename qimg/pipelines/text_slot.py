@@ -4,8 +4,11 @@ how many input images the model takes. A family's encoder subclasses TextEncoder
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +33,26 @@ class TextEncoderSlot:
     plan: MemoryPlan | None = None  # where the encoder runs and whether it visits the GPU only to encode
     residency: Residency | None = None
     _model: Any = None
+    _pending: Future[tuple[Any, Offloaded | None]] | None = None
+
+    def load_in_background(self) -> None:
+        """Start loading on a worker thread, so reading the text encoder overlaps what the caller loads next (the
+        denoiser); the first use of .model waits for it, and a load that failed raises there. The thread is a
+        daemon: an interrupted run exits without waiting for it."""
+        if self._model is not None or self._pending is not None:
+            return
+        future: Future[tuple[Any, Offloaded | None]] = Future()
+
+        def work() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._load())
+            except BaseException as e:  # handed to whoever waits on .model, as a plain load would raise it
+                future.set_exception(e)
+
+        self._pending = future
+        threading.Thread(target=work, name="qimg-text-load", daemon=True).start()
 
     def _load(self) -> tuple[Any, Offloaded | None]:
         """The family's encoder(s), placed as self.plan says, and their Offloaded when they visit the GPU."""
@@ -38,13 +61,18 @@ class TextEncoderSlot:
     @property
     def model(self) -> Any:
         if self._model is None:
-            self._model, offloaded = self._load()
+            pending, self._pending = self._pending, None
+            self._model, offloaded = pending.result() if pending is not None else self._load()
             if offloaded is not None and self.residency is not None:
                 self.residency.add("text_encoder", offloaded)
         return self._model
 
     def release(self) -> None:
         """Free the text encoder(s) (a later prompt loads them again)."""
+        if self._pending is not None:  # a background load finishes first, so that its memory is freed below
+            pending, self._pending = self._pending, None
+            with contextlib.suppress(BaseException):  # a load that failed left nothing to free
+                self._model, _ = pending.result()
         if self._model is None:
             return
         if self.residency is not None:

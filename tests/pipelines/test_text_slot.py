@@ -1,0 +1,75 @@
+"""The text side loads on a worker thread when asked (overlapping the denoiser's load) and hands over the same
+model, or the same error, as a load on first use."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from qimg.errors import CheckpointError
+from qimg.pipelines.text_slot import TextEncoderSlot
+
+
+@dataclass
+class _Slot(TextEncoderSlot):
+    fail: bool = False
+    started: threading.Event | None = None
+    release_load: threading.Event | None = None
+    threads: list[str] | None = None
+
+    def _load(self) -> tuple[Any, None]:
+        self.threads.append(threading.current_thread().name)  # type: ignore[union-attr]
+        if self.started is not None:
+            self.started.set()
+        if self.release_load is not None:
+            assert self.release_load.wait(10)
+        if self.fail:
+            raise CheckpointError("text_encoder/ weights do not match the network")
+        return object(), None
+
+
+def _slot(**kw: Any) -> _Slot:
+    return _Slot(ref=None, family=None, torch_device=torch.device("cpu"), torch_dtype=torch.float32,  # type: ignore[arg-type]
+                 threads=[], **kw)
+
+
+def test_background_load_runs_on_a_worker_and_model_waits_for_it() -> None:
+    started, go = threading.Event(), threading.Event()
+    slot = _slot(started=started, release_load=go)
+    slot.load_in_background()
+    assert started.wait(10)
+    assert not slot.loaded  # still loading: nothing handed over yet
+    go.set()
+    model = slot.model
+    assert slot.loaded and slot.model is model
+    assert slot.threads == ["qimg-text-load"]  # loaded once, on the worker
+
+
+def test_a_failed_background_load_raises_at_first_use() -> None:
+    slot = _slot(fail=True)
+    slot.load_in_background()
+    with pytest.raises(CheckpointError, match="do not match"):
+        slot.model  # noqa: B018
+    slot.release()  # nothing loaded, nothing to free
+
+
+def test_release_waits_for_a_background_load_then_frees_it() -> None:
+    slot = _slot()
+    slot.load_in_background()
+    slot.release()
+    assert not slot.loaded
+    slot.model  # noqa: B018  (loads again, on this thread)
+    assert slot.threads == ["qimg-text-load", "MainThread"]
+
+
+def test_asking_twice_loads_once() -> None:
+    slot = _slot()
+    slot.load_in_background()
+    slot.load_in_background()
+    slot.model  # noqa: B018
+    slot.load_in_background()  # already loaded: no new load
+    assert slot.threads == ["qimg-text-load"]
