@@ -35,6 +35,7 @@ from qimg.jobs import (
     preset_hints,
     replay,
 )
+from qimg.launch import gpu_count, launch_ranks, without_option
 from qimg.loading.download import DownloadPlan, download, plan_download, quiet_loggers
 from qimg.loading.hub import ModelRef, list_models, resolve_lora, resolve_model
 from qimg.png import check_output_path, open_image, read_image, read_params, save_png
@@ -68,6 +69,10 @@ _LAZY = {
     "ssim": "qimg.metrics",
     "TransformerFile": "qimg.loading.single_file",
     "BenchResult": "qimg.benchmarking",
+    "World": "qimg.runtime.distributed",
+    "BatchShard": "qimg.runtime.distributed",
+    "world_from_env": "qimg.runtime.distributed",
+    "local_device": "qimg.runtime.distributed",
     "bench_job": "qimg.benchmarking",
     "benchmark": "qimg.benchmarking",
 }
@@ -95,6 +100,9 @@ __all__ = [
     "plan_batch",
     "read_prompts",
     "run_batch",
+    "gpu_count",
+    "launch_ranks",
+    "without_option",
     "DownloadPlan",
     "GenerateRequest",
     "Job",

@@ -17,10 +17,10 @@ import string
 import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qimg.errors import InputError, OutputError, QimgError
 from qimg.jobs import check_loras
@@ -301,6 +301,16 @@ class BatchResult:
 Progress = Callable[[int, int], None]
 
 
+class Shard(Protocol):
+    """A batch shared by several processes (qimg.runtime.distributed.BatchShard under torchrun)."""
+
+    @property
+    def leader(self) -> bool: ...
+    def barrier(self) -> None: ...
+    def next_item(self, count: int) -> int | None: ...
+    def stop(self) -> None: ...
+
+
 def run_batch(
     plan: BatchPlan,
     pipeline: Any,
@@ -308,20 +318,31 @@ def run_batch(
     steps: Callable[[BatchItem], AbstractContextManager[Progress]] | None = None,
     on_event: Callable[[BatchEvent], None] | None = None,
     fail_fast: bool = False,
+    shard: Shard | None = None,
 ) -> BatchResult:
     """Run a plan: skip what is done, generate the rest in order, write each PNG atomically and then its
     manifest line. pipeline: a loaded pipeline, or a function that loads one, called only when something is
     left to generate (so a finished batch never loads the model). steps(item) gives a context manager that
     yields a per-step progress callback. A QimgError on one item (e.g. NaN output) is reported as a "failed"
     event and the batch goes on unless fail_fast. SIGINT and SIGTERM raise KeyboardInterrupt, never between
-    a PNG and its manifest line; the folder is locked against a second batch writing into it."""
+    a PNG and its manifest line; the folder is locked against a second batch writing into it.
+
+    With a shard, this is one of several processes running the same plan: the leader locks and cleans the
+    folder and reports the skipped items; then every process takes the next unclaimed item until none is left,
+    so each runs exactly once, on whichever process is free first. Every process must have planned before it
+    gets here (the shard's barrier orders the first write after every plan)."""
     result = BatchResult()
     emit = on_event or (lambda event: None)
     total = len(plan.items)
-    with catch_signals(), folder_lock(plan.folder, create=bool(plan.todo)):
-        remove_stale_temporaries(plan.folder, [item.name for item in plan.todo])
+    leader = shard is None or shard.leader
+    lock = folder_lock(plan.folder, create=bool(plan.todo)) if leader else nullcontext()
+    with catch_signals(), lock:
+        if leader:
+            remove_stale_temporaries(plan.folder, [item.name for item in plan.todo])
+        if shard is not None:
+            shard.barrier()
         pipe = None
-        for position, item in enumerate(plan.items, 1):
+        for position, item in _positions(plan, shard):
             if item.action == "skip":
                 result.skipped.append(item)
                 emit(BatchEvent("skipped", item, position, total))
@@ -336,11 +357,27 @@ def run_batch(
                 result.failed.append((item, e))
                 emit(BatchEvent("failed", item, position, total, error=e))
                 if fail_fast:
+                    if shard is not None:
+                        shard.stop()
                     break
                 continue
             result.written.append(item)
             emit(BatchEvent("written", item, position, total, params, seconds=params["seconds"]))
     return result
+
+
+def _positions(plan: BatchPlan, shard: Shard | None) -> Iterator[tuple[int, BatchItem]]:
+    """(1-based position, item) in the order this process handles them: all, in order, without a shard; with
+    one, the skipped items on the leader only, then the items to run as this process claims them."""
+    numbered = list(enumerate(plan.items, 1))
+    if shard is None:
+        yield from numbered
+        return
+    if shard.leader:
+        yield from ((position, item) for position, item in numbered if item.action == "skip")
+    todo = [(position, item) for position, item in numbered if item.action != "skip"]
+    while (index := shard.next_item(len(todo))) is not None:
+        yield todo[index]
 
 
 def _apply_loras(pipe: Any, item: BatchItem) -> tuple[str, ...]:

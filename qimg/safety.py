@@ -19,6 +19,11 @@ from typing import Any
 
 from qimg.errors import OutputError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; folders and manifests go unlocked
+    fcntl = None  # type: ignore[assignment]
+
 
 class _Deferral:
     """How deep we are in deferred_signals sections, and the signal that arrived meanwhile (if any)."""
@@ -94,10 +99,6 @@ def folder_lock(folder: Path, *, create: bool) -> Iterator[None]:
             folder.mkdir(exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create the output folder {folder} ({e.strerror})") from e
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; run unlocked
-        fcntl = None  # type: ignore[assignment]
     if fcntl is None or not folder.is_dir():
         yield
         return
@@ -133,6 +134,8 @@ def append_manifest(path: Path, record: dict[str, Any]) -> None:
     data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
+        if fcntl is not None:  # processes of one batch (torchrun ranks) append to one manifest: one at a time
+            fcntl.flock(fd, fcntl.LOCK_EX)
         end = _drop_torn_tail(fd)
         try:
             view = memoryview(data)

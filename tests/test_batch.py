@@ -7,6 +7,8 @@ import io
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -295,3 +297,75 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "0000-a.png").stat().st_mode & 0o777 == 0o644
+
+
+# --- several processes (torchrun) sharing one plan: the logic, with threads as the processes -------------------
+
+
+class ThreadShard:
+    """qimg.runtime.distributed.BatchShard's contract over threads: one counter, one barrier, one stop flag."""
+
+    def __init__(self, rank: int, size: int, shared: dict[str, Any]) -> None:
+        self.rank, self.shared = rank, shared
+        shared.setdefault("lock", threading.Lock())
+        shared.setdefault("barrier", threading.Barrier(size))
+        shared.setdefault("next", 0)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        self.shared["barrier"].wait(10)
+
+    def next_item(self, count: int) -> int | None:
+        with self.shared["lock"]:
+            if self.shared.get("stop"):
+                return None
+            index, self.shared["next"] = self.shared["next"], self.shared["next"] + 1
+        return index if index < count else None
+
+    def stop(self) -> None:
+        self.shared["stop"] = True
+
+
+def _run_sharded(out: Path, text: str, size: int, pipes: list[StandIn], **kw: Any) -> list[qimg.BatchResult]:
+    shared: dict[str, Any] = {}
+    plans = [_plan(out, text) for _ in range(size)]  # every process plans before any writes (the barrier)
+    results: list[Any] = [None] * size
+
+    def rank(r: int) -> None:
+        results[r] = run_batch(plans[r], pipes[r], shard=ThreadShard(r, size, shared), **kw)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_sharded_runs_write_each_item_once_as_one_process_would(tmp_path: Path) -> None:
+    text = "".join(f"prompt {i}\n" for i in range(9))
+    alone = run_batch(_plan(tmp_path / "alone", text), StandIn())
+    pipes = [StandIn(on_generate=lambda n: time.sleep(0.01)) for _ in range(3)]
+    results = _run_sharded(tmp_path / "out", text, 3, pipes)
+    written = sorted(i.name for r in results for i in r.written)
+    assert written == sorted(i.name for i in alone.written)  # each line exactly once, same names
+    assert all(r.written for r in results)  # the work was shared
+    for item in alone.written:
+        assert (tmp_path / "out" / item.name).read_bytes() == (tmp_path / "alone" / item.name).read_bytes()
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in records) == written  # one manifest, a whole line per image
+
+    again = _run_sharded(tmp_path / "out", text + "prompt 9\n", 3, [StandIn() for _ in range(3)])
+    assert [len(r.skipped) for r in again] == [9, 0, 0]  # the leader reports what is done, once
+    assert sorted(i.name for r in again for i in r.written) == ["0009-prompt-9.png"]
+
+
+def test_sharded_fail_fast_stops_every_process(tmp_path: Path) -> None:
+    text = "".join(f"prompt {i}\n" for i in range(12))
+    pipes = [StandIn(fail=("prompt 0",), on_generate=lambda n: time.sleep(0.02)) for _ in range(2)]
+    results = _run_sharded(tmp_path / "out", text, 2, pipes, fail_fast=True)
+    assert sum(len(r.failed) for r in results) == 1
+    assert sum(len(r.written) for r in results) < 11  # the other process stopped claiming lines too

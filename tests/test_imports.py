@@ -41,7 +41,8 @@ LAYERS: list[tuple[str, ...]] = [
      "qimg.embeddings"),
     ("qimg.loading",),
     ("qimg.pipelines", "qimg.roundtrip"),
-    ("qimg.families", "qimg.jobs", "qimg.prompt_files", "qimg.batch", "qimg.training", "qimg.benchmarking"),
+    ("qimg.families", "qimg.jobs", "qimg.prompt_files", "qimg.batch", "qimg.training", "qimg.benchmarking",
+     "qimg.launch"),
     ("qimg",),  # the package's __init__: the public API
     ("qimg.cli", "qimg.__main__"),
 ]

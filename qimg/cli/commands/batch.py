@@ -3,7 +3,9 @@ run_batch: it renders their events as lines for people (stderr) and, with --json
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from enum import Enum
 from pathlib import Path
@@ -56,6 +58,31 @@ def run_prompt_file(
         ref, lines, folder, source=source, name_template=name_template, seed=seed, overwrite=overwrite,
         defaults=defaults, dtype=runtime.dtype, loras=loras or (),
     )
+    # Under torchrun every process planned the same file; they then share the work (qimg/runtime/distributed.py).
+    world = qimg.world_from_env() if "WORLD_SIZE" in os.environ else None
+    if world is not None and source == "<stdin>":
+        raise qimg.UsageError("under torchrun, --prompts must name a file (only one process would read stdin)",
+                              hint="save the prompts to a file first")
+    if world is None:
+        run_plan(out, plan, ref, runtime, loras, fail_fast, json_out, verbose, None)
+        return
+    runtime = dataclasses.replace(runtime, device=qimg.local_device(world, runtime.device))
+    shard = qimg.BatchShard(world)
+    try:
+        # Rank 0 speaks for the job (the plan, its own images, the totals); the others show only errors and
+        # their --json lines, so N progress bars do not fight over one terminal.
+        run_plan(out if world.leader else Output(quiet=True), plan, ref, runtime, loras, fail_fast, json_out,
+                 verbose, shard)
+    finally:
+        shard.close()
+
+
+def run_plan(out: Output, plan: qimg.BatchPlan, ref: qimg.ModelRef, runtime: qimg.RuntimeOptions,
+             loras: list[tuple[str, float]] | None, fail_fast: bool, json_out: bool, verbose: bool,
+             shard: Any = None) -> None:
+    """Say what the plan holds, load (only if something is left to do), run, and report; with a shard, as one
+    of several processes sharing the plan (the totals are the job's)."""
+    source = plan.source
     for item in plan.items:
         for note in item.notes:
             out.warn(f"{source}:{item.line}: {note}")
@@ -104,14 +131,17 @@ def run_prompt_file(
         if json_out and event.kind != "start":
             typer.echo(json.dumps(event.as_dict(), ensure_ascii=False))  # echo flushes: consumers see it now
 
-    result = qimg.run_batch(plan, load, steps=steps, on_event=on_event, fail_fast=fail_fast)
-    counts = f"{len(result.written)} written, {len(result.skipped)} skipped, {len(result.failed)} failed"
-    manifest = f"; manifest {plan.manifest}" if result.written else ""
+    result = qimg.run_batch(plan, load, steps=steps, on_event=on_event, fail_fast=fail_fast, shard=shard)
+    done = {"written": len(result.written), "skipped": len(result.skipped), "failed": len(result.failed)}
+    if shard is not None:
+        done = shard.totals(done)
+    counts = f"{done['written']} written, {done['skipped']} skipped, {done['failed']} failed"
+    manifest = f"; manifest {plan.manifest}" if done["written"] else ""
     out.info(f"done: {counts} in {time.perf_counter() - started:.1f} s{manifest}")
-    if result.failed:
-        stopped = len(plan.todo) - len(result.written) - len(result.failed)
+    if result.failed or (done["failed"] and (shard is None or shard.leader)):
+        stopped = len(plan.todo) - done["written"] - done["failed"]
         raise qimg.QimgError(
-            f"{len(result.failed)} of {len(plan.items)} images failed"
+            f"{done['failed']} of {len(plan.items)} images failed"
             + (f"; stopped with {stopped} not run (--fail-fast)" if stopped else ""),
             hint="rerun the same command to retry: finished images are skipped",
         )

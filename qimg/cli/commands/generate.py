@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -177,6 +179,12 @@ def generate(
     fail_fast: Annotated[
         bool, typer.Option("--fail-fast", help="With --prompts: stop at the first image that fails.")
     ] = False,
+    gpus: Annotated[
+        str | None,
+        typer.Option("--gpus", metavar="N|all",
+                     help="With --prompts: spread the lines over N GPUs of this machine (or all), one process "
+                     "each, started through torchrun; same files and manifest as one process."),
+    ] = None,
     json_out: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON object per image (written, skipped or failed) on stdout."),
@@ -222,11 +230,15 @@ def generate(
     if prompts is None:
         batch_only = [flag for flag, given in (("--prompts-format", prompts_format != PromptsFormat.auto),
                                                ("--name-template", name_template != qimg.DEFAULT_NAME_TEMPLATE),
-                                               ("--fail-fast", fail_fast)) if given]
+                                               ("--fail-fast", fail_fast), ("--gpus", gpus is not None)) if given]
         if batch_only:
             raise qimg.UsageError(f"{batch_only[0]} needs --prompts", hint="it applies to prompt-file batches only")
     runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
                               vram_budget, text_encoder_device, lora_mode)
+    if gpus is not None:
+        count = gpu_processes(gpus)
+        if count > 1:  # else this process is the one
+            raise typer.Exit(qimg.launch_ranks(count, qimg.without_option(sys.argv[1:], "--gpus")))
     if prompts is not None:
         run_prompt_file(
             out, prompts=prompts, prompts_format=prompts_format, folder=output, model=require_model(model),
@@ -259,6 +271,25 @@ def generate(
             typer.echo(json.dumps({"event": "failed", "path": str(output), "error": e.message, "hint": e.hint},
                                   ensure_ascii=False))
         raise
+
+
+def gpu_processes(gpus: str) -> int:
+    """--gpus N|all as a process count, checked against the GPUs present; refused under torchrun, which already
+    started the processes."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise qimg.UsageError("--gpus starts torchrun itself; under torchrun leave it out",
+                              hint="torchrun's --nproc-per-node sets the process count")
+    if gpus != "all" and not (gpus.isdigit() and int(gpus) > 0):
+        raise qimg.UsageError(f"--gpus takes a positive number or all, not {gpus!r}", hint="e.g. --gpus 2")
+    present = qimg.gpu_count()
+    if present == 0:
+        raise qimg.UsageError("--gpus needs CUDA GPUs and this machine shows none",
+                              hint="leave --gpus out to run on one device")
+    count = present if gpus == "all" else int(gpus)
+    if count > present:
+        raise qimg.UsageError(f"--gpus {count}: this machine has {present} GPU{'s' if present != 1 else ''}",
+                              hint=f"use --gpus {present} or --gpus all")
+    return count
 
 
 def check_sources(
