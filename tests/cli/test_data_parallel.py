@@ -101,6 +101,7 @@ def test_without_option_drops_both_spellings() -> None:
     (["--gpus", "0"], {}, "positive number or all"),
     (["--gpus", "two"], {}, "positive number or all"),
     (["--gpus", "2"], {"WORLD_SIZE": "2"}, "under torchrun leave it out"),
+    (["--gpus", "2", "--device", "cpu"], {}, "contradicts it"),
 ])
 def test_gpus_is_checked_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str],
                                                 env: dict[str, str], message: str) -> None:

@@ -236,7 +236,7 @@ def generate(
     runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
                               vram_budget, text_encoder_device, lora_mode)
     if gpus is not None:
-        count = gpu_processes(gpus)
+        count = gpu_processes(gpus, runtime.device)
         if count > 1:  # else this process is the one
             raise typer.Exit(qimg.launch_ranks(count, qimg.without_option(sys.argv[1:], "--gpus")))
     if prompts is not None:
@@ -273,12 +273,16 @@ def generate(
         raise
 
 
-def gpu_processes(gpus: str) -> int:
+def gpu_processes(gpus: str, device: str | None) -> int:
     """--gpus N|all as a process count, checked against the GPUs present; refused under torchrun, which already
-    started the processes."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    started the processes, and beside a --device other than cuda (each process takes its own GPU)."""
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    if size.isdigit() and int(size) > 1:
         raise qimg.UsageError("--gpus starts torchrun itself; under torchrun leave it out",
                               hint="torchrun's --nproc-per-node sets the process count")
+    if device not in (None, "cuda"):
+        raise qimg.UsageError(f"--gpus gives each process its own GPU; --device {device} contradicts it",
+                              hint="leave --device out (or pass --device cuda)")
     if gpus != "all" and not (gpus.isdigit() and int(gpus) > 0):
         raise qimg.UsageError(f"--gpus takes a positive number or all, not {gpus!r}", hint="e.g. --gpus 2")
     present = qimg.gpu_count()
