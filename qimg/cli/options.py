@@ -125,6 +125,23 @@ class LoRAMode(str, Enum):
     branch = "branch"
 
 
+class ParallelMode(str, Enum):
+    """How one image is shared by several processes (qimg.RuntimeOptions.parallel)."""
+
+    cfg = "cfg"
+    seq = "seq"
+    cfg_seq = "cfg+seq"
+
+
+Parallel = Annotated[
+    ParallelMode | None,
+    typer.Option("--parallel",
+                 help="One image on several GPUs (with --gpus N, or under torchrun): cfg: the prompt and negative "
+                 "branches on 2 processes; seq: every process holds a share of the tokens (attention exchanges "
+                 "them); cfg+seq: both, on 4, 6, 8, ... Same seed, same image as one GPU."),
+]
+
+
 class TextEncoderDevice(str, Enum):
     cpu = "cpu"
     cuda = "cuda"

@@ -30,7 +30,7 @@ from qimg.loading.single_file import TransformerFile, file_sha256, fp8_notes, re
 from qimg.pipelines import memory
 from qimg.pipelines.common import Progress, latents_to_images
 from qimg.pipelines.family import Family
-from qimg.pipelines.guards import Phases, check_finite, resolve_device
+from qimg.pipelines.guards import Phases, check_finite, parallel_plan, resolve_device
 from qimg.request import DEFAULT_STRENGTH, GenerateRequest, check_task, make_request, request_shape, without_negative
 from qimg.runtime.attention import use_attention
 from qimg.runtime.compile import compile_blocks
@@ -85,6 +85,7 @@ class Pipeline(abc.ABC):
     transformer_file: TransformerFile | None = None
     transformer_digest: Future[str] | None = None
     notes: tuple[str, ...] = ()  # what loading decided that a user may want to know (one line each)
+    parallel: Any = None  # runtime/sequence_parallel.ParallelPlan: this rank's part in one image (--parallel)
 
     prompt_encoder: ClassVar[Any] = None  # the family's prompt encoder class: (ref, family, device, dtype, ...)
 
@@ -96,6 +97,7 @@ class Pipeline(abc.ABC):
         FP8 linears, regional compile. loras: (path, scale) pairs applied as options.lora_mode says (merged into
         the weights as they load, or attached as side branches once loaded)."""
         dev, dt = resolve_device(options)
+        parallel = parallel_plan(options)
         shape = shape or RequestShape()
         root = ref.path
         weights = None if ref.transformer is None else read_transformer_file(ref.transformer, family.name)
@@ -143,7 +145,7 @@ class Pipeline(abc.ABC):
             prompts=dataclasses.replace(prompts, residency=residency),
             torch_device=dev, torch_dtype=dt, plan=plan, needs=needs, residency=residency,
             transformer_offload=offloaded, shape=shape, transformer_file=weights, transformer_digest=digest,
-            notes=tuple(notes),
+            notes=tuple(notes), parallel=parallel,
         )
         for path, strength, lora in merged:
             pipe._loras().record_merged(path, strength, lora)

@@ -7,7 +7,7 @@ Loading, phases, decoding and the public calls are the shared Pipeline's (pipeli
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -21,6 +21,9 @@ from qimg.pipelines.flux_prompts import FluxPromptEncoder
 from qimg.request import GenerateRequest, input_size
 from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, pack
 
+if TYPE_CHECKING:
+    from qimg.runtime.sequence_parallel import ParallelPlan
+
 
 def flux_velocity(
     model: FluxTransformer,
@@ -33,12 +36,14 @@ def flux_velocity(
     refs: Tensor | None = None,
     *,
     batch_cfg: bool = True,
+    parallel: ParallelPlan | None = None,
 ) -> Velocity:
     """The model as a velocity field over the target tokens, with true CFG (no norm rescale) when `uncond` is
     given. grids: (frame id, rows, cols) of the target token grid, then of each reference image (Kontext: frame
     id 1); refs: their packed latents (1, L_ref, 64), appended after the target tokens, predictions dropped. The
     RoPE table and the text batch are built once here. guidance: the distilled guidance scale (None for models
-    without a guidance embedder)."""
+    without a guidance embedder). parallel: this process's part in one image shared by several
+    (runtime/sequence_parallel.py)."""
     dev = cond.embeds.device
     n_target = grids[0][1] * grids[0][2]
     prompts = [cond] if uncond is None else [cond, uncond]
@@ -55,6 +60,8 @@ def flux_velocity(
     if p.guidance_embeds:
         g = torch.full((1,), 1.0 if guidance is None else guidance, dtype=torch.float32, device=dev)
     refs_in = None if refs is None else refs.to(dev, dtype)
+    if parallel is not None:
+        return _parallel_velocity(model, dtype, prompts, scale, g, rope, n_target, refs_in, parallel)
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
         # The timestep passes through the model dtype before and after /1000, as in diffusers.
@@ -65,6 +72,36 @@ def flux_velocity(
             b = txt.shape[0]
             v = model(xin.expand(b, -1, -1), txt, t.expand(b), None if g is None else g.expand(b), pooled, rope)
             out.extend(v[:, :n_target].split(1))
+        return out[0] if len(out) == 1 else cfg(out[0], out[1], scale, norm_rescale=False)
+
+    return velocity
+
+
+def _parallel_velocity(model: FluxTransformer, dtype: torch.dtype, prompts: list[PromptEmbeds], scale: float,
+                       g: Tensor | None, rope: Tensor, n_target: int, refs_in: Tensor | None,
+                       parallel: ParallelPlan) -> Velocity:
+    """flux_velocity's field with the CFG branches on their ranks and each branch's tokens over its sequence
+    group."""
+    from qimg.runtime.sequence_parallel import cfg_branches, check_heads, sequence_parallel  # torch.distributed
+
+    if (why := check_heads(parallel, model.params.num_attention_heads)) is not None:
+        raise InputError(why, hint="use a process count that divides the head count (24: 2, 3, 4, 6, 8, 12, 24)")
+    branches = [(q.embeds.to(dtype), q.pooled.to(dtype)) for q in prompts]
+
+    def velocity(x: Tensor, sigma: Tensor) -> Tensor:
+        t = ((sigma * 1000).to(dtype) / 1000).reshape(1)
+        xin = x.to(dtype) if refs_in is None else torch.cat([x.to(dtype), refs_in], dim=1)
+
+        def branch(i: int) -> Tensor:
+            txt, pooled = branches[i]
+            if parallel.seq_group is None:
+                v = model(xin, txt, t, g, pooled, rope)
+            else:
+                v = sequence_parallel(lambda a, c, r: model(a, c, t, g, pooled, r), xin, txt, rope,
+                                      parallel.seq_group)
+            return v[:, :n_target]
+
+        out = cfg_branches(parallel, len(branches), branch)
         return out[0] if len(out) == 1 else cfg(out[0], out[1], scale, norm_rescale=False)
 
     return velocity
@@ -81,7 +118,7 @@ class FluxPipeline(Pipeline):
 
         def velocity() -> Velocity:
             return flux_velocity(self.transformer, self.torch_dtype, cond, uncond, request.cfg, request.guidance,
-                                 [(0, gh, gw)])
+                                 [(0, gh, gw)], parallel=self.parallel)
 
         return run_flow(self, request, cond.embeds.dtype, velocity, init_image, mask, progress)
 
@@ -103,7 +140,7 @@ class FluxPipeline(Pipeline):
         sigmas = flow_sigmas(request.steps, request.flow_schedule(self.schedule), gh * gw).to(dev)
         self.phase("denoise")
         velocity = flux_velocity(self.transformer, self.torch_dtype, cond, uncond, request.cfg, request.guidance,
-                                 grids, torch.cat(refs, 1))
+                                 grids, torch.cat(refs, 1), parallel=self.parallel)
         return denoise(velocity, x, sigmas, progress)
 
     def check_embeddings(self, embeddings: EmbeddingsFile, images: Sequence[Any] = ()) -> None:

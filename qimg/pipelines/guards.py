@@ -5,6 +5,7 @@ run took."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,3 +73,22 @@ class Phases:
         now = time.perf_counter()
         self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 4)
         self._last = now
+
+
+def parallel_plan(options: RuntimeOptions) -> Any:
+    """This process's part in one image shared by the processes of a torchrun job (--parallel), or None; the
+    process group is joined here, before any weight is read."""
+    if options.parallel is None:
+        return None
+    from qimg.runtime.distributed import init_world, world_from_env
+    from qimg.runtime.sequence_parallel import make_parallel_plan
+
+    world = world_from_env()
+    if world is None:
+        raise InputError(f"--parallel {options.parallel} shares one image between several processes, and this one "
+                         "runs alone", hint="run it under torchrun, or add --gpus N")
+    init_world(world)
+    try:
+        return make_parallel_plan(options.parallel)
+    except ValueError as e:
+        raise InputError(str(e), hint="--parallel cfg: 2 processes; seq: any count; cfg+seq: 4, 6, 8, ...") from None

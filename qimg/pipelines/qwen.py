@@ -5,7 +5,7 @@ public calls are the shared Pipeline's (pipelines/base.py)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from qimg.pipelines.common import Progress, image_to_tensor, noise_tokens, run_f
 from qimg.pipelines.prompts import QwenPromptEncoder
 from qimg.request import GenerateRequest, calculate_dimensions
 from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, pack
+
+if TYPE_CHECKING:
+    from qimg.runtime.sequence_parallel import ParallelPlan
 
 
 def text_batch(prompts: Sequence[PromptEmbeds], dtype: torch.dtype) -> tuple[Tensor, TextPadding | None]:
@@ -44,6 +47,7 @@ def qwen_velocity(
     *,
     batch_cfg: bool = True,
     norm_rescale: bool = True,
+    parallel: ParallelPlan | None = None,
 ) -> Velocity:
     """The model as a velocity field over the target tokens, with true CFG when `uncond` is given.
 
@@ -52,7 +56,11 @@ def qwen_velocity(
     dropped. With batch_cfg the conditional and unconditional branches run as one batch of two (every weight is
     read once per step instead of twice); otherwise one after the other (less activation memory). RoPE tables
     and the text batch are built once here, not per step. norm_rescale: Qwen-Image's true CFG (the family's).
+    parallel: this process's part in one image shared by several (runtime/sequence_parallel.py); every rank
+    then returns the same velocity.
     """
+    if parallel is not None:
+        return _parallel_velocity(model, dtype, cond, uncond, scale, shapes, refs, norm_rescale, parallel)
     p = model.params
     dev = cond.embeds.device
     n_target = shapes[0][0] * shapes[0][1] * shapes[0][2]
@@ -73,6 +81,43 @@ def qwen_velocity(
             b = txt.shape[0]
             v = model(xin.expand(b, -1, -1), txt, t.expand(b), rope, mask, n_target=n_target)
             out.extend(v[:, :n_target].split(1))
+        return out[0] if len(out) == 1 else cfg(out[0], out[1], scale, norm_rescale=norm_rescale)
+
+    return velocity
+
+
+def _parallel_velocity(model: QwenMMDiT, dtype: torch.dtype, cond: PromptEmbeds, uncond: PromptEmbeds | None,
+                       scale: float, shapes: list[tuple[int, int, int]], refs: Tensor | None, norm_rescale: bool,
+                       parallel: ParallelPlan) -> Velocity:
+    """qwen_velocity's field with the branches on their CFG ranks and each branch's tokens over its sequence
+    group; a branch is one prompt (batch 1, never padded, so attention needs no mask)."""
+    from qimg.runtime.sequence_parallel import cfg_branches, check_heads, sequence_parallel  # torch.distributed
+
+    p = model.params
+    if (why := check_heads(parallel, p.num_heads)) is not None:
+        raise InputError(why, hint="use a process count that divides the head count (24: 2, 3, 4, 6, 8, 12, 24)")
+    dev = cond.embeds.device
+    n_target = shapes[0][0] * shapes[0][1] * shapes[0][2]
+    branches = []
+    for prompt in [cond] if uncond is None else [cond, uncond]:
+        txt = prompt.embeds.to(dtype)
+        branches.append((txt, qwen_rope(shapes, txt.shape[1], p.axes_dims_rope, p.rope_theta).to(dev)))
+    refs_in = None if refs is None else refs.to(dev, dtype)
+
+    def velocity(x: Tensor, sigma: Tensor) -> Tensor:
+        t = ((sigma * 1000).to(dtype) / 1000).reshape(1)
+        xin = x.to(dtype) if refs_in is None else torch.cat([x.to(dtype), refs_in], dim=1)
+
+        def branch(i: int) -> Tensor:
+            txt, rope = branches[i]
+            if parallel.seq_group is None:
+                v = model(xin, txt, t, rope, None, n_target=n_target)
+            else:
+                v = sequence_parallel(lambda a, c, r, **kw: model(a, c, t, r, None, **kw), xin, txt, rope,
+                                      parallel.seq_group, n_target=n_target)
+            return v[:, :n_target]
+
+        out = cfg_branches(parallel, len(branches), branch)
         return out[0] if len(out) == 1 else cfg(out[0], out[1], scale, norm_rescale=norm_rescale)
 
     return velocity
@@ -112,7 +157,7 @@ def run_qwen(
 
     def velocity() -> Velocity:
         return qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, [(1, gh, gw)],
-                             norm_rescale=pipe.family.cfg_norm_rescale)
+                             norm_rescale=pipe.family.cfg_norm_rescale, parallel=pipe.parallel)
 
     return run_flow(pipe, req, cond.embeds.dtype, velocity, init_image, mask, progress)
 
@@ -139,5 +184,5 @@ def run_qwen_edit(
     sigmas = flow_sigmas(req.steps, req.flow_schedule(pipe.schedule), gh * gw).to(dev)  # mu from the target tokens only
     pipe.phase("denoise")
     velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, shapes, torch.cat(refs, 1),
-                            norm_rescale=pipe.family.cfg_norm_rescale)
+                            norm_rescale=pipe.family.cfg_norm_rescale, parallel=pipe.parallel)
     return denoise(velocity, x, sigmas, progress)

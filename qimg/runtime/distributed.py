@@ -55,10 +55,16 @@ def local_device(world: World, requested: str | None) -> str | None:
 
 
 def init_world(world: World, timeout_s: float = 1800.0) -> None:
-    """Join the job's process group (gloo: qimg's coordination is small and happens on the host). The timeout
-    bounds a wait on a rank that died; torchrun normally stops the others first."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timedelta(seconds=timeout_s))
+    """Join the job's process group: gloo for what happens on the host (a batch's work queue), and NCCL for
+    CUDA tensors (one image over several GPUs) where GPUs are present. The timeout bounds a wait on a rank that
+    died; torchrun normally stops the others first."""
+    if dist.is_initialized():
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=timedelta(seconds=timeout_s))
 
 
 class BatchShard:

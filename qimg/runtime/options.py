@@ -20,6 +20,7 @@ OFFLOAD_MODES = ("auto", "none", "model", "layer")
 # as a side branch (switchable, ~15% per step at rank 64 on an H200: bench/results/lora_step_h200.json), or auto:
 # merged where the weights load from bf16 (FP8 is then quantised from bf16 + delta), a branch on FP8-stored files.
 LORA_MODES = ("auto", "merge", "branch")
+PARALLEL_MODES = ("cfg", "seq", "cfg+seq")  # one image on several torchrun processes: runtime/sequence_parallel.py
 TEXT_ENCODER_DEVICES = ("cpu", "cuda")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 MIN_VRAM_BUDGET = 0.5  # GiB: below this not even one streamed block and its activations fit
@@ -65,6 +66,7 @@ class RuntimeOptions:
     text_encoder_device: str | None = None  # cpu or cuda; None: the device, within the plan
     vae_tiling: Tiling | None = None  # encode/decode by blended tiles
     lora_mode: str = "auto"  # LORA_MODES: how the LoRAs given to qimg.load apply
+    parallel: str | None = None  # PARALLEL_MODES: one image over the processes of a torchrun job
 
     def __post_init__(self) -> None:
         if self.device is not None and not _DEVICE.fullmatch(str(self.device)):
@@ -74,6 +76,7 @@ class RuntimeOptions:
         _one_of("FP8 mode", self.fp8, FP8_MODES, optional=True)
         _one_of("offload mode", self.offload, OFFLOAD_MODES)
         _one_of("LoRA mode", self.lora_mode, LORA_MODES)
+        _one_of("parallel mode", self.parallel, PARALLEL_MODES, optional=True)
         _one_of("text encoder device", self.text_encoder_device, TEXT_ENCODER_DEVICES, optional=True)
         if self.vram_budget is not None and not (
             isinstance(self.vram_budget, (int, float)) and math.isfinite(self.vram_budget)

@@ -28,6 +28,7 @@ from qimg.cli.options import (
     LoRAModeOption,
     Offload,
     OffloadMode,
+    Parallel,
     PresetOption,
     Quiet,
     TextEncoderPlace,
@@ -182,9 +183,11 @@ def generate(
     gpus: Annotated[
         str | None,
         typer.Option("--gpus", metavar="N|all",
-                     help="With --prompts: spread the lines over N GPUs of this machine (or all), one process "
-                     "each, started through torchrun; same files and manifest as one process."),
+                     help="Run on N GPUs of this machine (or all), one process each, started through torchrun: "
+                     "with --prompts the lines are shared out (same files and manifest as one process); with "
+                     "--parallel one image is."),
     ] = None,
+    parallel: Parallel = None,
     json_out: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON object per image (written, skipped or failed) on stdout."),
@@ -230,11 +233,17 @@ def generate(
     if prompts is None:
         batch_only = [flag for flag, given in (("--prompts-format", prompts_format != PromptsFormat.auto),
                                                ("--name-template", name_template != qimg.DEFAULT_NAME_TEMPLATE),
-                                               ("--fail-fast", fail_fast), ("--gpus", gpus is not None)) if given]
+                                               ("--fail-fast", fail_fast),
+                                               ("--gpus", gpus is not None and parallel is None)) if given]
         if batch_only:
             raise qimg.UsageError(f"{batch_only[0]} needs --prompts", hint="it applies to prompt-file batches only")
+    elif parallel is not None:
+        raise qimg.UsageError("--parallel shares one image; a prompt file's lines are shared out by --gpus alone",
+                              hint="leave --parallel out with --prompts")
     runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
                               vram_budget, text_encoder_device, lora_mode)
+    if parallel is not None:
+        runtime = runtime.replace(parallel=parallel.value)
     if gpus is not None:
         count = gpu_processes(gpus, runtime.device)
         if count > 1:  # else this process is the one
@@ -261,11 +270,20 @@ def generate(
         args["model"] = require_model(model)
     if transformer is not None:
         args["model"] = qimg.with_transformer(args["model"], transformer)
+    # Under torchrun one image is shared (--parallel) or refused: N processes writing one file would race.
+    world = qimg.world_from_env() if "WORLD_SIZE" in os.environ else None
+    if world is not None and parallel is None:
+        raise qimg.UsageError("under torchrun, one image needs --parallel cfg|seq|cfg+seq",
+                              hint="or give --prompts FILE to share a prompt file's lines")
+    if world is not None:
+        runtime = runtime.replace(device=qimg.local_device(world, runtime.device))
+        out = out if world.leader else Output(quiet=True)
     try:
         # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
         path = qimg.check_output_path(output, overwrite=overwrite)
         job = qimg.prepare_generate(**{k: v for k, v in args.items() if v is not None})
-        run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, json_out=json_out, verbose=verbose)
+        run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, json_out=json_out, verbose=verbose,
+                     write=world is None or world.leader)
     except qimg.QimgError as e:
         if json_out:  # scripts reading stdout get the outcome of a single image too, as batches give it
             typer.echo(json.dumps({"event": "failed", "path": str(output), "error": e.message, "hint": e.hint},
@@ -328,8 +346,11 @@ def run_and_save(
     overwrite: bool,
     json_out: bool = False,
     verbose: bool = False,
+    write: bool = True,
 ) -> None:
-    """The part every image command shares: say what will run, load, denoise with a bar, write the PNG."""
+    """The part every image command shares: say what will run, load, denoise with a bar, write the PNG.
+    write False: a rank of a --parallel run other than the first, which computes the image with it but leaves
+    the file (and the report) to it."""
     for note in job.notes:
         out.warn(note)
     out.info(f"seed: {job.request.seed}")  # always: a random seed is otherwise lost with the terminal
@@ -348,6 +369,8 @@ def run_and_save(
             images = pipe.run(job, progress, on_stage=progress.stage)
         params = images[0].info.get("qimg", {})
         writing = time.perf_counter()
+        if not write:
+            return
         qimg.save_png(images[0], path, overwrite=overwrite)
     out.info(f"wrote {path} (seed {job.request.seed}, {time.perf_counter() - started:.1f} s)")
     if verbose:
