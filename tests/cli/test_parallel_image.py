@@ -108,3 +108,21 @@ def test_flux_image_on_two_processes_equals_one_process(tmp_path: Path, mode: st
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert np.abs(_pixels(tmp_path / "two.png") - _pixels(tmp_path / "one.png")).max() <= 1
+
+
+@pytest.mark.slow
+def test_edit_on_two_processes_equals_one_process(tiny_qwen_edit_pipe_and_dir: tuple, tmp_path: Path) -> None:
+    model = tiny_qwen_edit_pipe_and_dir[1]
+    Image.new("RGB", (64, 48), (200, 30, 40)).save(tmp_path / "in.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = ["edit", "make it blue", "-i", str(tmp_path / "in.png"), "--model", str(model), "--device", "cpu",
+            "--steps", "2", "--seed", "5"]
+    one = subprocess.run([sys.executable, "-m", "qimg", *args, "-o", str(tmp_path / "one.png")], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    # the reference image's tokens follow the target's: the shares cut across that boundary
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                          "qimg", *args, "-o", str(tmp_path / "two.png"), "--parallel", "seq"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert np.abs(_pixels(tmp_path / "two.png") - _pixels(tmp_path / "one.png")).max() <= 1

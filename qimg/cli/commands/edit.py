@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 import qimg
-from qimg.cli.commands.generate import run_and_save
+from qimg.cli.commands.generate import for_this_rank, run_and_save
 from qimg.cli.options import (
     FP8,
     MODEL_ENV,
@@ -24,6 +24,7 @@ from qimg.cli.options import (
     LoRAModeOption,
     Offload,
     OffloadMode,
+    Parallel,
     PresetOption,
     Quiet,
     TextEncoderPlace,
@@ -102,6 +103,7 @@ def edit(
     lora: LoRA = None,
     lora_mode: LoRAModeOption = LoRAMode.auto,
     transformer: TransformerOption = None,
+    parallel: Parallel = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
@@ -117,6 +119,9 @@ def edit(
     model = require_model(model)
     runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
                               vram_budget, text_encoder_device, lora_mode)
+    if parallel is not None:
+        runtime = runtime.replace(parallel=parallel.value)
+    out, runtime, write = for_this_rank(out, runtime, "start it with torchrun's --nproc-per-node and --parallel")
     ref = qimg.with_transformer(model, transformer) if transformer is not None else model
     path = qimg.check_output_path(output, overwrite=overwrite)
     options = dict(prompt_embeds=prompt_embeds, negative=negative, seed=seed, steps=steps, cfg=cfg,
@@ -124,4 +129,4 @@ def edit(
                    height=height, loras=loras_from(lora) or None, preset=preset_from(preset))
     job = qimg.prepare_edit(ref, prompt, image, keep_size=keep_size,
                             **{k: v for k, v in options.items() if v is not None})
-    run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, verbose=verbose)
+    run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, verbose=verbose, write=write)

@@ -270,25 +270,30 @@ def generate(
         args["model"] = require_model(model)
     if transformer is not None:
         args["model"] = qimg.with_transformer(args["model"], transformer)
-    # Under torchrun one image is shared (--parallel) or refused: N processes writing one file would race.
-    world = qimg.world_from_env() if "WORLD_SIZE" in os.environ else None
-    if world is not None and parallel is None:
-        raise qimg.UsageError("under torchrun, one image needs --parallel cfg|seq|cfg+seq",
-                              hint="or give --prompts FILE to share a prompt file's lines")
-    if world is not None:
-        runtime = runtime.replace(device=qimg.local_device(world, runtime.device))
-        out = out if world.leader else Output(quiet=True)
+    out, runtime, write = for_this_rank(out, runtime, "or give --prompts FILE to share a prompt file's lines")
     try:
         # Everything that can be wrong with the input fails here, before seconds-to-minutes of loading.
         path = qimg.check_output_path(output, overwrite=overwrite)
         job = qimg.prepare_generate(**{k: v for k, v in args.items() if v is not None})
         run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, json_out=json_out, verbose=verbose,
-                     write=world is None or world.leader)
+                     write=write)
     except qimg.QimgError as e:
         if json_out:  # scripts reading stdout get the outcome of a single image too, as batches give it
             typer.echo(json.dumps({"event": "failed", "path": str(output), "error": e.message, "hint": e.hint},
                                   ensure_ascii=False))
         raise
+
+
+def for_this_rank(out: Output, runtime: qimg.RuntimeOptions, hint: str) -> tuple[Output, qimg.RuntimeOptions, bool]:
+    """One image under torchrun: shared by --parallel (each rank on its own GPU; rank 0 reports and writes), or
+    refused, since N processes writing one file would race. Outside torchrun: unchanged, and this process writes."""
+    world = qimg.world_from_env() if "WORLD_SIZE" in os.environ else None
+    if world is None:
+        return out, runtime, True
+    if runtime.parallel is None:
+        raise qimg.UsageError("under torchrun, one image needs --parallel cfg|seq|cfg+seq", hint=hint)
+    runtime = runtime.replace(device=qimg.local_device(world, runtime.device))
+    return (out if world.leader else Output(quiet=True)), runtime, world.leader
 
 
 def gpu_processes(gpus: str, device: str | None) -> int:
