@@ -10,7 +10,9 @@ The public API. Importing qimg is cheap: torch and the nets load only when a mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,16 +221,26 @@ def train_lora(
     largest = max((bucket_for(i.width, i.height, max_pixels=config.max_pixels) for i in items),
                   key=lambda size: size[0] * size[1])
     options = options or RuntimeOptions()
+    # Under torchrun: data parallel, a copy of the frozen model per rank (Trainer shares each step out).
+    world = None
+    if "WORLD_SIZE" in os.environ:
+        from qimg.runtime.distributed import init_world, local_device, world_from_env
+
+        world = world_from_env()
+    if world is not None:
+        init_world(world)
+        options = options.replace(device=local_device(world, options.device))
+        on_event = on_event if world.leader else None  # rank 0 reports for the job
     plan, needs = training_plan(ref, families.get(ref.spec.family), config, options, items)
     if on_event is not None:
         on_event({"event": "plan", "lines": plan.describe(needs)})
     if plan.streamed:  # loaded into pinned host memory, block by block, never whole on the device
         options = options.replace(offload="layer")
-    with folder_lock(run_dir, create=True):
+    with folder_lock(run_dir, create=True) if world is None or world.leader else contextlib.nullcontext():
         controls = max(len(i.controls) for i in items)
         pipe = load(ref, options, shape=RequestShape(width=largest[0], height=largest[1], cfg=False,
                                                      ref_pixels=controls * ref.spec.vae_image_area))
-        trainer = Trainer(config, run_dir, pipe, on_event=on_event)
+        trainer = Trainer(config, run_dir, pipe, on_event=on_event, world=world)
         trainer.prepare(items, resume=state if resume else None, plan=plan)
         return trainer.run()
 

@@ -71,9 +71,14 @@ class Trainer:
     """One training run in RUN_DIR: prepare (data, cache, adapters), then run steps, saving state as it goes."""
 
     def __init__(self, config: TrainConfig, run_dir: Path, pipe: Any, *,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] | None = None, world: Any = None) -> None:
         self.config, self.run_dir, self.pipe = config, run_dir, pipe
         self.on_event = on_event or (lambda event: None)
+        # runtime/distributed.World of a torchrun job (None: alone). Each step's micro-batches are shared out over
+        # the ranks and their gradients summed, so a step is the one process's step with the same global batch;
+        # rank 0 alone fills the cache, samples and writes.
+        self.world = world
+        self.leader = world is None or world.leader
         self.items: list[TrainItem] = []
         self.sizes: list[tuple[int, int]] = []
         self.ref_shapes: list[tuple[Grid, ...]] = []  # each item's control token grids (edit models; else ())
@@ -95,8 +100,13 @@ class Trainer:
         optimizer."""
         self.items = list(items)
         self.sizes = [bucket_for(i.width, i.height, max_pixels=self.config.max_pixels) for i in self.items]
-        self._fill_cache()
-        self.samples = self._sample_requests()
+        if self.leader:
+            self._fill_cache()
+        if self.world is not None:
+            _barrier()  # the others find the leader's cache complete: they only read it
+            if not self.leader:
+                self._fill_cache()
+        self.samples = self._sample_requests() if self.leader else []
         self.pipe.prompts.release()
         model = self.pipe.transformer
         if plan is None:
@@ -234,14 +244,15 @@ class Trainer:
             while self.progress.step < cfg.steps:
                 self._step(log)
                 if self.progress.step % cfg.save_every == 0 or self.progress.step == cfg.steps:
-                    with deferred_signals():
-                        self.save()
+                    if self.leader:
+                        with deferred_signals():
+                            self.save()
                     saved = self.progress.step
-                if cfg.sample_every and self.progress.step % cfg.sample_every == 0:
+                if cfg.sample_every and self.progress.step % cfg.sample_every == 0 and self.leader:
                     self.sample()
                     self.pipe.phase("denoise")  # decoding may have put the denoiser back in host memory
         except KeyboardInterrupt:
-            if self.progress.step > saved:
+            if self.progress.step > saved and self.leader:
                 with deferred_signals():
                     self.save()
             raise
@@ -269,19 +280,26 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         total = 0.0
+        batches = []  # every micro-batch of the step, in the one order whatever the rank count
+        for _ in range(cfg.grad_accum):
+            indices, epoch, position = self._next_batch(epoch, position)
+            batches.append(indices)
+        size, rank = (1, 0) if self.world is None else (self.world.size, self.world.rank)
         with torch.enable_grad():
-            for micro in range(cfg.grad_accum):
-                indices, epoch, position = self._next_batch(epoch, position)
-                loss = self.loss(indices, step, micro)
+            for micro in range(rank, cfg.grad_accum, size):  # this rank's share; each keeps its own noise draw
+                loss = self.loss(batches[micro], step, micro)
                 (loss / cfg.grad_accum).backward()
                 total += float(loss.detach()) / cfg.grad_accum
+        if self.world is not None:
+            total = _sum_over_ranks(list(self.params.values()), total)
         with deferred_signals():  # the update and the progress that records it go together
             norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.progress = Progress(step + 1, epoch, position)
         seconds = time.perf_counter() - started
-        log.write(step + 1, total, cfg.lr_at(step), norm, seconds)
+        if self.leader:
+            log.write(step + 1, total, cfg.lr_at(step), norm, seconds)
         event = {"event": "step", "step": step + 1, "steps": cfg.steps, "loss": total, "lr": cfg.lr_at(step),
                  "grad_norm": norm, "seconds": seconds}
         if self.pipe.torch_device.type == "cuda":  # the step's peak, as a budget is judged
@@ -361,6 +379,33 @@ class Trainer:
         groups = [{**g, "params": list(range(len(keys)))} for g in state["param_groups"]]
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         self.progress = Progress(**state["progress"])
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _sum_over_ranks(params: Sequence[torch.nn.Parameter], loss: float) -> float:
+    """Sum every adapter's gradient (and the step's loss) over the ranks, as one process accumulating all the
+    micro-batches would hold them. A rank that reached no gradient for a parameter (Qwen-Image's last block feeds
+    its text-side projections nowhere) sends zeros, so every rank runs the same collective without DDP's search
+    for unused parameters; a parameter no rank reached keeps no gradient, as alone (AdamW then leaves it, weight
+    decay included). One flat buffer: one all-reduce per step."""
+    import torch.distributed as dist
+
+    ref = params[0]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    reached = torch.tensor([float(p.grad is not None) for p in params] + [loss], dtype=ref.dtype, device=ref.device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [reached])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g, any_rank in zip(params, grads, flat[-len(params) - 1:-1].tolist(), strict=True):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone() if any_rank else None
+        offset += n
+    return float(flat[-1])
 
 
 def read_state(run_dir: Path) -> dict[str, Any] | None:

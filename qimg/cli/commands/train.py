@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -114,7 +115,9 @@ def train_lora(
     key matched) with the state to resume from; Ctrl-C or SIGTERM saves too and exits 130, and --resume then
     continues exactly as an uninterrupted run would.
     """
-    out = Output(quiet=quiet)
+    # Under torchrun (data-parallel training) rank 0 reports for the job; the others print only errors.
+    process = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"  # `rank` is the LoRA's
+    out = Output(quiet=quiet or (process.isdigit() and int(process) > 0))
     given = dict(model=model, data=data, output=output, steps=steps, rank=rank, alpha=alpha, lr=lr, seed=seed,
                  resolution=resolution, batch_size=batch_size, grad_accum=grad_accum, targets=targets,
                  save_every=save_every, keep=keep, format=fmt, checkpointing=checkpointing, sample_every=sample_every,
