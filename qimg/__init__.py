@@ -75,6 +75,7 @@ _LAZY = {
     "BatchShard": "qimg.runtime.distributed",
     "world_from_env": "qimg.runtime.distributed",
     "local_device": "qimg.runtime.distributed",
+    "leave_world": "qimg.runtime.distributed",
     "bench_job": "qimg.benchmarking",
     "benchmark": "qimg.benchmarking",
 }
@@ -242,7 +243,12 @@ def train_lora(
                                                      ref_pixels=controls * ref.spec.vae_image_area))
         trainer = Trainer(config, run_dir, pipe, on_event=on_event, world=world)
         trainer.prepare(items, resume=state if resume else None, plan=plan)
-        return trainer.run()
+        path = trainer.run()
+    if world is not None:
+        from qimg.runtime.distributed import leave_world
+
+        leave_world()  # together, after a run that went well
+    return path
 
 
 def with_transformer(model: str | Path | ModelRef, path: str | Path | None) -> ModelRef:

@@ -67,6 +67,17 @@ def init_world(world: World, timeout_s: float = 1800.0) -> None:
     dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=timedelta(seconds=timeout_s))
 
 
+def leave_world() -> None:
+    """Leave the process group in step with the other ranks: a barrier (every rank is done with every
+    collective), then the group's teardown. A rank that tears its group down while another still exchanges with
+    it, or one that leaves it to interpreter exit, can abort a process after the work is done ("terminate called
+    without an active exception", seen once in CI). Call it on the way out of a run that went well; after an
+    error the other ranks may never reach the barrier, and torchrun stops them."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class BatchShard:
     """One prompt-file batch shared by every rank: items are claimed one at a time from a counter in torchrun's
     store, so faster ranks take more (lines differ in size and steps) and each item runs exactly once. The leader
@@ -106,5 +117,4 @@ class BatchShard:
         return {key: sum((g or {}).get(key, 0) for g in gathered) for key in counts}
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_world()

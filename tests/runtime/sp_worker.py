@@ -68,6 +68,7 @@ def main() -> None:
             out["cfg_uncond"] = float((uncond - branch(1)).abs().max())
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(out))
+    dist.barrier()  # every rank done with every collective before any tears its group down
     dist.destroy_process_group()
 
 

@@ -64,24 +64,27 @@ def run_prompt_file(
         raise qimg.UsageError("under torchrun, --prompts must name a file (only one process would read stdin)",
                               hint="save the prompts to a file first")
     if world is None:
-        run_plan(out, plan, ref, runtime, loras, fail_fast, json_out, verbose, None)
+        failed = run_plan(out, plan, ref, runtime, loras, fail_fast, json_out, verbose, None)
+        if failed is not None:
+            raise failed
         return
     runtime = dataclasses.replace(runtime, device=qimg.local_device(world, runtime.device))
     shard = qimg.BatchShard(world)
-    try:
-        # Rank 0 speaks for the job (the plan, its own images, the totals); the others show only errors and
-        # their --json lines, so N progress bars do not fight over one terminal.
-        run_plan(out if world.leader else Output(quiet=True), plan, ref, runtime, loras, fail_fast, json_out,
-                 verbose, shard)
-    finally:
-        shard.close()
+    # Rank 0 speaks for the job (the plan, its own images, the totals); the others show only errors and their
+    # --json lines, so N progress bars do not fight over one terminal.
+    failed = run_plan(out if world.leader else Output(quiet=True), plan, ref, runtime, loras, fail_fast, json_out,
+                      verbose, shard)
+    shard.close()  # every rank got here through the totals: they leave together (see leave_world)
+    if failed is not None:
+        raise failed
 
 
 def run_plan(out: Output, plan: qimg.BatchPlan, ref: qimg.ModelRef, runtime: qimg.RuntimeOptions,
              loras: list[tuple[str, float]] | None, fail_fast: bool, json_out: bool, verbose: bool,
-             shard: Any = None) -> None:
+             shard: Any = None) -> qimg.QimgError | None:
     """Say what the plan holds, load (only if something is left to do), run, and report; with a shard, as one
-    of several processes sharing the plan (the totals are the job's)."""
+    of several processes sharing the plan (the totals are the job's). Returns the error to end with when images
+    failed (exit 1), for the caller to raise once the processes have parted."""
     source = plan.source
     for item in plan.items:
         for note in item.notes:
@@ -140,11 +143,12 @@ def run_plan(out: Output, plan: qimg.BatchPlan, ref: qimg.ModelRef, runtime: qim
     out.info(f"done: {counts} in {time.perf_counter() - started:.1f} s{manifest}")
     if result.failed or (done["failed"] and (shard is None or shard.leader)):
         stopped = len(plan.todo) - done["written"] - done["failed"]
-        raise qimg.QimgError(
+        return qimg.QimgError(
             f"{done['failed']} of {len(plan.items)} images failed"
             + (f"; stopped with {stopped} not run (--fail-fast)" if stopped else ""),
             hint="rerun the same command to retry: finished images are skipped",
         )
+    return None
 
 
 def _seconds(seconds: float | None) -> str:

@@ -130,3 +130,5 @@ def edit(
     job = qimg.prepare_edit(ref, prompt, image, keep_size=keep_size,
                             **{k: v for k, v in options.items() if v is not None})
     run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, verbose=verbose, write=write)
+    if runtime.parallel is not None:
+        qimg.leave_world()  # the ranks part together, after an image that went well

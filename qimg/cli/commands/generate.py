@@ -277,6 +277,8 @@ def generate(
         job = qimg.prepare_generate(**{k: v for k, v in args.items() if v is not None})
         run_and_save(out, job, path, runtime=runtime, overwrite=overwrite, json_out=json_out, verbose=verbose,
                      write=write)
+        if runtime.parallel is not None:
+            qimg.leave_world()  # the ranks part together, after an image that went well
     except qimg.QimgError as e:
         if json_out:  # scripts reading stdout get the outcome of a single image too, as batches give it
             typer.echo(json.dumps({"event": "failed", "path": str(output), "error": e.message, "hint": e.hint},
