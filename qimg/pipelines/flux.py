@@ -82,7 +82,7 @@ def _parallel_velocity(model: FluxTransformer, dtype: torch.dtype, prompts: list
                        parallel: ParallelPlan) -> Velocity:
     """flux_velocity's field with the CFG branches on their ranks and each branch's tokens over its sequence
     group."""
-    from qimg.runtime.sequence_parallel import cfg_branches, check_heads, sequence_parallel  # torch.distributed
+    from qimg.runtime.sequence_parallel import cfg_branches, check_heads, on_tokens  # torch.distributed
 
     if (why := check_heads(parallel, model.params.num_attention_heads)) is not None:
         raise InputError(why, hint="use a process count that divides the head count (24: 2, 3, 4, 6, 8, 12, 24)")
@@ -94,12 +94,7 @@ def _parallel_velocity(model: FluxTransformer, dtype: torch.dtype, prompts: list
 
         def branch(i: int) -> Tensor:
             txt, pooled = branches[i]
-            if parallel.seq_group is None:
-                v = model(xin, txt, t, g, pooled, rope)
-            else:
-                v = sequence_parallel(lambda a, c, r: model(a, c, t, g, pooled, r), xin, txt, rope,
-                                      parallel.seq_group)
-            return v[:, :n_target]
+            return on_tokens(parallel, lambda a, c, r: model(a, c, t, g, pooled, r), xin, txt, rope)[:, :n_target]
 
         out = cfg_branches(parallel, len(branches), branch)
         return out[0] if len(out) == 1 else cfg(out[0], out[1], scale, norm_rescale=False)

@@ -91,7 +91,7 @@ def _parallel_velocity(model: QwenMMDiT, dtype: torch.dtype, cond: PromptEmbeds,
                        parallel: ParallelPlan) -> Velocity:
     """qwen_velocity's field with the branches on their CFG ranks and each branch's tokens over its sequence
     group; a branch is one prompt (batch 1, never padded, so attention needs no mask)."""
-    from qimg.runtime.sequence_parallel import cfg_branches, check_heads, sequence_parallel  # torch.distributed
+    from qimg.runtime.sequence_parallel import cfg_branches, check_heads, on_tokens  # torch.distributed
 
     p = model.params
     if (why := check_heads(parallel, p.num_heads)) is not None:
@@ -110,11 +110,8 @@ def _parallel_velocity(model: QwenMMDiT, dtype: torch.dtype, cond: PromptEmbeds,
 
         def branch(i: int) -> Tensor:
             txt, rope = branches[i]
-            if parallel.seq_group is None:
-                v = model(xin, txt, t, rope, None, n_target=n_target)
-            else:
-                v = sequence_parallel(lambda a, c, r, **kw: model(a, c, t, r, None, **kw), xin, txt, rope,
-                                      parallel.seq_group, n_target=n_target)
+            v = on_tokens(parallel, lambda a, c, r, **kw: model(a, c, t, r, None, **kw), xin, txt, rope,
+                          n_target=n_target)
             return v[:, :n_target]
 
         out = cfg_branches(parallel, len(branches), branch)

@@ -4,6 +4,7 @@ how many input images the model takes. A family's encoder subclasses TextEncoder
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import gc
 import threading
@@ -22,7 +23,7 @@ from qimg.runtime.planner import MemoryPlan
 
 
 @dataclass
-class TextEncoderSlot:
+class TextEncoderSlot(abc.ABC):
     """A model's text side, loaded on first use."""
 
     ref: ModelRef
@@ -54,9 +55,9 @@ class TextEncoderSlot:
         self._pending = future
         threading.Thread(target=work, name="qimg-text-load", daemon=True).start()
 
+    @abc.abstractmethod
     def _load(self) -> tuple[Any, Offloaded | None]:
         """The family's encoder(s), placed as self.plan says, and their Offloaded when they visit the GPU."""
-        raise NotImplementedError
 
     @property
     def model(self) -> Any:

@@ -72,17 +72,14 @@ def gather_tokens(local: Tensor, lengths: Sequence[int], group: Group = None) ->
 
 
 def _ulysses(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, inner: layers.AttentionFn, group: Group,
-             lengths: Sequence[int] | None) -> Tensor:
+             lengths: Sequence[int]) -> Tensor:
     """Attention over the whole sequence from each rank's share of it: (B, L_r, H, D) in, (B, L_r, H * D) out.
-    lengths: every rank's share (known to the caller, so no exchange or device sync per call), or None."""
+    lengths: every rank's share (known to the caller, so no exchange or device sync per call)."""
     rank, size = _rank_size(group)
     b, local, heads, d = q.shape
     if heads % size:
         raise ValueError(f"sequence parallelism over {size} ranks needs a head count divisible by it ({heads})")
-    if lengths is None:  # an exchange and a device sync per call: callers that know the shares pass them
-        counts = _all_gather(torch.tensor([local], device=q.device), group)
-        lengths = [int(c) for c in counts.tolist()]
-    elif lengths[rank] != local:
+    if lengths[rank] != local:
         raise ValueError(f"rank {rank} holds {local} tokens where its share is {lengths[rank]}")
     total, h = sum(lengths), heads // size
 
@@ -103,10 +100,10 @@ def _ulysses(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, inner: lay
 
 
 @contextmanager
-def ulysses_attention(group: Group = None, lengths: Sequence[int] | None = None) -> Iterator[None]:
+def ulysses_attention(group: Group, lengths: Sequence[int]) -> Iterator[None]:
     """Inside the block, the engine's attention call site (nets.layers.attention) runs sequence-parallel over
     `group`, with whichever kernel was set before (cuDNN, SDPA, ...) on each rank's head share. lengths: each
-    rank's token count in every attention call, when the caller knows them."""
+    rank's token count in every attention call."""
     inner = layers._attention_impl
     previous = layers.set_attention_impl(partial(_ulysses, inner=_heads_out(inner), group=group, lengths=lengths))
     try:
@@ -163,7 +160,6 @@ class ParallelPlan:
     seq_group: dist.ProcessGroup | None
     cfg_group: dist.ProcessGroup | None
     branch: int
-    leader: bool
 
 
 def make_parallel_plan(mode: str) -> ParallelPlan:
@@ -172,17 +168,26 @@ def make_parallel_plan(mode: str) -> ParallelPlan:
     rank must call it, in the same order (new groups are collective)."""
     rank, size = dist.get_rank(), dist.get_world_size()
     if mode == "seq":
-        return ParallelPlan(mode, dist.group.WORLD, None, 0, rank == 0)
+        return ParallelPlan(mode, dist.group.WORLD, None, 0)
     if mode == "cfg":
         if size != 2:
             raise ValueError(f"--parallel cfg runs on 2 processes, not {size} (cfg+seq uses 4 or more)")
-        return ParallelPlan(mode, None, dist.group.WORLD, rank, rank == 0)
+        return ParallelPlan(mode, None, dist.group.WORLD, rank)
     if mode != "cfg+seq" or size < 4 or size % 2:
         raise ValueError(f"--parallel {mode} on {size} processes: cfg+seq needs an even count of at least 4")
     half = size // 2
     seq = [dist.new_group(list(range(i * half, (i + 1) * half))) for i in range(2)]
     cfg_groups = [dist.new_group([i, i + half]) for i in range(half)]
-    return ParallelPlan(mode, seq[rank // half], cfg_groups[rank % half], rank // half, rank == 0)
+    return ParallelPlan(mode, seq[rank // half], cfg_groups[rank % half], rank // half)
+
+
+def on_tokens(parallel: ParallelPlan, run: Callable[..., Tensor], img: Tensor, txt: Tensor, rope: Tensor,
+              **kw: Tensor | int | None) -> Tensor:
+    """run(img, txt, rope, **kw) as this rank's plan places the tokens: all here, or shared over its sequence
+    group (sequence_parallel)."""
+    if parallel.seq_group is None:
+        return run(img, txt, rope, **kw)
+    return sequence_parallel(run, img, txt, rope, parallel.seq_group, **kw)
 
 
 def cfg_branches(parallel: ParallelPlan, count: int, branch: Callable[[int], Tensor]) -> list[Tensor]:
