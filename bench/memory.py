@@ -9,8 +9,9 @@ Each row runs in its own process (so host peak RSS and the CUDA allocator start 
 qimg rows use the public API with the CLI's settings (text encoder freed after encoding); the budget is
 qimg's --vram-budget, which caps the process with torch.cuda.set_per_process_memory_fraction. Per row:
 peak = max_memory_reserved, s_per_step = mean over the denoising steps after the first, host peak RSS (VmHWM,
-which counts memory-mapped checkpoint pages) and host peak anonymous + pinned memory (sampled), and the largest
-pixel difference against the resident FP8 row.
+which counts memory-mapped checkpoint pages), host peak anonymous + pinned memory (sampled; pages pinned with
+cudaHostRegister are anonymous ones), the peak of qimg's own host copies, and the largest pixel difference
+against the resident FP8 row.
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ class HostPeak:
         return {"host_peak_gib": round(self._read()["VmHWM"] / GiB, 2), "host_peak_anon_gib": round(self.peak / GiB, 2)}
 
 
+def host_buffers() -> int:
+    """The most bytes qimg's own host copies (runtime/offload.py HOST) held at once: the part of the host peak
+    that the memory plan decides."""
+    from qimg.runtime.offload import HOST
+
+    return HOST.peak
+
+
 def row(args: argparse.Namespace) -> None:
     """One row in this process; prints its JSON on the last line and saves the image as args.image."""
     engine, budget, options, steps = ROWS[args.name]
@@ -148,6 +157,7 @@ def row(args: argparse.Namespace) -> None:
         "load_s": round(loaded - started, 1),
         "generate_s": round(done - loaded, 1),
         **host.stop(),
+        **({"host_buffers_peak_gib": round(host_buffers() / GiB, 2)} if engine == "qimg" else {}),
         "flags": flags[engine](),
         "plan": plan,
     }

@@ -16,7 +16,7 @@ from qimg.cli.main import app
 from qimg.families.qwen import QWEN_IMAGE, qwen_needs
 from qimg.pipelines import base, memory
 from qimg.pipelines.prompts import QwenPromptEncoder, text_encoder_layers
-from qimg.runtime.offload import Offloaded, Residency, module_tensors
+from qimg.runtime.offload import HOST, Offloaded, Residency, module_tensors
 from qimg.runtime.planner import MemoryPlan, RequestShape
 
 CPU = torch.device("cpu")
@@ -125,3 +125,26 @@ def test_a_request_too_large_for_the_plan_is_a_one_line_error(tiny_qwen: Path, o
     pipe = dataclasses.replace(pipe, plan=MemoryPlan("layer", 64 * 1024, "cuda", False), needs=needs)
     with pytest.raises(qimg.QimgError, match=r"64x48: --offload none needs about .* GiB, more than a 0\.0 GiB budget"):
         pipe.generate("a fox", **OPTIONS)
+
+
+def test_a_plan_that_streams_holds_only_the_streamed_host_copies(tiny_qwen: Path, one_thread):
+    """Issue 15's host memory: the denoiser reads nothing before the prompts are encoded, the text encoder's
+    resident layers and the denoiser's never take host memory, and the host copies alive at once peak under the
+    old sum (every block of both, packed at load; the tiny model's vocabulary makes the encoder's rest most of
+    it, where the full model's is an eighth)."""
+    needs = qwen_needs(tiny_qwen, torch.float32, "weights", "t2i", RequestShape())
+    before_all = needs.transformer.weights + needs.text_encoder.weights  # what loading packed before
+    start = HOST.now
+    pipe = _offloaded(tiny_qwen, "weights", (1,), (0,))
+    pipe.keep_text_encoder = False
+    off = pipe.transformer_offload
+    assert off.block_copies == [None] * len(off.blocks) and HOST.now - start == off.rest.nbytes
+    HOST.reset()
+    pipe.generate("a fox", **OPTIONS)
+    assert [i for i, c in enumerate(off.block_copies) if c is not None] == [1]
+    assert HOST.now - start == off.host_bytes  # the text encoder's copies went with it
+    te_layer, te_rest = needs.text_encoder.blocks[0], needs.text_encoder.rest
+    # The text phase: the denoiser's rest and the encoder's rest and one streamed layer; then the denoiser's rest
+    # and its one streamed block (256-byte alignment per tensor aside).
+    bound = off.rest.nbytes + max(te_rest + te_layer + 64 * 1024, off.block_copies[1].nbytes)
+    assert HOST.peak - start <= bound < before_all

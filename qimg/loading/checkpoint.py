@@ -17,6 +17,8 @@ from qimg.loading.reader import Entry, Reader, file_entries
 
 P = TypeVar("P")
 M = TypeVar("M", bound=nn.Module)
+# (block, device): fill `block` (the group's module as built, or a copy of it) from the checkpoint on `device`.
+GroupFill = Callable[[nn.Module, torch.device], None]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -149,6 +151,8 @@ def load_module(
     convert: Callable[[str, Tensor], Tensor] | None = None,
     hint: str | None = None,
     aliases: Iterable[str] = (),
+    later: Callable[[str], bool] | None = None,
+    on_later: Callable[[str, nn.Module, GroupFill], None] | None = None,
 ) -> M:
     """Build a module on the meta device and fill it from safetensors files, strictly.
 
@@ -170,6 +174,10 @@ def load_module(
     `aliases` are names the module fills from another tensor (tied weights, as transformers ties T5's
     encoder.embed_tokens to shared): not read, and a file that stores them anyway is not refused for it; the
     caller ties them once loaded.
+
+    A group for which `later(prefix)` holds is not read now: it stays on the meta device, and
+    `on_later(prefix, module, fill)` gets the function that reads it (checked and cast as here) whenever the
+    caller wants it, as often as it wants it: a block the memory plan keeps with no host copy of its own.
     """
     with torch.device("meta"):
         module = build()
@@ -201,7 +209,8 @@ def load_module(
     for path in files:
         entries.update(file_entries(path))
 
-    def finish(names: list[str], tensors: list[Tensor]) -> dict[str, Tensor]:
+    def finish(names: list[str], tensors: list[Tensor], to: torch.device | str = device,
+               misshapen: list[str] = misshapen) -> dict[str, Tensor]:
         state = {}
         for name, tensor in zip(names, tensors, strict=True):
             if transform is not None:
@@ -213,12 +222,29 @@ def load_module(
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 misshapen.append(f"{name} {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
                 continue
-            state[name] = tensor.to(device)
+            state[name] = tensor.to(to)
         return state
+
+    def reader_of(prefix: str, names: list[str]) -> GroupFill:
+        def fill(block: nn.Module, to: torch.device) -> None:
+            with Reader(to) as reader:
+                tensors = reader.read([entries[where[name][1]] for name in names])
+            bad: list[str] = []
+            state = finish(names, tensors, to, bad)
+            check_keys(what, [], [], bad, hint)
+            lead = f"{prefix}."
+            block.load_state_dict({n.removeprefix(lead): t for n, t in state.items()}, strict=True, assign=True)
+
+        return fill
 
     groups: dict[str | None, list[str]] = {}
     for name in expected:
         groups.setdefault(group(name) if group else None, []).append(name)
+    deferred = [p for p in groups if p is not None and later is not None and later(p)]
+    for prefix in deferred:
+        names = groups.pop(prefix)
+        if on_later is not None:
+            on_later(prefix, module, reader_of(prefix, names))
     # the groups in order, then the tensors outside any group; each group's reads start while the one before
     # it is being placed (on_group: FP8 quantisation, packing into host memory)
     order = [(prefix, names) for prefix, names in groups.items() if prefix is not None]

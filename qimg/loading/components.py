@@ -11,7 +11,7 @@ import torch
 from qimg.errors import CheckpointError, ConfigError
 from qimg.loading import keymaps
 from qimg.loading.checkpoint import load_module, params_from_config, read_json, safetensors_files
-from qimg.loading.qwen_text import LayerHook, load_qwen_text_encoder
+from qimg.loading.qwen_text import LaterHook, LayerHook, load_qwen_text_encoder
 from qimg.nets.qwen_mmdit import QwenMMDiT
 from qimg.nets.qwen_vae import QwenVAE
 from qimg.specs import FlowSchedule, QwenMMDiTParams, QwenVAEParams
@@ -85,12 +85,13 @@ def require_safetensors_model(folder: Path) -> None:
 
 
 def load_text_encoder(folder: Path, *, device: torch.device | str | None, dtype: torch.dtype, vision: bool = True,
-                      head: bool = True, on_layer: LayerHook | None = None) -> Any:
+                      head: bool = True, on_layer: LayerHook | None = None, later: LaterHook | None = None) -> Any:
     """text_encoder/: Qwen2.5-VL, from safetensors only (a pickle is refused unread), read layer by layer and
     strictly (loading/qwen_text.py); on_layer(kind, i, module) sees each layer as it arrives. vision / head False
-    leave out the vision tower / LM head unread. device None leaves each layer where on_layer put it."""
+    leave out the vision tower / LM head unread. device None leaves each layer where on_layer put it. later:
+    the decoder layers are left unread, each handed over with its reader."""
     require_safetensors_model(folder)
-    model = load_qwen_text_encoder(folder, dtype=dtype, vision=vision, head=head, on_layer=on_layer)
+    model = load_qwen_text_encoder(folder, dtype=dtype, vision=vision, head=head, on_layer=on_layer, later=later)
     return model if device is None else model.to(device)
 
 

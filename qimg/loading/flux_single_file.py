@@ -192,10 +192,14 @@ def _misshapen(found: TransformerFile, expected: dict[str, tuple[int, ...]]) -> 
 def load_parts(found: TransformerFile, build: Callable[[], nn.Module], *, device: torch.device | str,
                convert: Callable[[str, Tensor], Tensor], hint: str,
                group: Callable[[str], str | None] | None = None,
-               on_group: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
+               on_group: Callable[[str, nn.Module], None] | None = None,
+               later: Callable[[str], bool] | None = None,
+               on_later: Callable[[str, nn.Module, Callable[[nn.Module, Any], None]], None] | None = None
+               ) -> nn.Module:
     """The network `build` makes, filled strictly from a file whose tensors are row ranges of stored ones (as
     checkpoint.load_module does for files named as the network is): names and shapes checked from the header first,
-    errors naming the file's keys; `convert` casts each part; group / on_group load block by block."""
+    errors naming the file's keys; `convert` casts each part; group / on_group load block by block; later /
+    on_later leave groups unread, with the function that reads them (as load_module does)."""
     import torch
 
     from qimg.loading.checkpoint import check_keys
@@ -209,19 +213,31 @@ def load_parts(found: TransformerFile, build: Callable[[], nn.Module], *, device
     check_keys(found.what, missing, unexpected, _misshapen(found, expected), hint)
     parts = found.parts or {}
 
-    def read(names: list[str]) -> dict[str, Any]:
+    def read(names: list[str], to: Any = device) -> dict[str, Any]:
         state = {}
         for name in names:
             key = found.stored[name]
             handle = found._handle(key)
             rows = parts.get(name)
             tensor = handle.get_tensor(key) if rows is None else take_rows(handle.get_slice(key), rows)
-            state[name] = convert(name, tensor).to(device)
+            state[name] = convert(name, tensor).to(to)
         return state
+
+    def reader_of(prefix: str, names: list[str]) -> Callable[[nn.Module, Any], None]:
+        def fill(block: nn.Module, to: Any) -> None:
+            lead = f"{prefix}."
+            state = {n.removeprefix(lead): t for n, t in read(names, to).items()}
+            block.load_state_dict(state, strict=True, assign=True)
+
+        return fill
 
     groups: dict[str | None, list[str]] = {}
     for name in expected:
         groups.setdefault(group(name) if group else None, []).append(name)
+    for prefix in [p for p in groups if p is not None and later is not None and later(p)]:
+        names = groups.pop(prefix)
+        if on_later is not None:
+            on_later(prefix, module, reader_of(prefix, names))
     for prefix, names in groups.items():
         if prefix is not None:
             module.load_state_dict(read(names), strict=False, assign=True)

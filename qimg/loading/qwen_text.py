@@ -20,18 +20,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from qimg.loading.checkpoint import load_module, open_checkpoint, safetensors_files
+from qimg.loading.checkpoint import GroupFill, load_module, open_checkpoint, safetensors_files
 
 LayerHook = Callable[[str, int, nn.Module], None]  # (kind "layers" or "blocks", index, module)
+# (index, decoder layer as built on the meta device, fill(module, device)): a layer left unread, with its reader.
+LaterHook = Callable[[int, nn.Module, GroupFill], None]
 _GROUP = re.compile(r"^(model\.(?:language_model\.)?layers\.\d+|(?:model\.)?visual\.blocks\.\d+)\.")
 
 
 def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = True, head: bool = True,
-                           on_layer: LayerHook | None = None) -> Any:
+                           on_layer: LayerHook | None = None, later: LaterHook | None = None) -> Any:
     """text_encoder/ as transformers' Qwen2_5_VLForConditionalGeneration on the CPU (or wherever on_layer put each
     layer), in eval mode without gradients. vision / head False: the vision tower / LM head are not read and the
     model gets none (`model.model.visual = None`, `lm_head = Identity`). A file without an LM head loads too (older
-    exports omit it; prompt encoding never reads it)."""
+    exports omit it; prompt encoding never reads it). later: the decoder layers are not read; each goes to
+    later(index, layer, fill) with the function that reads it when wanted (load_module's on_later)."""
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     config = AutoConfig.from_pretrained(folder)
@@ -59,8 +62,13 @@ def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = T
             kind, _, i = prefix.rpartition(".")
             on_layer(kind.rpartition(".")[2], int(i), model.get_submodule(prefix))
 
+    def deferred(prefix: str, model: nn.Module, fill: GroupFill) -> None:
+        if later is not None:
+            later(int(prefix.rpartition(".")[2]), model.get_submodule(prefix), fill)
+
+    lazy = {} if later is None else {"later": lambda prefix: ".layers." in f".{prefix}", "on_later": deferred}
     model = load_module(lambda: network, files, dtype=dtype, rename=rename, aliases=sorted(skipped), group=group,
-                        on_group=arrived, what=f"{folder.name}/ weights")
+                        on_group=arrived, what=f"{folder.name}/ weights", **lazy)
     _fill_rotary_tables(model, config, dtype)
     if not vision:
         model.model.visual = None  # text-only prompts never reach the vision tower (~1.3 GiB)

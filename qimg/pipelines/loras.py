@@ -10,7 +10,7 @@ strength or removing an adapter never reloads the base model, and removal restor
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ class LoRAs:
             raise InputError(f"a LoRA named {name!r} is already loaded", hint="give another name, or unload it first")
         modules = {m: Kronecker(w.w1, w.w2, w.scale) if isinstance(w, LoKrModule) else (w.down, w.up, w.scale)
                    for m, w in lora.modules.items()}
+        self._hold(modules)
         with torch.inference_mode(False), torch.no_grad():
             changed = attach_lora(self.model, name, modules, strength, dtype=self.dtype)
         self._repack(changed)
@@ -135,6 +136,14 @@ class LoRAs:
         while name in self.attached:
             name, n = f"{stem}-{n}", n + 1
         return name
+
+    def _hold(self, names: Iterable[str]) -> None:
+        """Blocks read from the checkpoint on demand (resident under a plan that streams) get a host copy before an
+        adapter wraps their linears: the wrapped block is no longer what the checkpoint holds."""
+        if self.offload is None:
+            return
+        prefixes = {self.blocks.prefix(f"{name}.") for name in names}
+        self.offload.hold(sorted(self.blocks.index(self.model, p) for p in prefixes if p is not None))
 
     def _repack(self, changed: Sequence[str]) -> None:
         """Streamed and offloaded blocks live in host copies made at load: pack the ones an adapter changed."""

@@ -12,19 +12,21 @@ linears as they are (their scale broadcast per row), before anything else runs o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from qimg.loading.checkpoint import safetensors_files, tensor_headers
+from qimg.loading.checkpoint import GroupFill, safetensors_files, tensor_headers
 from qimg.loading.single_file import TransformerFile
 from qimg.pipelines.family import BlockLists, Family
 from qimg.runtime.devices import cuda_index
 from qimg.runtime.fp8 import FP8Linear, Predicate, apply_fp8
 from qimg.runtime.merge import Delta, merge_deltas
-from qimg.runtime.offload import HostCopy, Offloaded, module_tensors
+from qimg.runtime.offload import FileBlock, HostCopy, Offloaded, module_tensors
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import Footprint, GiB, MemoryPlan, Needs, RequestShape, TrainNeeds, plan_memory
 
@@ -216,7 +218,11 @@ def load_denoiser(
     runs, in this order: the file's FP8 weights made FP8 linears, the LoRA deltas of `merge` added into the bf16
     weights (module name -> [(delta, strength)]: runtime/merge.py), FP8 quantisation (when asked: so FP8 is
     quantised from bf16 + delta), the caller's `transforms`, then placement: kept on the device under a resident
-    plan, else packed into pinned host memory and handed to an Offloaded that streams the blocks the plan says."""
+    plan, else packed into pinned host memory and handed to an Offloaded that streams the blocks the plan says.
+
+    Under a plan that streams, no block is read here: each becomes a FileBlock, read (and run through the same
+    steps) when the denoiser first comes to the device, so the prompts can be encoded before it takes any host
+    memory; the blocks the plan keeps resident then never get a host copy (re-read when they come back)."""
     keep = plan.mode == "none"
     blocks = family.denoiser_blocks
     stored = [] if weights is None else [stored_fp8_transform(weights, dtype, fp8, family.denoiser_fp8)]
@@ -225,6 +231,8 @@ def load_denoiser(
     steps = (stored + merging + ([fp8_transform(family.denoiser_fp8, fp8)] if fp8 is not None else [])
              + list(transforms))
     packed: dict[str, HostCopy] = {}
+    files: dict[str, FileBlock] = {}
+    lazy = not keep and bool(plan.streamed.get("transformer"))
 
     def on_block(prefix: str, model: nn.Module) -> None:
         block = model.get_submodule(prefix)
@@ -233,7 +241,21 @@ def load_denoiser(
         if not keep:
             packed[prefix] = HostCopy(module_tensors(block))
 
-    source = {} if weights is None else {"weights": weights}
+    def on_later(prefix: str, model: nn.Module, fill: GroupFill) -> None:
+        block = model.get_submodule(prefix)  # still as built, on the meta device: a template costs nothing
+
+        def load(module: nn.Module) -> None:
+            fill(module, device)
+            for step in steps:
+                step(prefix, module)
+
+        files[prefix] = FileBlock(load, copy.deepcopy(block))
+        if merging:  # LoRA targets in this block are checked now, on a throwaway copy, not at its first read
+            merging[0](prefix, copy.deepcopy(block))
+
+    source: dict[str, Any] = {} if weights is None else {"weights": weights}
+    if lazy:
+        source.update(later=lambda prefix: True, on_later=on_later)
     model = family.load_denoiser(folder, device=device, dtype=dtype, group=blocks.prefix, on_group=on_block, **source)
     for step in stored:  # FP8 linears outside the blocks (none for families that keep those in bf16)
         step("", model)
@@ -245,7 +267,8 @@ def load_denoiser(
             raise ValueError(f"LoRA targets {', '.join(missing[:3])} are not linears of the loaded denoiser")
     if keep:
         return model, None
-    copies = {blocks.index(model, prefix): copy for prefix, copy in packed.items()}
-    offloaded = Offloaded(model, device, blocks.modules(model), block_copies=copies)
+    copies = {blocks.index(model, prefix): packed_copy for prefix, packed_copy in packed.items()}
+    on_demand = {blocks.index(model, prefix): file for prefix, file in files.items()}
+    offloaded = Offloaded(model, device, blocks.modules(model), block_copies=copies, files=on_demand)
     offloaded.stream(plan.streamed.get("transformer", ()))
     return model, offloaded

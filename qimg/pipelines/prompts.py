@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as copying
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from torch import nn
 from qimg.embeddings import EmbeddingsFile, PromptEmbeds
 from qimg.errors import InputError
 from qimg.loading import components
+from qimg.loading.checkpoint import GroupFill
 from qimg.loading.hub import ModelRef
 from qimg.nets.text_encoders import TEMPLATES, dropped_prompt_tokens, encode_qwen_prompt, encode_qwen_prompt_with_images
 from qimg.pipelines.common import resize_to_area
@@ -22,7 +24,7 @@ from qimg.pipelines.text_slot import TextEncoderSlot
 from qimg.request import GenerateRequest
 from qimg.runtime.devices import pick_device, pick_dtype
 from qimg.runtime.fp8 import Predicate, apply_fp8
-from qimg.runtime.offload import HostCopy, Offloaded, prepare_block
+from qimg.runtime.offload import FileBlock, HostCopy, Offloaded, prepare_block
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import MemoryPlan
 from qimg.version import __version__
@@ -181,6 +183,7 @@ def load_text_encoder(
                 layer.to("cpu")
 
         copies: dict[int, HostCopy] = {}
+        files: dict[int, FileBlock] = {}
 
         def arrived(kind: str, i: int, layer: nn.Module) -> None:  # each decoder layer as it is read
             if kind == "layers":
@@ -188,12 +191,22 @@ def load_text_encoder(
                 if copy is not None:
                     copies[i] = copy
 
+        def later(i: int, layer: nn.Module, fill: GroupFill) -> None:  # a layer read when the text phase comes
+            def load(module: nn.Module) -> None:
+                fill(module, work)
+                prepare(f"{i}.", module)
+
+            files[i] = FileBlock(load, copying.deepcopy(layer))
+
+        # Under a plan that streams some layers, none is read now: the text phase reads them straight to the
+        # device, the resident ones never taking host memory (read again if the encoder comes back).
+        lazy = offloaded and plan is not None and bool(plan.streamed.get("text_encoder"))
         # The LM head (~1 GiB of logits weights) is never read; the vision tower (~1.3 GiB) only for edit models.
         model = components.load_text_encoder(folder, device=None, dtype=dtype, vision=task == "edit", head=False,
-                                             on_layer=arrived)
+                                             on_layer=arrived, later=later if lazy else None)
         layers = text_encoder_layers(model)
         if not offloaded:
             return model.to(runs_on), None
-        result = Offloaded(model, device, layers, block_copies=copies)
+        result = Offloaded(model, device, layers, block_copies=copies, files=files)
         result.stream(plan.streamed.get("text_encoder", ()) if plan is not None else ())
         return model, result

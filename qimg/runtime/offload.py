@@ -13,6 +13,16 @@
   after its (re)computation returns.
 - Residency switches components between the phases of a run (encode, denoise, decode) as a plan says.
 - Weights that do change (a merged LoRA, a swapped-in module) are packed again with `Offloaded.repack`.
+- FileBlock: a block kept without any host copy. Under a plan that streams, host memory is the scarce part (a
+  32 GB desktop with an 8 GB card), so the blocks the plan keeps resident are read from the checkpoint straight
+  to the device when the component comes on, and dropped when it goes off: a later phase reads them again (from
+  the page cache when it holds them). Streamed blocks get their pinned copy the first time the component comes
+  on, not at load, so a run that encodes its prompts first never holds the text encoder and the denoiser's
+  copies at once.
+- Host buffers are pinned at their exact size (cudaHostRegister on a plain allocation): the caching pinned
+  allocator behind `pin_memory=True` rounds each buffer up to a power of two (a 0.42 GiB FP8 block of
+  Qwen-Image takes 0.5 GiB) and keeps freed buffers for reuse, so a freed text encoder never left host memory.
+  HOST counts the bytes these buffers hold (now and at the peak), for tests and benchmarks.
 
 Tensor identity is kept (only `.data` moves), so FP8 linears, compiled blocks and hooks see the same objects.
 """
@@ -20,6 +30,9 @@ Tensor identity is kept (only `.data` moves), so FP8 linears, compiled blocks an
 from __future__ import annotations
 
 import collections
+import copy as copying
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +57,52 @@ def module_tensors(module: nn.Module, skip: Iterable[nn.Module] = ()) -> list[Te
     return out
 
 
+@dataclass
+class HostBytes:
+    """Bytes held by HostCopy buffers in this process: now, and the most at any time since reset()."""
+
+    now: int = 0
+    peak: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, n: int) -> None:
+        with self._lock:  # the text encoder may load on a worker thread while the denoiser loads
+            self.now += n
+            self.peak = max(self.peak, self.now)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.peak = self.now
+
+
+HOST = HostBytes()
+
+
+def _unpin(buffer: Tensor, registered: bool, nbytes: int) -> None:
+    """A host buffer's end: unregistered from CUDA before its memory can go back to the allocator (the finalizer
+    holds `buffer`, so this always runs first), and taken off the count."""
+    if registered:
+        torch.cuda.synchronize()  # no copy may still read the pages being unpinned
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+    HOST.add(-nbytes)
+
+
+def host_buffer(nbytes: int, pin: bool, owner: object) -> Tensor:
+    """A flat host byte buffer, page-locked at its exact size when `pin` (falling back to the caching pinned
+    allocator where registering fails), counted in HOST while `owner` lives."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    registered = False
+    if pin and nbytes:
+        # 1: cudaHostRegisterPortable (pinned for every device), as torch.cuda._pin_memory_utils registers.
+        registered = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 1)) == 0
+        if not registered:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    HOST.add(nbytes)
+    # Not at exit: the process's memory goes with it, and CUDA may already be torn down by then.
+    weakref.finalize(owner, _unpin, buffer, registered, nbytes).atexit = False
+    return buffer
+
+
 class HostCopy:
     """A group of tensors packed into one host buffer (pinned when a GPU is present), rebound to views of it."""
 
@@ -56,7 +115,7 @@ class HostCopy:
             offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
         self.nbytes = offset
         pin = torch.cuda.is_available() if pin is None else pin
-        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.host = host_buffer(self.nbytes, pin, self)
         self.host_views = self.views(self.host)
         for t, view in zip(self.tensors, self.host_views, strict=True):
             view.copy_(t.detach())
@@ -82,6 +141,66 @@ class HostCopy:
     def release(self) -> None:
         """Point the tensors back at the host copy (the device buffer goes with its last reference)."""
         self.bind(self.host_views)
+
+
+def named_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """A module's parameters and buffers with their names, each tensor once."""
+    seen: set[int] = set()
+    out = []
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t))
+    return out
+
+
+class FileBlock:
+    """A block whose weights come from the checkpoint each time it visits the device, with no host copy.
+
+    load(module) fills `module` (the block as built, on the meta device) from the checkpoint on the device and
+    prepares it as loading does (FP8 quantisation, merged LoRAs), in place. The first fill runs on the block
+    itself; later ones on a fresh copy of `template` (the block as built), whose tensors the block's own tensors
+    are then rebound to, so tensor identity holds (compiled blocks, hooks and adapters added since see the same
+    objects). Only the tensors the first fill made are dropped: adapters attached later stay where they are.
+    """
+
+    def __init__(self, load: Callable[[nn.Module], None], template: nn.Module) -> None:
+        self.load, self.template = load, template
+        self.names: list[str] = []
+        self.tensors: list[Tensor] = []
+        self.shapes: list[torch.Size] = []
+        self.filled = False  # the tensors hold the checkpoint's values on the device
+
+    @torch.inference_mode(False)  # the device tensors get rebound as parameters' data: normal tensors only
+    @torch.no_grad()
+    def fill(self, block: nn.Module) -> None:
+        if self.filled:
+            return
+        if not self.tensors:
+            self.load(block)
+            named = named_tensors(block)
+            self.names, self.tensors = [n for n, _ in named], [t for _, t in named]
+            self.shapes = [t.shape for t in self.tensors]
+        else:
+            fresh = copying.deepcopy(self.template)
+            self.load(fresh)
+            made = dict(named_tensors(fresh))
+            for name, t, shape in zip(self.names, self.tensors, self.shapes, strict=True):
+                new = made.get(name)
+                if new is None or new.shape != shape or new.dtype != t.dtype:
+                    raise RuntimeError(f"{name} of a block read on demand came back unlike its first load")
+                t.data = new
+        still_meta = [n for n, t in zip(self.names, self.tensors, strict=True) if t.is_meta]
+        if still_meta:
+            raise RuntimeError(f"the checkpoint does not fill {still_meta[0]} of a block read on demand")
+        self.filled = True
+
+    def drop(self) -> None:
+        """Free the device memory of the tensors the checkpoint fills (each keeps its dtype and device, with no
+        elements: a tensor's data cannot move to the meta device)."""
+        for t in self.tensors:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        self.filled = False
 
 
 class _Copier:
@@ -131,7 +250,7 @@ class Offloaded:
 
     blocks: the component's repeated blocks in run order (one nn.ModuleList, or several lists joined), of which
     `streamed` (indices) run through `slots` device buffers instead of staying resident. Without blocks the
-    whole component moves as one piece.
+    whole component moves as one piece. files: blocks given as FileBlocks (no host copy while resident).
     """
 
     def __init__(
@@ -141,12 +260,19 @@ class Offloaded:
         blocks: Sequence[nn.Module] | None = None,
         *,
         block_copies: dict[int, HostCopy] | None = None,
+        files: dict[int, FileBlock] | None = None,
         slots: int = 2,
     ) -> None:
         self.module, self.device = module, torch.device(device)
         self.blocks = list(blocks) if blocks is not None else []
         copies = dict(block_copies or {})
-        self.block_copies = [copies.get(i) or HostCopy(module_tensors(b)) for i, b in enumerate(self.blocks)]
+        # files: blocks read from the checkpoint on demand; one gets a host copy only once it streams.
+        self.files = dict(files or {})
+        self.block_copies: list[HostCopy | None] = [
+            copies.get(i) or (None if i in self.files else HostCopy(module_tensors(b)))
+            for i, b in enumerate(self.blocks)
+        ]
+        self._from_file: set[int] = set()  # blocks whose host copy holds what their FileBlock reads, unchanged
         self.rest = HostCopy(module_tensors(module, skip=self.blocks))
         self.slots_wanted = slots
         self.streamed: list[int] = []
@@ -171,6 +297,10 @@ class Offloaded:
         was_on = self.on_device
         self.off_device()
         self.streamed, self.backward = streamed, backward
+        for i in self._from_file - set(streamed):  # resident now: the checkpoint gives it back, the copy can go
+            self.files[i].drop()
+            self.block_copies[i] = None
+            self._from_file.discard(i)
         for i in streamed if backward else ():
             if i not in self._wrapped:
                 wrap_inside(self.blocks[i], lambda forward, i=i: self._visiting(i, forward))
@@ -190,25 +320,55 @@ class Offloaded:
         # New copies first: they read the tensors where they are now (device views included), so nothing
         # changed on the device is lost when off_device() rebinds everything to host memory.
         for i in range(len(self.blocks)) if blocks is None else blocks:
+            if self.block_copies[i] is None:
+                self.files[i].fill(self.blocks[i])  # read first when off the device (a no-op when resident on it)
             self.block_copies[i] = HostCopy(module_tensors(self.blocks[i]))
+            # Its weights or modules may differ from the checkpoint's from now on: the copy is the only source.
+            self.files.pop(i, None)
+            self._from_file.discard(i)
         if rest:
             self.rest = HostCopy(module_tensors(self.module, skip=self.blocks))
         self.off_device()
         if was_on:
             self.to_device()
 
+    def hold(self, blocks: Iterable[int]) -> None:
+        """Give these blocks a host copy (reading those that only the checkpoint holds), before their modules
+        change (a LoRA attached): what loads from the checkpoint would no longer be their weights."""
+        self.repack([i for i in blocks if i in self.files])
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of this component's host copies."""
+        return self.rest.nbytes + sum(c.nbytes for c in self.block_copies if c is not None)
+
+    def _copy(self, i: int) -> HostCopy:
+        copy = self.block_copies[i]
+        assert copy is not None, f"block {i} streams without a host copy"
+        return copy
+
     @torch.inference_mode(False)  # device buffers must be normal tensors: parameters get rebound to them
     def to_device(self) -> None:
         if self.on_device:
             return
         streamed = set(self.streamed)
+        for i in self.streamed:
+            if self.block_copies[i] is None:
+                # A streamed block's first visit: read it to the device, prepare it, pack it into host memory.
+                self.files[i].fill(self.blocks[i])
+                self.block_copies[i] = HostCopy(module_tensors(self.blocks[i]))
+                self.files[i].filled = False  # its tensors are host views now
+                self._from_file.add(i)
         # One buffer for the rest and the resident blocks: a single allocation, then one copy per piece.
-        pieces = [self.rest] + [c for i, c in enumerate(self.block_copies) if i not in streamed]
+        pieces = [self.rest] + [c for i, c in enumerate(self.block_copies) if i not in streamed and c is not None]
         flat = torch.empty(sum(p.nbytes for p in pieces), dtype=torch.uint8, device=self.device)
         offset = 0
         for piece in pieces:
             piece.upload(flat[offset : offset + piece.nbytes])
             offset += piece.nbytes
+        for i, c in enumerate(self.block_copies):
+            if c is None and i not in streamed:
+                self.files[i].fill(self.blocks[i])  # straight from the checkpoint to the device
         self._flats = [flat]
         if self.streamed:
             self._start_streaming()
@@ -224,8 +384,11 @@ class Offloaded:
         self._hooks.clear()
         self._bound = None
         self.rest.release()
-        for copy in self.block_copies:
-            copy.release()
+        for i, copy in enumerate(self.block_copies):
+            if copy is not None:
+                copy.release()
+            else:
+                self.files[i].drop()  # read again on the next visit
         self._flats.clear()
         self._slots: list[Tensor] = []
         # The per-slot views hold the slot buffers too: dropping only the slots list kept every streamed
@@ -237,10 +400,10 @@ class Offloaded:
 
     def _start_streaming(self) -> None:
         n_slots = min(self.slots_wanted, len(self.streamed) * (2 if self.backward else 1))
-        size = max(self.block_copies[i].nbytes for i in self.streamed)
+        size = max(self._copy(i).nbytes for i in self.streamed)
         self._slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
         self._views = {
-            (s, i): self.block_copies[i].views(self._slots[s]) for s in range(n_slots) for i in self.streamed
+            (s, i): self._copy(i).views(self._slots[s]) for s in range(n_slots) for i in self.streamed
         }
         self._copier = _Copier(self.device)
         self._ready = [self._copier.event() for _ in range(n_slots)]  # slot filled
@@ -275,7 +438,7 @@ class Offloaded:
         self._issued += 1
         block = self.streamed[rank]
         after = self._free[slot] if self._free_recorded[slot] else None
-        self._copier.copy(self.block_copies[block], self._slots[slot], after, self._ready[slot])
+        self._copier.copy(self._copy(block), self._slots[slot], after, self._ready[slot])
         self._filled[slot] = rank
         self.log.add("copy", block, slot)
 
@@ -292,7 +455,7 @@ class Offloaded:
         if rank != self._next or self._filled[slot] != rank:
             raise RuntimeError(f"block {block} ran out of the streaming order (expected rank {self._next})")
         self._copier.wait(self._ready[slot])
-        self.block_copies[block].bind(self._views[(slot, block)])
+        self._copy(block).bind(self._views[(slot, block)])
         self.log.add("run", block, slot)
 
     def _after(self, block: int) -> None:
@@ -301,7 +464,7 @@ class Offloaded:
         self._ran += 1
         self._copier.mark(self._free[slot])
         self._free_recorded[slot] = True
-        self.block_copies[block].release()
+        self._copy(block).release()
         n = len(self.streamed)
         self._next = (rank + 1) % n
         # Refill this slot with the block that comes `slots` later, wrapping into the next forward, so the first
@@ -322,7 +485,7 @@ class Offloaded:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if getattr(self, "_bound", None) is not None:
-            self.block_copies[self._bound].release()
+            self._copy(self._bound).release()
         self._bound: int | None = None
         self._visits = self._pass_visits()
         self._v = 0  # visits started in this pass
@@ -336,7 +499,7 @@ class Offloaded:
         slot = self._issued % len(self._slots)
         self._issued += 1
         after = self._free[slot] if self._free_recorded[slot] else None
-        self._copier.copy(self.block_copies[block], self._slots[slot], after, self._ready[slot])
+        self._copier.copy(self._copy(block), self._slots[slot], after, self._ready[slot])
         self._pending.append(block)
         self.log.add("copy", block, slot)
 
@@ -362,7 +525,7 @@ class Offloaded:
         if self._bound is not None:
             # The previous visit's block (its recomputation and its backward, in training) is queued: its slot
             # may be refilled once the work queued so far is done.
-            self.block_copies[self._bound].release()
+            self._copy(self._bound).release()
             self._bound = None
             prev = (self._ran - 1) % n_slots
             self._copier.mark(self._free[prev])
@@ -375,7 +538,7 @@ class Offloaded:
         slot = self._ran % n_slots
         self._ran += 1
         self._copier.wait(self._ready[slot])
-        self.block_copies[block].bind(self._views[(slot, block)])
+        self._copy(block).bind(self._views[(slot, block)])
         self._bound = block
         self.log.add("run", block, slot)
         self._v = (self._v + 1) % n

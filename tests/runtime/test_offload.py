@@ -4,6 +4,10 @@ bench/offload_parity.py on the GPU."""
 
 from __future__ import annotations
 
+import copy
+import gc
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +15,7 @@ from torch import nn
 from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers
 from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope
 from qimg.runtime.fp8 import apply_fp8
-from qimg.runtime.offload import HostCopy, Offloaded, Residency, module_tensors, prepare_blocks
+from qimg.runtime.offload import HOST, FileBlock, HostCopy, Offloaded, Residency, module_tensors, prepare_blocks
 from qimg.specs import QwenMMDiTParams
 from tests.fixtures import randomize_
 
@@ -215,3 +219,61 @@ def test_repack_after_a_block_changes_streams_the_new_weights(on_device):
     off.off_device()
     off.to_device()  # the new host copies are the ones every later upload reads
     assert torch.equal(_forward(model), expected)
+
+
+def _on_demand(source: QwenMMDiT, fp8: str | None = None) -> tuple[QwenMMDiT, dict[int, FileBlock], list[int]]:
+    """A model whose blocks are still as built (meta), each a FileBlock that reads `source`'s block as a
+    checkpoint would (a fresh tensor per read) and quantises it as loading does; reads counts them per block."""
+    with torch.device("meta"):
+        model = QwenMMDiT(TINY).eval().requires_grad_(False)
+    model.load_state_dict({k: v for k, v in source.state_dict().items() if not k.startswith("transformer_blocks.")},
+                          strict=False, assign=True)
+    reads = [0] * TINY.num_layers
+
+    def loader(i: int) -> Callable[[nn.Module], None]:
+        def load(module: nn.Module) -> None:
+            reads[i] += 1
+            state = {k: v.clone() for k, v in source.transformer_blocks[i].state_dict().items()}
+            module.load_state_dict(state, strict=True, assign=True)
+            if fp8 is not None:
+                apply_fp8(module, lambda name, lin: qwen_mmdit_fp8_layers(f"transformer_blocks.{i}.{name}", lin),
+                          compute=False)
+
+        return load
+
+    files = {i: FileBlock(loader(i), copy.deepcopy(b)) for i, b in enumerate(model.transformer_blocks)}
+    return model, files, reads
+
+
+@pytest.mark.parametrize("fp8", [None, "weights"])
+def test_resident_blocks_read_on_demand_own_no_host_copy(fp8):
+    """Under a plan that streams, resident blocks come from the checkpoint to the device and leave it with
+    nothing kept in host memory; streamed ones get their host copy at their first visit. The output is the
+    resident model's, visit after visit, and tensor identity holds across the re-reads."""
+    expected = _forward(_model(fp8))
+    model, files, reads = _on_demand(_model(), fp8)
+    before = HOST.now
+    off = Offloaded(model, CPU, model.transformer_blocks, files=files)
+    off.stream([1, 3])
+    assert off.block_copies == [None] * 4 and sum(reads) == 0  # nothing read before the first visit
+    assert HOST.now - before == off.rest.nbytes
+    off.to_device()
+    assert [c is not None for c in off.block_copies] == [False, True, False, True] and reads == [1, 1, 1, 1]
+    assert HOST.now - before == off.host_bytes == off.rest.nbytes + sum(off.block_copies[i].nbytes for i in (1, 3))
+    tensors = module_tensors(model.transformer_blocks[0])
+    assert torch.equal(_forward(model), expected)
+    off.off_device()
+    assert all(t.numel() == 0 for t in tensors)  # dropped: no copy anywhere
+    off.to_device()
+    assert reads == [2, 1, 2, 1] and module_tensors(model.transformer_blocks[0]) == tensors
+    assert torch.equal(_forward(model), expected)
+    off.stream([3])  # block 1 becomes resident: its copy goes, the checkpoint gives it back
+    assert off.block_copies[1] is None and torch.equal(_forward(model), expected)
+    assert HOST.now - before == off.rest.nbytes + off.block_copies[3].nbytes
+    off.hold([0])  # about to change (a LoRA): block 0 keeps a host copy from now on, and is never read again
+    off.off_device()
+    off.to_device()
+    assert off.block_copies[0] is not None and reads[0] == 3 and 0 not in off.files
+    assert torch.equal(_forward(model), expected)
+    del off
+    gc.collect()
