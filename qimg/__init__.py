@@ -203,9 +203,11 @@ def train_lora(
     batch size) are the saved ones, and one of `typed` (the settings the caller chose; None: all) that differs is
     an error. on_event(dict) hears "cached", "step" and "saved" events."""
     from qimg import families
+    from qimg.runtime.devices import pick_device
     from qimg.safety import folder_lock
     from qimg.training.data import bucket_for
     from qimg.training.memory import training_plan
+    from qimg.training.sharding import plan_sharding
     from qimg.training.trainer import Trainer, read_state, resumed_config, train_items
 
     run_dir = Path(run_dir).expanduser()
@@ -222,7 +224,8 @@ def train_lora(
     largest = max((bucket_for(i.width, i.height, max_pixels=config.max_pixels) for i in items),
                   key=lambda size: size[0] * size[1])
     options = options or RuntimeOptions()
-    # Under torchrun: data parallel, a copy of the frozen model per rank (Trainer shares each step out).
+    # Under torchrun: data parallel (Trainer shares each step out), with a copy of the frozen model per rank or
+    # (config.shard_base, or a model that fits one GPU only by streaming blocks) the model sharded over them.
     world = None
     if "WORLD_SIZE" in os.environ:
         from qimg.runtime.distributed import init_world, local_device, world_from_env
@@ -232,16 +235,19 @@ def train_lora(
         init_world(world)
         options = options.replace(device=local_device(world, options.device))
         on_event = on_event if world.leader else None  # rank 0 reports for the job
-    plan, needs = training_plan(ref, families.get(ref.spec.family), config, options, items)
+    family = families.get(ref.spec.family)
+    plan, needs, sharded = plan_sharding(
+        config, None if world is None else world.size,
+        lambda shards: training_plan(ref, family, config, options, items, shards=shards))
     if on_event is not None:
         on_event({"event": "plan", "lines": plan.describe(needs)})
-    if plan.streamed:  # loaded into pinned host memory, block by block, never whole on the device
-        options = options.replace(offload="layer")
+    if plan.streamed or (sharded and pick_device(options.device).type == "cuda"):
+        options = options.replace(offload="layer")  # loaded into pinned host memory, never whole on the device
     with folder_lock(run_dir, create=True) if world is None or world.leader else contextlib.nullcontext():
         controls = max(len(i.controls) for i in items)
         pipe = load(ref, options, shape=RequestShape(width=largest[0], height=largest[1], cfg=False,
                                                      ref_pixels=controls * ref.spec.vae_image_area))
-        trainer = Trainer(config, run_dir, pipe, on_event=on_event, world=world)
+        trainer = Trainer(config, run_dir, pipe, on_event=on_event, world=world, sharded=sharded)
         trainer.prepare(items, resume=state if resume else None, plan=plan)
         path = trainer.run()
     if world is not None:

@@ -61,6 +61,10 @@ class TrainConfig:
     # it; a line's seed, else seed + its index), through generate's code path with the adapter live.
     sample_every: int = 0
     sample_prompts: str | None = None
+    # Under torchrun: shard the frozen denoiser over the ranks with FSDP2 (each holds 1/N of it) instead of a copy
+    # per rank. None: shard when the memory plan would otherwise stream blocks from host memory; True: always
+    # (refused outside torchrun); False: never. Results do not change, so a resumed run may switch it.
+    shard_base: bool | None = None
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "rank": self.rank, "batch_size": self.batch_size,

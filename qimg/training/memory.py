@@ -20,6 +20,7 @@ from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import PlanError, TrainNeeds, TrainPlan, plan_training
 from qimg.training.config import TrainConfig
 from qimg.training.data import TrainItem, bucket_for
+from qimg.training.sharding import check_sharded_plan, sharded_needs
 
 VL_PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: 14-pixel patches merged 2x2 into one text-stream token
 TEXT_TOKENS = 512  # the longest prompt a text-to-image model reads (max_sequence_length)
@@ -49,9 +50,10 @@ def step_tokens(ref: ModelRef, config: TrainConfig, items: Sequence[TrainItem]) 
 
 
 def training_plan(ref: ModelRef, family: Family, config: TrainConfig, options: RuntimeOptions,
-                  items: Sequence[TrainItem]) -> tuple[TrainPlan, TrainNeeds]:
+                  items: Sequence[TrainItem], *, shards: int = 1) -> tuple[TrainPlan, TrainNeeds]:
     """The training memory plan for this dataset on the device the options name (no limit on the CPU); a step
-    that fits no placement is a GPUMemoryError saying what would help."""
+    that fits no placement is a GPUMemoryError saying what would help. shards: the frozen base sharded over that
+    many ranks (training/sharding.py), which then must fit without streaming blocks."""
     if family.train_needs is None:
         raise UsageError(f"{ref.name} ({family.name}) cannot be trained by qimg train-lora yet")
     device, dtype = resolve_device(options)
@@ -64,8 +66,13 @@ def training_plan(ref: ModelRef, family: Family, config: TrainConfig, options: R
 
         weights = read_transformer_file(ref.transformer, family.name)
     fp8 = stored_fp8_mode(options.fp8, weights)
+    if shards > 1 and fp8 is not None:
+        raise UsageError("--shard-base cannot shard FP8 weights: FP8 linears hold them as buffers, which FSDP "
+                         "leaves whole on every rank", hint="shard a bf16 model (no --fp8), or use --no-shard-base")
     needs = family.train_needs(ref.path, dtype, fp8, step_tokens(ref, config, items), config.batch_size, values,
                                weights=weights)
+    if shards > 1:
+        needs = sharded_needs(needs, shards)
     notes = []
     if fp8 == "weights" and options.compile:
         # Compiled, an FP8 linear's upcast weight is kept for backward instead of upcast again (the compiler's
@@ -76,6 +83,10 @@ def training_plan(ref: ModelRef, family: Family, config: TrainConfig, options: R
     budget = device_budget(device, options)
     try:
         plan = plan_training(needs, budget=budget, checkpointing=config.checkpointing)
+        if shards > 1:
+            check_sharded_plan(plan, shards)
+            notes.append(f"the frozen weights are sharded over {shards} processes (sizes above: one process's "
+                         "share)")
         plan.notes += notes
         return plan, needs
     except PlanError as e:

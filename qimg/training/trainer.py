@@ -52,6 +52,7 @@ from qimg.training.data import TrainItem, bucket_for, cache_key, epoch_batches, 
 from qimg.training.images import DatasetError, load_image
 from qimg.training.lora_file import check_saved, save_lora
 from qimg.training.memory import place_for_training
+from qimg.training.sharding import release_offload, shard_denoiser
 from qimg.training.step import Grid, control_size, init_adapters, step_generator
 
 ADAPTER = "train"
@@ -71,7 +72,8 @@ class Trainer:
     """One training run in RUN_DIR: prepare (data, cache, adapters), then run steps, saving state as it goes."""
 
     def __init__(self, config: TrainConfig, run_dir: Path, pipe: Any, *,
-                 on_event: Callable[[dict[str, Any]], None] | None = None, world: Any = None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] | None = None, world: Any = None,
+                 sharded: bool = False) -> None:
         self.config, self.run_dir, self.pipe = config, run_dir, pipe
         self.on_event = on_event or (lambda event: None)
         # runtime/distributed.World of a torchrun job (None: alone). Each step's micro-batches are shared out over
@@ -79,6 +81,9 @@ class Trainer:
         # rank 0 alone fills the cache, samples and writes.
         self.world = world
         self.leader = world is None or world.leader
+        # The frozen model sharded over the ranks (training/sharding.py): every rank then runs every forward,
+        # the sample images' too.
+        self.sharded = sharded and world is not None
         self.items: list[TrainItem] = []
         self.sizes: list[tuple[int, int]] = []
         self.ref_shapes: list[tuple[Grid, ...]] = []  # each item's control token grids (edit models; else ())
@@ -106,9 +111,11 @@ class Trainer:
             _barrier()  # the others find the leader's cache complete: they only read it
             if not self.leader:
                 self._fill_cache()
-        self.samples = self._sample_requests() if self.leader else []
+        self.samples = self._sample_requests() if self.leader or self.sharded else []
         self.pipe.prompts.release()
         model = self.pipe.transformer
+        if self.sharded:
+            release_offload(self.pipe)  # sharding places the weights, block by block
         if plan is None:
             n = len(self.pipe.family.denoiser_blocks.modules(model))
             plan = TrainPlan(None, (), tuple(range(n)) if self.config.checkpointing else (), 0, n)
@@ -126,8 +133,10 @@ class Trainer:
         with torch.inference_mode(False):
             attach_lora(model, ADAPTER, {n: (d, u, scale) for n, (d, u) in init.items()}, dtype=torch.float32)
         self.params = trainable_lora(model, ADAPTER)
-        for param in self.params.values():  # the adapters of streamed blocks were made in host memory
+        for param in self.params.values():  # the adapters of streamed (or sharded) blocks were made in host memory
             param.data = param.data.to(self.pipe.torch_device)
+        if self.sharded:
+            shard_denoiser(model, family.denoiser_blocks.modules(model), self.params.values(), self.pipe.torch_device)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.config.lr)
         if resume is not None:
             self._restore(resume)
@@ -190,9 +199,11 @@ class Trainer:
 
     def sample(self) -> list[Path]:
         """One image per sample prompt with the adapter as trained so far, as RUN_DIR/samples/stepN-I.png: made by
-        generate, or for edit models by edit on the first item's controls (see _sample_requests)."""
+        generate, or for edit models by edit on the first item's controls (see _sample_requests). A sharded model
+        needs every rank in each forward: they all make the images, and rank 0 writes them."""
         folder = self.run_dir / "samples"
-        folder.mkdir(exist_ok=True)
+        if self.leader:
+            folder.mkdir(exist_ok=True)
         written = []
         for index, (request, embeddings, images) in enumerate(self.samples):
             with torch.inference_mode():
@@ -201,6 +212,8 @@ class Trainer:
                 else:
                     image = self.pipe.generate(request=request, embeddings=embeddings)[0]
             path = folder / f"step{self.progress.step:06d}-{index:02d}.png"
+            if not self.leader:
+                continue
             written.append(save_png(image, path, overwrite=True))
             self.on_event({"event": "sample", "step": self.progress.step, "path": str(path)})
         return written
@@ -248,7 +261,7 @@ class Trainer:
                         with deferred_signals():
                             self.save()
                     saved = self.progress.step
-                if cfg.sample_every and self.progress.step % cfg.sample_every == 0 and self.leader:
+                if cfg.sample_every and self.progress.step % cfg.sample_every == 0 and (self.leader or self.sharded):
                     self.sample()
                     self.pipe.phase("denoise")  # decoding may have put the denoiser back in host memory
         except KeyboardInterrupt:

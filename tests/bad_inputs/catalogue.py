@@ -227,6 +227,8 @@ CASES: tuple[Case, ...] = (
          _t("--model", "{edit}"), 1, "has no control/ folder", setup="train_data"),
     Case("train-resume-nothing", "--resume in a folder that holds no run", _t("--resume"), 2,
          "holds no training state", setup="train_data"),
+    Case("train-shard-alone", "--shard-base in one process (it shards over the processes of a torchrun job)",
+         _t("--shard-base"), 2, "this is one process", setup="train_data"),
     # -- replay and info --------------------------------------------------------------------------------------
     Case("from-no-params", "--from a PNG that qimg did not write", ("generate", "--from", "{tmp}/in.png", "-o",
          "{out}"), 1, "carries no qimg parameters", setup="input_image"),

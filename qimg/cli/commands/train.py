@@ -37,6 +37,8 @@ Examples:
   qimg train-lora --model qwen-image --data photos/ -o runs/fox --vram-budget 24 --compile -v
   qimg train-lora --model qwen-image-edit-2511 --data pairs/ -o runs/relight   # pairs/control/NAME.png
   qimg train-lora --model flux-dev --data photos/ -o runs/fox-flux --format comfy
+  torchrun --nproc-per-node 4 -m qimg train-lora --model qwen-image --data photos/ -o runs/fox --grad-accum 4
+  torchrun --nproc-per-node 2 -m qimg train-lora --config fox.toml --shard-base   # 1/2 of the model per GPU
   qimg generate "a photo of sks fox" -o fox.png --model qwen-image --lora runs/fox/lora.safetensors
 """
 
@@ -91,6 +93,11 @@ def train_lora(
                                                        "every block's activations in backward (much less memory "
                                                        "for about one more forward per step), or none. Default: "
                                                        "as few blocks as the memory plan needs.")] = None,
+    shard_base: Annotated[bool | None, typer.Option("--shard-base/--no-shard-base", help="Under torchrun: shard "
+                                                    "the frozen model over the processes with FSDP2 (each GPU holds "
+                                                    "1/N of it; --grad-accum a multiple of N), or keep a copy on "
+                                                    "each. Default: shard when the model fits a GPU only by "
+                                                    "streaming blocks.")] = None,
     fp8: FP8 = None,
     vram_budget: VramBudget = None,
     compile_: Compile = False,
@@ -121,6 +128,7 @@ def train_lora(
     given = dict(model=model, data=data, output=output, steps=steps, rank=rank, alpha=alpha, lr=lr, seed=seed,
                  resolution=resolution, batch_size=batch_size, grad_accum=grad_accum, targets=targets,
                  save_every=save_every, keep=keep, format=fmt, checkpointing=checkpointing, sample_every=sample_every,
+                 shard_base=shard_base,
                  sample_prompts=None if sample_prompts is None else str(sample_prompts.expanduser().resolve()),
                  device=device, dtype=dtype.value if dtype else None, fp8=fp8.value if fp8 else None,
                  vram_budget=vram_budget, compile=compile_)
@@ -143,7 +151,7 @@ def train_lora(
         raise qimg.UsageError("--fp8 compute cannot train: its FP8 matmuls carry no gradient",
                               hint="use --fp8 weights (FP8 storage, bf16 compute with gradients)")
     names = ("steps", "rank", "alpha", "lr", "seed", "resolution", "batch_size", "grad_accum", "targets",
-             "save_every", "keep", "format", "checkpointing", "sample_every", "sample_prompts")
+             "save_every", "keep", "format", "checkpointing", "sample_every", "sample_prompts", "shard_base")
     model_name = given["model"] if resume and given["model"] is None else require_model(given["model"])
     config = qimg.TrainConfig(model=model_name or "", data="" if given["data"] is None else
                               str(Path(given["data"]).expanduser().resolve()), **{name: given[name] for name in names})
