@@ -79,6 +79,10 @@ def batch_row(count: int, argv: list[str], tiny: bool, work: Path) -> dict:
     row = {"processes": count, "rc": code, "wall_s": round(wall, 2), "images": len(written),
            "images_per_minute_wall": round(60 * len(written) / wall, 2)}
     if written:
+        seconds = [float(e.get("seconds") or 0.0) for _, e in written]
+        row["image_s_median"] = round(statistics.median(seconds), 2)
+        # what a long batch converges to once every process has loaded: N processes, each an image per median
+        row["images_per_minute_per_process_rate"] = round(60 * count / statistics.median(seconds), 2)
         first_start = min(at - float(e.get("seconds") or 0.0) for at, e in written)
         row["images_per_minute_steady"] = round(60 * len(written) / (written[-1][0] - first_start), 2)
         row["first_image_s"] = round(written[0][0], 2)
@@ -160,9 +164,10 @@ def train_row(count: int, args: argparse.Namespace, model: Path, data: Path, wor
             "--seed", "1", "--json", *flags, *args.train_flags.split()]
     events, err, code, wall = spawn([*launcher(count, args.tiny), *argv], work)
     steps = [e for _, e in events if e.get("event") == "step"]
+    plan = [line for _, e in events if e.get("event") == "plan" for line in e.get("lines", [])]
     timed = steps[2:] if len(steps) > 3 else steps  # the first steps warm up (allocator, kernels, compile)
     row = {"processes": count, "rc": code, "wall_s": round(wall, 2), "steps": len(steps),
-           "global_batch": args.grad_accum, "argv": " ".join(["qimg", *argv])}
+           "global_batch": args.grad_accum, "argv": " ".join(["qimg", *argv]), "plan": plan}
     if timed:
         seconds = statistics.median(e["seconds"] for e in timed)
         row["s_per_step"] = round(seconds, 3)
