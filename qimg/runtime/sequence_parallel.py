@@ -82,17 +82,19 @@ def _ulysses(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, inner: lay
     if lengths[rank] != local:
         raise ValueError(f"rank {rank} holds {local} tokens where its share is {lengths[rank]}")
     total, h = sum(lengths), heads // size
-
-    def to_heads(x: Tensor) -> Tensor:
-        # (B, L_r, H, D) -> (N, L_r, B, H/N, D): block j goes to rank j; back come every rank's tokens, our heads
-        send = x.reshape(b, local, size, h, d).permute(2, 1, 0, 3, 4).contiguous().reshape(size * local, -1)
-        recv = funcol.all_to_all_single(send, list(lengths), [local] * size, _pg(group))
-        return recv.reshape(total, b, h, d).transpose(0, 1)  # (B, L, H/N, D), keys in rank order
+    # q, k and v travel in one exchange, not three: each all-to-all is a synchronisation point between the ranks,
+    # and on NVLink its fixed cost, not the bytes, is what a step of 240 of them pays for (bench/multi_gpu.py).
+    # (B, L_r, H, D) each -> (N, L_r, B, 3, H/N, D): block j goes to rank j; back come every rank's tokens for our
+    # heads.
+    send = torch.stack([x.reshape(b, local, size, h, d).permute(2, 1, 0, 3, 4) for x in (q, k, v)], dim=3)
+    recv = funcol.all_to_all_single(send.reshape(size * local, -1), list(lengths), [local] * size, _pg(group))
+    # (B, L, H/N, D) each, tokens in rank order; dense, as the kernels get them without sequence parallelism
+    qh, kh, vh = (t.transpose(0, 1).contiguous() for t in recv.reshape(total, b, 3, h, d).unbind(2))
 
     key_mask = None
     if mask is not None:
         key_mask = gather_tokens(mask.to(torch.uint8), lengths, group).bool()
-    out = inner(to_heads(q), to_heads(k), to_heads(v), key_mask)  # (B, L, H/N, D)
+    out = inner(qh, kh, vh, key_mask)  # (B, L, H/N, D)
     send = out.reshape(b, total, h * d).transpose(0, 1).contiguous().reshape(total, -1)
     recv = funcol.all_to_all_single(send, [local] * size, list(lengths), _pg(group))
     # (N head blocks, L_r, B, H/N * D) -> (B, L_r, H * D)

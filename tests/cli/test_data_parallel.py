@@ -126,3 +126,61 @@ def test_stdin_prompts_are_refused_under_torchrun(tmp_path: Path, tiny_qwen: Pat
     result = CliRunner().invoke(app, ["generate", "--prompts", "-", "-o", str(tmp_path / "out"), "--model",
                                       str(tiny_qwen), "--device", "cpu"], input="a fox\n")
     assert result.exit_code == 2 and "must name a file" in result.output, result.output
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes below `root` (Linux /proc), children first."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        kids = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _rank_pid(root: int, rank: int) -> int | None:
+    for pid in _descendants(root):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK" in b" ".join(env):
+            return pid
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank through /proc")
+def test_a_killed_rank_loses_no_finished_image_and_a_rerun_finishes(tiny_qwen: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"picture {i}\n" for i in range(24)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "qimg", *_args(tiny_qwen, prompts, out, steps=4)], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.glob("*.png")):
+        time.sleep(0.2)
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None, "rank 1 not found"
+    os.kill(victim, signal.SIGKILL)  # as the kernel's OOM killer ends a process: no handler runs
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-2000:]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert 0 < len(pngs) < 24
+    for name in pngs:
+        _pixels(out / name)  # every image on disk is whole
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert {json.loads(x)["path"] for x in lines} <= set(pngs)  # no manifest line without its image
+    rerun = subprocess.run([sys.executable, "-m", "qimg", *_args(tiny_qwen, prompts, out, steps=4)], cwd=REPO,
+                           env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert len(list(out.glob("*.png"))) == 24
+    assert f"{24 - len(pngs)} to generate, {len(pngs)} already done" in rerun.stderr

@@ -90,24 +90,35 @@ def test_a_head_count_the_processes_do_not_divide_is_an_error(tiny_qwen: Path, t
     assert not (tmp_path / "img.png").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["seq", "cfg"])
-def test_flux_image_on_two_processes_equals_one_process(tmp_path: Path, mode: str) -> None:
+_FLUX_ARGS = ["generate", "a red fox", "--device", "cpu", "--steps", "2", "--width", "64", "--height", "64", "--seed",
+              "4", "--cfg", "2", "--negative", "blurry"]  # true CFG, so both branches exist for --parallel cfg
+
+
+@pytest.fixture(scope="module")
+def flux_one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny FLUX.1 folder and its image from one process (shared by the modes below)."""
     from tests.fixtures_flux_model import write_tiny_flux
 
-    write_tiny_flux(tmp_path / "flux")
+    root = tmp_path_factory.mktemp("flux")
+    write_tiny_flux(root / "flux")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    # true CFG (a negative prompt and --cfg) so that both branches exist for --parallel cfg
-    args = ["generate", "a red fox", "--model", str(tmp_path / "flux"), "--device", "cpu", "--steps", "2",
-            "--width", "64", "--height", "64", "--seed", "4", "--cfg", "2", "--negative", "blurry"]
-    one = subprocess.run([sys.executable, "-m", "qimg", *args, "-o", str(tmp_path / "one.png")], cwd=REPO, env=env,
-                         capture_output=True, text=True)
+    one = subprocess.run([sys.executable, "-m", "qimg", *_FLUX_ARGS, "--model", str(root / "flux"), "-o",
+                          str(root / "one.png")], cwd=REPO, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
+    return root / "flux", root / "one.png"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["seq", "cfg"])
+def test_flux_image_on_two_processes_equals_one_process(flux_one_process: tuple[Path, Path], tmp_path: Path,
+                                                        mode: str) -> None:
+    model, one = flux_one_process
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                          "qimg", *args, "-o", str(tmp_path / "two.png"), "--parallel", mode], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+                          "qimg", *_FLUX_ARGS, "--model", str(model), "-o", str(tmp_path / "two.png"), "--parallel",
+                          mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert np.abs(_pixels(tmp_path / "two.png") - _pixels(tmp_path / "one.png")).max() <= 1
+    assert np.abs(_pixels(tmp_path / "two.png") - _pixels(one)).max() <= 1
 
 
 @pytest.mark.slow
