@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,13 +57,25 @@ def test_two_processes_write_what_one_would(tiny_qwen: Path, tmp_path: Path, mon
         assert np.array_equal(_pixels(tmp_path / "one" / name), _pixels(tmp_path / "two" / name)), name
     records = [json.loads(x) for x in (tmp_path / "two" / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["path"] for r in records) == names  # one manifest, each line once
-    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                            "-m", "qimg", *_args(tiny_qwen, prompts, tmp_path / "two"), "--json"],
-                           cwd=REPO, env=_env(), capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-2000:]
-    events = [json.loads(x) for x in again.stdout.splitlines() if x.startswith("{")]
-    assert [e["event"] for e in events] == ["skipped"] * 5  # reported once, by rank 0
-    assert "done: 0 written, 5 skipped, 0 failed" in again.stderr
+    # The rerun is a job of two machines, as torchrun's own rendezvous flags make one (here both on this host,
+    # one process each: the ranks differ, LOCAL_RANK is 0 on both); the two images removed are made again.
+    for name in names[:2]:
+        (tmp_path / "two" / name).unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "qimg",
+                               *_args(tiny_qwen, prompts, tmp_path / "two"), "--json"],
+                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    (out, err), (_, err1) = (node.communicate(timeout=300) for node in nodes)
+    assert [node.returncode for node in nodes] == [0, 0], (err + err1)[-3000:]
+    events = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert sorted(e["event"] for e in events if e["event"] == "skipped") == ["skipped"] * 3  # rank 0 reports skips
+    assert "done: 2 written, 3 skipped, 0 failed" in err
+    for name in names:
+        assert np.array_equal(_pixels(tmp_path / "one" / name), _pixels(tmp_path / "two" / name)), name
 
 
 @pytest.mark.slow
