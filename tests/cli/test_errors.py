@@ -261,3 +261,28 @@ def test_cuda_out_of_memory_is_one_line_with_what_to_try(runner, monkeypatch, fa
     assert line == "error: the GPU ran out of memory"
     assert "--tiled-vae" in result.stderr and "--fp8 weights" in result.stderr
     assert list(out_dir.iterdir()) == []
+
+
+def _leave(body: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    script = "import sys, threading, time\nfrom qimg.cli.main import leave\n" + body
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+
+
+def test_leaving_keeps_the_exit_code_and_every_byte_of_output(tmp_path: Path) -> None:
+    done = _leave("import atexit\natexit.register(lambda: print('handler', file=sys.stderr))\n"
+                  "print('x' * 200000, end='')\nleave(3)", tmp_path)
+    assert done.returncode == 3
+    assert done.stdout == "x" * 200000  # buffered output is flushed before the process ends
+    assert done.stderr.strip() == "handler"  # atexit handlers still run
+    message = _leave("leave('what went wrong')", tmp_path)
+    assert (message.returncode, message.stderr.strip()) == (1, "what went wrong")  # SystemExit's meaning
+    assert _leave("leave(None)", tmp_path).returncode == 0
+
+
+def test_leaving_waits_for_a_thread_still_at_work(tmp_path: Path) -> None:
+    # a non-daemon thread (a hash, a save) finishes before the process ends, as with a normal exit
+    done = _leave("def work():\n    time.sleep(1)\n    open('done.txt', 'w').write('ok')\n"
+                  "threading.Thread(target=work).start()\nleave(0)", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "done.txt").read_text() == "ok"
