@@ -25,6 +25,27 @@ def test_token_shares_cover_the_sequence_once() -> None:
             assert max(s.stop - s.start for s in shares) - min(s.stop - s.start for s in shares) <= 1
 
 
+def test_a_head_count_the_processes_do_not_divide_is_refused_before_any_exchange(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from qimg.embeddings import PromptEmbeds
+    from qimg.errors import InputError
+    from qimg.nets.qwen_mmdit import QwenMMDiT
+    from qimg.pipelines.qwen import qwen_velocity
+    from qimg.runtime import sequence_parallel
+    from qimg.specs import QwenMMDiTParams
+
+    model = QwenMMDiT(QwenMMDiTParams(num_layers=1, head_dim=8, num_heads=2, txt_dim=32, axes_dims_rope=(2, 2, 4)))
+    # a group of 3 ranks, as `torchrun --nproc-per-node 3 ... --parallel seq` makes; nothing is exchanged
+    monkeypatch.setattr(sequence_parallel, "group_size", lambda group: 3)
+    plan = sequence_parallel.ParallelPlan("seq", seq_group=object(), cfg_group=None, branch=0)  # type: ignore[arg-type]
+    prompt = PromptEmbeds(torch.zeros(1, 4, model.params.txt_dim))
+    with pytest.raises(InputError, match="splits the attention heads over 3 processes, and this model has 2") as e:
+        qwen_velocity(model, torch.float32, prompt, None, 1.0, [(1, 2, 2)], parallel=plan)
+    assert "divides the head count" in (e.value.hint or "")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_parallel_outputs_equal_one_process(tmp_path: Path, ranks: int) -> None:
