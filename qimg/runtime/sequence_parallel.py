@@ -83,7 +83,7 @@ def _ulysses(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, inner: lay
         raise ValueError(f"rank {rank} holds {local} tokens where its share is {lengths[rank]}")
     total, h = sum(lengths), heads // size
     # q, k and v travel in one exchange, not three: each all-to-all is a synchronisation point between the ranks,
-    # and on NVLink its fixed cost, not the bytes, is what a step of 240 of them pays for (bench/multi_gpu.py).
+    # and on NVLink their count, not their bytes, is what the measured steps pay for (bench/multi_gpu.py, part s).
     # (B, L_r, H, D) each -> (N, L_r, B, 3, H/N, D): block j goes to rank j; back come every rank's tokens for our
     # heads.
     send = torch.stack([x.reshape(b, local, size, h, d).permute(2, 1, 0, 3, 4) for x in (q, k, v)], dim=3)
