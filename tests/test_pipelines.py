@@ -174,3 +174,16 @@ def test_embeddings_for_another_family_are_refused(tiny_qwen, tmp_path):
     path = save_embeddings(tmp_path / "emb.safetensors", data)
     with pytest.raises(InputError, match="made for flux"):
         pipe.generate(request=request, embeddings=load_embeddings(path))
+
+
+def test_text_side_loaded_beside_the_denoiser_gives_the_same_image(tiny_qwen, ours, monkeypatch):
+    # On a GPU with everything resident the tokenizer and the text encoder load on a thread while the denoiser
+    # loads; forced here on the CPU, the real tokenizer and encoder go through that path.
+    from qimg.pipelines import base
+
+    monkeypatch.setattr(base, "text_beside_denoiser", lambda plan, device: True)
+    beside = qimg.load(tiny_qwen, device="cpu", dtype="float32")
+    assert beside.prompts._loader is not None  # loaded on the worker
+    a = beside.generate("a cat", seed=7, steps=2, width=32, height=32)[0]
+    b = ours.generate("a cat", seed=7, steps=2, width=32, height=32)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))

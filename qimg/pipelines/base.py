@@ -55,6 +55,13 @@ def fitting_flags(fp8: str | None) -> str:
     return "try " + ", ".join(hints) + " or a smaller --width/--height"
 
 
+def text_beside_denoiser(plan: MemoryPlan, device: torch.device) -> bool:
+    """Whether the tokenizers and the text encoder load on a thread while the denoiser loads: when everything
+    stays resident on a GPU, so that the reads overlap (a cron job's first image pays the longer of them, not
+    their sum). A broken tokenizer then fails at the text phase, not before the denoiser loads."""
+    return plan.mode == "none" and device.type == "cuda"
+
+
 @dataclass
 class Pipeline(abc.ABC):
     """A loaded model of some family; build it with qimg.load(). The text encoder loads on first use, so runs
@@ -122,11 +129,10 @@ class Pipeline(abc.ABC):
                               str(dt).removeprefix("torch."))
         prompts = cls.prompt_encoder(ref, family, dev, dt, fp8=options.fp8, plan=plan, residency=None)
         if shape.text_encoder:
-            prompts.load_tokenizers()  # small files, read first: a broken one fails before gigabytes load
-            if plan.mode == "none" and dev.type == "cuda":
-                # Everything stays resident: the text encoder loads on a thread while the denoiser loads here, the
-                # two reads overlapping (a cron job's first image pays the longer of them, not their sum).
+            if text_beside_denoiser(plan, dev):
                 prompts.load_in_background()
+            else:
+                prompts.load_tokenizers()  # small files, read first: a broken one fails before gigabytes load
         try:
             vae = family.load_vae(root / "vae", dev, dt)
             transformer, offloaded = memory.load_denoiser(family, root / family.denoiser_folder, dev, dt, plan,

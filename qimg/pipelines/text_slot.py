@@ -35,11 +35,13 @@ class TextEncoderSlot(abc.ABC):
     residency: Residency | None = None
     _model: Any = None
     _pending: Future[tuple[Any, Offloaded | None]] | None = None
+    _loader: threading.Thread | None = None  # the worker of load_in_background
 
     def load_in_background(self) -> None:
-        """Start loading on a worker thread, so reading the text encoder overlaps what the caller loads next (the
-        denoiser); the first use of .model waits for it, and a load that failed raises there. The thread is a
-        daemon: an interrupted run exits without waiting for it."""
+        """Start loading on a worker thread, the tokenizers first, so reading them and the text encoder overlaps
+        what the caller loads next (the denoiser); the first use of .model (or of a tokenizer, through
+        wait_for_background) waits for it, and a load that failed raises there. The thread is a daemon: an
+        interrupted run exits without waiting for it."""
         if self._model is not None or self._pending is not None:
             return
         future: Future[tuple[Any, Offloaded | None]] = Future()
@@ -48,16 +50,32 @@ class TextEncoderSlot(abc.ABC):
             if not future.set_running_or_notify_cancel():
                 return
             try:
+                # transformers parses a Qwen tokenizer.json three times (2 s on a 2-core CPU, with its imports
+                # more): here rather than in front of the denoiser's load
+                self.load_tokenizers()
                 future.set_result(self._load())
             except BaseException as e:  # handed to whoever waits on .model, as a plain load would raise it
                 future.set_exception(e)
 
         self._pending = future
-        threading.Thread(target=work, name="qimg-text-load", daemon=True).start()
+        self._loader = threading.Thread(target=work, name="qimg-text-load", daemon=True)
+        self._loader.start()
 
     @abc.abstractmethod
     def _load(self) -> tuple[Any, Offloaded | None]:
         """The family's encoder(s), placed as self.plan says, and their Offloaded when they visit the GPU."""
+
+    @abc.abstractmethod
+    def load_tokenizers(self) -> None:
+        """Read the family's tokenizers (and image processor) now rather than at the first prompt."""
+
+    def wait_for_background(self) -> None:
+        """Let a background load, which reads the tokenizers first, finish before a tokenizer is read here (its
+        error, if any, is raised where .model is used, or by the tokenizer's own read). On the worker itself it
+        returns at once: that is where the tokenizers are being read."""
+        pending = self._pending
+        if pending is not None and threading.current_thread() is not self._loader:
+            pending.exception()
 
     @property
     def model(self) -> Any:
