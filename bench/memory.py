@@ -91,7 +91,7 @@ class HostPeak:
 def host_buffers() -> int:
     """The most bytes qimg's own host copies (runtime/offload.py HOST) held at once: the part of the host peak
     that the memory plan decides."""
-    from qimg.runtime.offload import HOST
+    from qimg.runtime.host_copies import HOST
 
     return HOST.peak
 

@@ -16,7 +16,8 @@ from qimg.cli.main import app
 from qimg.families.qwen import QWEN_IMAGE, qwen_needs
 from qimg.pipelines import base, memory
 from qimg.pipelines.prompts import QwenPromptEncoder, text_encoder_layers
-from qimg.runtime.offload import HOST, Offloaded, Residency, module_tensors
+from qimg.runtime.host_copies import HOST, module_tensors
+from qimg.runtime.offload import Offloaded, Residency
 from qimg.runtime.planner import MemoryPlan, RequestShape
 
 CPU = torch.device("cpu")

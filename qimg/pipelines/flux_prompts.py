@@ -20,7 +20,8 @@ from qimg.pipelines.text_slot import TextEncoderSlot
 from qimg.request import GenerateRequest
 from qimg.runtime.devices import pick_device, pick_dtype
 from qimg.runtime.fp8 import FP8Linear, Predicate, apply_fp8
-from qimg.runtime.offload import HostCopy, Offloaded, prepare_block
+from qimg.runtime.host_copies import HostCopy
+from qimg.runtime.offload import Offloaded, prepare_block
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import MemoryPlan
 from qimg.version import __version__

@@ -25,8 +25,9 @@ from qimg.loading.single_file import TransformerFile
 from qimg.pipelines.family import BlockLists, Family
 from qimg.runtime.devices import cuda_index
 from qimg.runtime.fp8 import FP8Linear, Predicate, apply_fp8
+from qimg.runtime.host_copies import FileBlock, HostCopy, module_tensors
 from qimg.runtime.merge import Delta, merge_deltas
-from qimg.runtime.offload import FileBlock, HostCopy, Offloaded, module_tensors
+from qimg.runtime.offload import Offloaded
 from qimg.runtime.options import RuntimeOptions
 from qimg.runtime.planner import Footprint, GiB, MemoryPlan, Needs, RequestShape, TrainNeeds, plan_memory
 

@@ -22,8 +22,9 @@ from qimg.nets.qwen_mmdit import qwen_rope
 from qimg.pipelines import memory
 from qimg.pipelines.prompts import QwenPromptEncoder
 from qimg.runtime.fp8 import FP8Linear
+from qimg.runtime.host_copies import module_tensors
 from qimg.runtime.lora import LoRALinear
-from qimg.runtime.offload import Residency, module_tensors
+from qimg.runtime.offload import Residency
 from qimg.runtime.planner import MemoryPlan, RequestShape
 
 CPU = torch.device("cpu")

@@ -15,7 +15,8 @@ from torch import nn
 from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers
 from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope
 from qimg.runtime.fp8 import apply_fp8
-from qimg.runtime.offload import HOST, FileBlock, HostCopy, Offloaded, Residency, module_tensors, prepare_blocks
+from qimg.runtime.host_copies import HOST, FileBlock, module_tensors
+from qimg.runtime.offload import Offloaded, Residency, prepare_blocks
 from qimg.specs import QwenMMDiTParams
 from tests.fixtures import randomize_
 
@@ -41,28 +42,6 @@ def _forward(model: QwenMMDiT) -> torch.Tensor:
     x, txt, t, rope = _inputs()
     with torch.inference_mode():
         return model(x, txt, t, rope)
-
-
-def test_host_copy_keeps_tensor_identity_and_values():
-    lin = nn.Linear(5, 3)
-    weight, before = lin.weight, lin.weight.detach().clone()
-    copy = HostCopy(module_tensors(lin), pin=False)
-    assert lin.weight is weight and torch.equal(lin.weight, before)
-    assert copy.nbytes >= 3 * 5 * 4 + 3 * 4 and lin.weight.data_ptr() == copy.host.data_ptr()
-    flat = torch.empty(copy.nbytes, dtype=torch.uint8)
-    copy.upload(flat)
-    assert lin.weight is weight and torch.equal(lin.weight, before)
-    assert lin.weight.data_ptr() == flat.data_ptr()  # now a view of the "device" buffer
-    copy.release()
-    assert lin.weight.data_ptr() == copy.host.data_ptr()
-
-
-def test_module_tensors_counts_tied_weights_once_and_skips_submodules():
-    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
-    b.weight = a.weight
-    parent = nn.Sequential(a, b)
-    assert len(module_tensors(parent)) == 3  # shared weight, two biases
-    assert len(module_tensors(parent, skip=[b])) == 1  # a.bias (the weight belongs to b too)
 
 
 @pytest.mark.parametrize("fp8", [None, "weights", "compute"])
