@@ -87,19 +87,11 @@ class FluxPromptEncoder(TextEncoderSlot):
 
     @property
     def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self.wait_for_background()
-        if self._tokenizer is None:
-            self._tokenizer = flux_text.load_clip_tokenizer(self.ref.path / "tokenizer")
-        return self._tokenizer
+        return self._read_once("_tokenizer", lambda: flux_text.load_clip_tokenizer(self.ref.path / "tokenizer"))
 
     @property
     def tokenizer_2(self) -> Any:
-        if self._tokenizer_2 is None:
-            self.wait_for_background()
-        if self._tokenizer_2 is None:
-            self._tokenizer_2 = flux_text.load_t5_tokenizer(self.ref.path / "tokenizer_2")
-        return self._tokenizer_2
+        return self._read_once("_tokenizer_2", lambda: flux_text.load_t5_tokenizer(self.ref.path / "tokenizer_2"))
 
     @property
     def template_name(self) -> str:

@@ -59,19 +59,12 @@ class QwenPromptEncoder(TextEncoderSlot):
 
     @property
     def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self.wait_for_background()
-        if self._tokenizer is None:
-            self._tokenizer = components.load_tokenizer(self.ref.path / "tokenizer")
-        return self._tokenizer
+        return self._read_once("_tokenizer", lambda: components.load_tokenizer(self.ref.path / "tokenizer"))
 
     @property
     def image_processor(self) -> Any:
-        if self._image_processor is None:
-            self.wait_for_background()
-        if self._image_processor is None:
-            self._image_processor = components.load_image_processor(self.ref.path / "processor")
-        return self._image_processor
+        return self._read_once("_image_processor",
+                               lambda: components.load_image_processor(self.ref.path / "processor"))
 
     @property
     def template_name(self) -> str:

@@ -8,7 +8,7 @@ import abc
 import contextlib
 import gc
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +40,7 @@ class TextEncoderSlot(abc.ABC):
     def load_in_background(self) -> None:
         """Start loading on a worker thread, the tokenizers first, so reading them and the text encoder overlaps
         what the caller loads next (the denoiser); the first use of .model (or of a tokenizer, through
-        wait_for_background) waits for it, and a load that failed raises there. The thread is a daemon: an
+        _read_once) waits for it, and a load that failed raises there. The thread is a daemon: an
         interrupted run exits without waiting for it."""
         if self._model is not None or self._pending is not None:
             return
@@ -69,13 +69,16 @@ class TextEncoderSlot(abc.ABC):
     def load_tokenizers(self) -> None:
         """Read the family's tokenizers (and image processor) now rather than at the first prompt."""
 
-    def wait_for_background(self) -> None:
-        """Let a background load, which reads the tokenizers first, finish before a tokenizer is read here (its
-        error, if any, is raised where .model is used, or by the tokenizer's own read). On the worker itself it
-        returns at once: that is where the tokenizers are being read."""
+    def _read_once(self, attr: str, read: Callable[[], Any]) -> Any:
+        """self.<attr> (a tokenizer, an image processor), read on first use. A background load reads these first,
+        so one is taken from it rather than read twice (its error, if any, is raised where .model is used, or by
+        the read here); on the worker itself nothing waits: that is where they are being read."""
         pending = self._pending
-        if pending is not None and threading.current_thread() is not self._loader:
+        if getattr(self, attr) is None and pending is not None and threading.current_thread() is not self._loader:
             pending.exception()
+        if getattr(self, attr) is None:
+            setattr(self, attr, read())
+        return getattr(self, attr)
 
     @property
     def model(self) -> Any:

@@ -28,14 +28,13 @@ class _Slot(TextEncoderSlot):
 
     @property
     def tokenizer(self) -> Any:  # as the families' encoders read theirs
-        if self._tokenizer is None:
-            self.wait_for_background()
-        if self._tokenizer is None:
-            self.threads.append(f"tokenizer on {threading.current_thread().name}")  # type: ignore[union-attr]
-            if self.bad_tokenizer:
-                raise ConfigError("tokenizer/ does not hold a readable tokenizer")
-            self._tokenizer = object()
-        return self._tokenizer
+        return self._read_once("_tokenizer", self._read_tokenizer)
+
+    def _read_tokenizer(self) -> Any:
+        self.threads.append(f"tokenizer on {threading.current_thread().name}")  # type: ignore[union-attr]
+        if self.bad_tokenizer:
+            raise ConfigError("tokenizer/ does not hold a readable tokenizer")
+        return object()
 
     def _load(self) -> tuple[Any, None]:
         self.threads.append(threading.current_thread().name)  # type: ignore[union-attr]
