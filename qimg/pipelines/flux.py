@@ -84,8 +84,7 @@ def _parallel_velocity(model: FluxTransformer, dtype: torch.dtype, prompts: list
     group."""
     from qimg.runtime.sequence_parallel import cfg_branches, check_heads, on_tokens  # torch.distributed
 
-    if (why := check_heads(parallel, model.params.num_attention_heads)) is not None:
-        raise InputError(why, hint="use a process count that divides the head count (24: 2, 3, 4, 6, 8, 12, 24)")
+    check_heads(parallel, model.params.num_attention_heads)
     branches = [(q.embeds.to(dtype), q.pooled.to(dtype)) for q in prompts]
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:

@@ -94,8 +94,7 @@ def _parallel_velocity(model: QwenMMDiT, dtype: torch.dtype, cond: PromptEmbeds,
     from qimg.runtime.sequence_parallel import cfg_branches, check_heads, on_tokens  # torch.distributed
 
     p = model.params
-    if (why := check_heads(parallel, p.num_heads)) is not None:
-        raise InputError(why, hint="use a process count that divides the head count (24: 2, 3, 4, 6, 8, 12, 24)")
+    check_heads(parallel, p.num_heads)
     dev = cond.embeds.device
     n_target = shapes[0][0] * shapes[0][1] * shapes[0][2]
     branches = []

@@ -25,6 +25,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
 
+from qimg.errors import InputError
 from qimg.nets import layers
 
 Group = dist.ProcessGroup | None  # None: the default (world) group
@@ -202,9 +203,11 @@ def cfg_branches(parallel: ParallelPlan, count: int, branch: Callable[[int], Ten
     return [branch(0), branch(1)]
 
 
-def check_heads(parallel: ParallelPlan, heads: int) -> str | None:
-    """Why this plan cannot split `heads` attention heads over its sequence group (None: it can)."""
-    if parallel.seq_group is None or heads % group_size(parallel.seq_group) == 0:
-        return None
-    return (f"--parallel {parallel.mode} splits the attention heads over {group_size(parallel.seq_group)} "
-            f"processes, and this model has {heads}")
+def check_heads(parallel: ParallelPlan, heads: int) -> None:
+    """Refuse, in one line, a plan whose sequence group does not divide the model's `heads` attention heads
+    (Ulysses gives each rank H/N of them), before any exchange."""
+    if parallel.seq_group is None or heads % (n := group_size(parallel.seq_group)) == 0:
+        return
+    counts = ", ".join(str(d) for d in range(2, heads + 1) if heads % d == 0)
+    raise InputError(f"--parallel {parallel.mode} splits the attention heads over {n} processes, and this model has "
+                     f"{heads}", hint=f"use a process count that divides the head count ({heads}: {counts})")
