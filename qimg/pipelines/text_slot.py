@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qimg.loading.hub import ModelRef
+from qimg.loading.reader import quick_thread_handoff
 from qimg.pipelines.family import Family
 from qimg.request import check_images
 from qimg.runtime.offload import Offloaded, Residency
@@ -57,6 +58,7 @@ class TextEncoderSlot(abc.ABC):
             except BaseException as e:  # handed to whoever waits on .model, as a plain load would raise it
                 future.set_exception(e)
 
+        quick_thread_handoff()  # this thread's Python would otherwise hold up the caller's torch calls
         self._pending = future
         self._loader = threading.Thread(target=work, name="qimg-text-load", daemon=True)
         self._loader.start()

@@ -81,3 +81,24 @@ def test_reads_into_gpu_memory(shards: list[Path]) -> None:
     for key, tensor in got.items():
         assert tensor.is_cuda and tensor.dtype == want[key].dtype, key
         assert torch.equal(tensor.cpu().reshape(-1).view(torch.uint8), want[key].reshape(-1).view(torch.uint8)), key
+
+
+def test_loading_threads_hand_the_gil_back_quickly(shards: list[Path]) -> None:
+    """Starting the readers lowers CPython's 5 ms switch interval (torch calls on the main thread otherwise wait
+    that long for the GIL after each op while a loading thread runs Python), and keeps a program's own choice."""
+    import sys
+
+    from qimg.loading.reader import DEFAULT_SWITCH_INTERVAL, SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL)
+        with Reader("cpu"):
+            pass
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+        sys.setswitchinterval(0.002)
+        with Reader("cpu"):
+            pass
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
