@@ -7,7 +7,7 @@ The released files name the language model `model.layers.N` and the vision tower
 nests them as `model.language_model.layers.N` and `model.visual.*`. Each stored key is matched to the network
 built for its config (either layout), and loading is strict: a key that names nothing, a missing or misshapen
 tensor is one error. The rotary tables are non-persistent buffers that a network built on the meta device lacks;
-they come from a one-layer copy of the network built on the CPU from the same config.
+they come from a one-head, one-layer copy of the network built on the CPU from the same config.
 """
 
 from __future__ import annotations
@@ -94,24 +94,30 @@ def _network_name(key: str, names: set[str]) -> str:
 
 def _fill_rotary_tables(model: nn.Module, config: Any, dtype: torch.dtype) -> None:
     """The non-persistent buffers (rotary inverse frequencies) of a network built on the meta device, from a copy
-    with one language layer and one vision block built for real on the CPU: they depend on the widths and the
-    rope settings, never on the depth or the vocabulary."""
+    built for real on the CPU from the same config cut to one head of one layer (and one vision block): the
+    tables depend on the head width and the rope settings, never on the depth, the width or the vocabulary. The
+    copy is kept that small because building it initialises its weights (a full-width layer: ~10 s of a
+    loading thread on an H200 host)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    missing = {n for n, b in model.named_buffers() if b.is_meta}
+    missing = {n: b for n, b in model.named_buffers() if b.is_meta}
     if not missing:
         return
     small = config.to_dict()
     text = small.get("text_config", small)
-    text.update(num_hidden_layers=1, vocab_size=16)
+    head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    text.update(num_hidden_layers=1, vocab_size=16, hidden_size=head, num_attention_heads=1, num_key_value_heads=1,
+                intermediate_size=1)
     text.pop("layer_types", None)  # derived from the layer count when absent
     for part in (small, text):  # token ids beyond the shrunk vocabulary would make transformers warn
         part.update({k: None for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in part})
-    small["vision_config"].update(depth=1, fullatt_block_indexes=[0])
+    vision = small["vision_config"]
+    vision.update(depth=1, fullatt_block_indexes=[0], hidden_size=vision["hidden_size"] // vision["num_heads"],
+                  num_heads=1, intermediate_size=1, out_hidden_size=head)
     copy = Qwen2_5_VLForConditionalGeneration._from_config(type(config).from_dict(small), dtype=dtype)
     buffers = dict(copy.named_buffers())
-    for name in missing:
+    for name, meta in missing.items():
         owner, _, attr = name.rpartition(".")
-        if name not in buffers:
+        if name not in buffers or buffers[name].shape != meta.shape:
             raise RuntimeError(f"qimg cannot rebuild the buffer {name} of this transformers version's Qwen2.5-VL")
         model.get_submodule(owner).register_buffer(attr, buffers[name].clone(), persistent=False)
