@@ -286,3 +286,30 @@ def test_leaving_waits_for_a_thread_still_at_work(tmp_path: Path) -> None:
                   "threading.Thread(target=work).start()\nleave(0)", tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "done.txt").read_text() == "ok"
+
+
+def test_leaving_does_not_wait_for_the_compile_workers_yet_ends_them(tmp_path: Path) -> None:
+    """torch.compile's worker pool (a process of its own, with workers) is told to shut down at exit and ends on
+    its own after qimg has gone: exit 0, nothing on stderr, and no process left behind."""
+    import time
+
+    done = _leave("import torch._inductor.config as config\nconfig.compile_threads = 2\n"
+                  "from torch._inductor.async_compile import AsyncCompile, _pool_set\n"
+                  "AsyncCompile.warm_pool()\nAsyncCompile.wakeup()\n"
+                  "print(*[p.process.pid for p in _pool_set])\nleave(0)", tmp_path)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert pids, "no compile worker pool was started"
+    for _ in range(300):
+        if not any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"compile worker processes {pids} outlived qimg by 30 s")
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
