@@ -212,17 +212,22 @@ def load_module(
     def finish(names: list[str], tensors: list[Tensor], to: torch.device | str = device,
                misshapen: list[str] = misshapen) -> dict[str, Tensor]:
         state = {}
+        target = torch.device(to)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
         for name, tensor in zip(names, tensors, strict=True):
             if transform is not None:
                 tensor = transform(name, tensor)
+            # every torch call, even a no-op .to(), lets go of the GIL and waits to get it back: with loading threads
+            # running Python that wait is what a call costs, so calls that change nothing are not made
             if convert is not None:
                 tensor = convert(name, tensor)
-            elif dtype is not None and tensor.is_floating_point():
+            elif dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 misshapen.append(f"{name} {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
                 continue
-            state[name] = tensor.to(to)
+            state[name] = tensor if tensor.device == target else tensor.to(target)
         return state
 
     def reader_of(prefix: str, names: list[str]) -> GroupFill:

@@ -127,6 +127,8 @@ class Pipeline(abc.ABC):
             pool.shutdown(wait=False)
             notes = fp8_notes(weights, options.fp8, lambda name: family.denoiser_fp8(name, None),  # type: ignore[arg-type]
                               str(dt).removeprefix("torch."))
+        use_attention(options.attention, dev)
+        use_fused_kernels(dev)  # before any loading: FP8 quantisation as the weights arrive uses them
         prompts = cls.prompt_encoder(ref, family, dev, dt, fp8=options.fp8, plan=plan, residency=None)
         if shape.text_encoder:
             if text_beside_denoiser(plan, dev):
@@ -139,8 +141,6 @@ class Pipeline(abc.ABC):
                                                           fp8=options.fp8, weights=weights, merge=deltas)
         except torch.OutOfMemoryError as e:
             raise out_of_memory(family, ref, dev, dt, fp8) from e
-        use_attention(options.attention, dev)
-        use_fused_kernels(dev)
         if options.compile:
             compile_blocks(family.denoiser_blocks.modules(transformer))
             vae.decoder.compile()

@@ -56,7 +56,11 @@ class FP8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute = compute
         self.out_dtype = linear.weight.dtype
-        w, scale = quantize_rowwise(linear.weight.detach())
+        weight = linear.weight.detach()
+        if _fused is not None and weight.is_cuda and weight.dim() == 2:
+            w, scale = _fused.quantize_rows(weight)  # one launch where quantize_rowwise makes eight torch calls
+        else:
+            w, scale = quantize_rowwise(weight)
         self.register_buffer("weight_fp8", w)  # (N, K)
         self.register_buffer("weight_scale", scale.reshape(1, -1))  # (1, N), fp32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)

@@ -10,6 +10,7 @@ tokens in eager mode. These kernels do each chain in one pass, one program per t
   quantisation of the result (the input of the attention or MLP projections).
 - qk_norm_rope: the per-head RMSNorm of q or k for both streams, their concatenation along the sequence, and RoPE.
 - dequantize_rows: an FP8 weight times its per-row scales (--fp8 weights), one pass.
+- quantize_rows: per-row e4m3 quantisation of a weight as it loads, one pass.
 - linear_gelu (not Triton): the up projection with tanh-GELU in cuBLASLt's epilogue, kept opaque to the compiler.
 
 qimg/runtime/kernels.py wires in all but norm_modulate, which is measured (bench/fusions.py) but not used: inductor's
@@ -280,6 +281,33 @@ def qk_norm_rope(t: Tensor, wt: Tensor, i: Tensor, wi: Tensor, rope: Tensor, eps
 def _(t: Tensor, wt: Tensor, i: Tensor, wi: Tensor, rope: Tensor, eps: float = 1e-6) -> Tensor:
     B, Lt, H, D = t.shape
     return t.new_empty((B, Lt + i.shape[1], H, D))
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    y = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    _quantize_store(y, mask, q_ptr + row * stride_q, s_ptr, row)
+
+
+def quantize_rows(x: Tensor, out_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
+    """qimg.runtime.fp8.quantize_rowwise of x (M, K) in one pass: (values (M, K) in out_dtype, fp32 scales
+    (M, 1)), for weights as they load. A plain launch, not a custom op: nothing traces it, and a custom op's Python
+    dispatch cost more than the eight eager calls it replaces while loading threads compete for the GIL (12.7 s of
+    a load in bench/stack_sampler.py on an H200 host). Each torch call releases the GIL and waits to get it back;
+    a Triton launch keeps it."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows expects x of shape (M, K), got {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=out_dtype, device=x.device)
+    s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if M and K:
+        block, warps = _launch_params(K)
+        _quant_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=warps)
+    return q, s
 
 
 @triton.jit

@@ -260,3 +260,21 @@ def test_dequantize_rows_equals_the_eager_form(tk, dtype: torch.dtype) -> None:
     got = tk.dequantize_rows(q, scale, dtype)
     assert got.dtype == dtype and got.shape == q.shape
     assert torch.equal(got, _dequantize(q, scale, dtype))  # same roundings: bit for bit
+
+
+@pytest.mark.parametrize("out_dtype", QUANT_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_quantize_rows_equals_quantize_rowwise(tk, dtype: torch.dtype, out_dtype: torch.dtype) -> None:
+    """The one-pass weight quantisation loading uses, against the eager form; on CUDA bit for bit (the same
+    scale, the same correctly rounded division), a zero row keeping scale 1."""
+    from qimg.runtime.fp8 import quantize_rowwise
+
+    M, K = GELU_SHAPE
+    w = _randn(M, K, dtype=dtype, seed=7, std=0.02)
+    w[1] = 0
+    q, s = tk.quantize_rows(w, out_dtype)
+    _check_quant(q, s, w, out_dtype)
+    assert s[1].item() == 1.0 and (q[1].float() == 0).all()
+    if CUDA and out_dtype == torch.float8_e4m3fn:
+        q_eager, s_eager = quantize_rowwise(w)
+        assert torch.equal(s, s_eager) and torch.equal(q.view(torch.uint8), q_eager.view(torch.uint8))
