@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qimg
-from qimg.loading.components import load_text_encoder, load_tokenizer
+from qimg.loading.components import load_text_encoder, load_tokenizer, load_tokenizer_file
 from qimg.nets.text_encoders import QWEN_IMAGE_T2I, encode_qwen_prompt
 from qimg.pipelines import run_qwen
 
@@ -24,11 +24,15 @@ def ours(tiny_qwen):
     return qimg.load(tiny_qwen, device="cpu", dtype="float32")
 
 
+@pytest.mark.parametrize("own", [True, False], ids=["qimg-lm", "transformers"])
 @pytest.mark.parametrize("which", sorted(PROMPTS))
-def test_prompt_embeddings_and_mask_match_diffusers(tiny_qwen_pipe_and_dir, which):
+def test_prompt_embeddings_and_mask_match_diffusers(tiny_qwen_pipe_and_dir, which, own):
+    """Text-to-image prompts go through qimg's language model and the tokenizer.json alone; transformers' model
+    and tokenizer (edit models' path) give the same embeddings."""
     ref, folder = tiny_qwen_pipe_and_dir
-    encoder = load_text_encoder(folder / "text_encoder", device="cpu", dtype=torch.float32)
-    tokenizer = load_tokenizer(folder / "tokenizer")
+    encoder = load_text_encoder(folder / "text_encoder", device="cpu", dtype=torch.float32, vision=not own,
+                                head=False)
+    tokenizer = (load_tokenizer_file if own else load_tokenizer)(folder / "tokenizer")
     got, got_mask = encode_qwen_prompt(encoder, tokenizer, PROMPTS[which], QWEN_IMAGE_T2I, 512)
     with torch.no_grad():
         want, want_mask = ref._get_qwen_prompt_embeds(PROMPTS[which], device="cpu")

@@ -3,6 +3,10 @@ memory never holds the whole 15 GB model: each decoder layer (and, for edit mode
 to the caller as it arrives, to be quantised, packed into pinned memory or moved to the GPU before the next one is
 read. The parts prompt encoding never reads (the LM head; the vision tower for text-to-image) are not read at all.
 
+Text-only prompts (text to image) need the language model alone: it is qimg's own net (nets/qwen_text.py), so
+loading it imports nothing from transformers (seconds of a cron job's start). Edit models get transformers'
+Qwen2.5-VL with its vision tower.
+
 The released files name the language model `model.layers.N` and the vision tower `visual.*`; transformers 5
 nests them as `model.language_model.layers.N` and `model.visual.*`. Each stored key is matched to the network
 built for its config (either layout), and loading is strict: a key that names nothing, a missing or misshapen
@@ -20,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qimg.loading.checkpoint import GroupFill, load_module, open_checkpoint, safetensors_files
+from qimg.errors import ConfigError
+from qimg.loading.checkpoint import GroupFill, load_module, open_checkpoint, read_json, safetensors_files
+from qimg.nets.qwen_text import QwenTextEncoder, QwenTextParams
 
 LayerHook = Callable[[str, int, nn.Module], None]  # (kind "layers" or "blocks", index, module)
 # (index, decoder layer as built on the meta device, fill(module, device)): a layer left unread, with its reader.
@@ -30,16 +36,19 @@ _GROUP = re.compile(r"^(model\.(?:language_model\.)?layers\.\d+|(?:model\.)?visu
 
 def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = True, head: bool = True,
                            on_layer: LayerHook | None = None, later: LaterHook | None = None) -> Any:
-    """text_encoder/ as transformers' Qwen2_5_VLForConditionalGeneration on the CPU (or wherever on_layer put each
-    layer), in eval mode without gradients. vision / head False: the vision tower / LM head are not read and the
-    model gets none (`model.model.visual = None`, `lm_head = Identity`). A file without an LM head loads too (older
-    exports omit it; prompt encoding never reads it). later: the decoder layers are not read; each goes to
-    later(index, layer, fill) with the function that reads it when wanted (load_module's on_later)."""
+    """text_encoder/ on the CPU (or wherever on_layer put each layer), in eval mode without gradients: with vision,
+    transformers' Qwen2_5_VLForConditionalGeneration (head False: the LM head is not read, `lm_head = Identity`; a
+    file without one loads too, older exports omit it); without, qimg's QwenTextEncoder, the language model alone
+    (no vision tower, no LM head, neither read; transformers is not imported). later: the decoder layers are not
+    read; each goes to later(index, layer, fill) with the function that reads it when wanted (load_module's
+    on_later)."""
+    files = safetensors_files(folder, stem="model")
+    stored = list(open_checkpoint(files))
+    if not vision:
+        return _load_language_model(folder, files, stored, dtype, on_layer, later)
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     config = AutoConfig.from_pretrained(folder)
-    files = safetensors_files(folder, stem="model")
-    stored = list(open_checkpoint(files))
 
     def build() -> nn.Module:
         return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
@@ -48,10 +57,44 @@ def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = T
         network = build()  # built once: its names choose the renames, then load_module fills it
     names = set(network.state_dict())
     rename = {key: _network_name(key, names) for key in stored}
-    skipped = {n for n in names if (not vision and ".visual." in f".{n}")}
+    skipped: set[str] = set()
     tied = any(getattr(c, "tie_word_embeddings", False) for c in (config, getattr(config, "text_config", None)))
     if not head or tied or "lm_head.weight" not in rename.values():
         skipped.add("lm_head.weight")
+
+    model = load_module(lambda: network, files, dtype=dtype, rename=rename, aliases=sorted(skipped),
+                        what=f"{folder.name}/ weights", **_by_layer(on_layer, later))
+    _fill_rotary_tables(model, config, dtype)
+    if not head:
+        model.lm_head = nn.Identity()  # ~1 GiB of logits weights the prompt encoding never reads
+    elif tied or "lm_head.weight" in skipped:
+        # Tied as the config says, or (a file without one) bound to the embeddings rather than left on the meta
+        # device: prompt encoding never reads it, but the module must be movable.
+        model.lm_head.weight = model.get_input_embeddings().weight
+    return model.eval().requires_grad_(False)
+
+
+def _load_language_model(folder: Path, files: list[Path], stored: list[str], dtype: torch.dtype,
+                         on_layer: LayerHook | None, later: LaterHook | None) -> QwenTextEncoder:
+    """The language model alone, as qimg's own net (nets/qwen_text.py): no transformers import, no rotary
+    buffers to rebuild. The vision tower's and the LM head's tensors are left unread."""
+    try:
+        params = QwenTextParams.from_config(read_json(folder / "config.json"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{folder / 'config.json'} does not describe a Qwen2.5-VL language model ({e})",
+                          hint="re-download the model") from e
+    with torch.device("meta"):
+        network = QwenTextEncoder(params)
+    names = set(network.state_dict())
+    rename = {key: _network_name(key, names) for key in stored}
+    model = load_module(lambda: network, files, dtype=dtype, rename=rename, what=f"{folder.name}/ weights",
+                        known_unused=("visual.*", "model.visual.*", "lm_head.weight"), **_by_layer(on_layer, later))
+    return model.eval().requires_grad_(False)
+
+
+def _by_layer(on_layer: LayerHook | None, later: LaterHook | None) -> dict[str, Any]:
+    """load_module's arguments that hand each decoder layer (and vision block) to on_layer as it arrives, or to
+    later with its reader when the decoder layers are left unread."""
 
     def group(name: str) -> str | None:
         m = _GROUP.match(name)
@@ -67,18 +110,7 @@ def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = T
             later(int(prefix.rpartition(".")[2]), model.get_submodule(prefix), fill)
 
     lazy = {} if later is None else {"later": lambda prefix: ".layers." in f".{prefix}", "on_later": deferred}
-    model = load_module(lambda: network, files, dtype=dtype, rename=rename, aliases=sorted(skipped), group=group,
-                        on_group=arrived, what=f"{folder.name}/ weights", **lazy)
-    _fill_rotary_tables(model, config, dtype)
-    if not vision:
-        model.model.visual = None  # text-only prompts never reach the vision tower (~1.3 GiB)
-    if not head:
-        model.lm_head = nn.Identity()  # ~1 GiB of logits weights the prompt encoding never reads
-    elif tied or "lm_head.weight" in skipped:
-        # Tied as the config says, or (a file without one) bound to the embeddings rather than left on the meta
-        # device: prompt encoding never reads it, but the module must be movable.
-        model.lm_head.weight = model.get_input_embeddings().weight
-    return model.eval().requires_grad_(False)
+    return {"group": group, "on_group": arrived, **lazy}
 
 
 def _network_name(key: str, names: set[str]) -> str:

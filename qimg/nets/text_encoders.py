@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qimg.nets.qwen_text import QwenTextEncoder
+
 
 @dataclass(frozen=True)
 class PromptTemplate:
@@ -34,6 +36,14 @@ QWEN_IMAGE_T2I = PromptTemplate(
 TOKENIZER_MAX_LENGTH = 1024  # prompt tokens the pipelines let through, before the template prefix is added
 
 
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """text's token ids from a tokenizer.json read by `tokenizers` (loading.components.TokenizerFile) or from
+    transformers' tokenizer (edit models'); both give the same ids."""
+    if hasattr(tokenizer, "ids"):
+        return tokenizer.ids(text)
+    return tokenizer(text, verbose=False).input_ids
+
+
 @torch.inference_mode()
 def encode_qwen_prompt(
     text_encoder: Any,
@@ -46,27 +56,24 @@ def encode_qwen_prompt(
 
     The last hidden state (after the final norm) of the language model, with the template prefix dropped and
     the kept tokens cut to max_sequence_length. A single prompt has no padding, so the mask is all ones.
+    text_encoder: qimg's QwenTextEncoder, or transformers' Qwen2.5-VL (whose `.model` skips the LM head).
     """
     device = next(text_encoder.parameters()).device
-    tokens = tokenizer(
-        [template.text.format(prompt)],
-        max_length=TOKENIZER_MAX_LENGTH + template.drop,
-        padding=True,
-        truncation=True,
-        return_tensors="pt",
-    ).to(device)
-    # .model skips the LM head: the pipelines only read the final hidden state, not the logits.
-    hidden = text_encoder.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-    valid = hidden[0][tokens.attention_mask[0].bool()]  # (L_valid, hidden)
-    embeds = valid[template.drop :][:max_sequence_length][None]
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
-    return embeds, mask
+    ids = token_ids(tokenizer, template.text.format(prompt))[: TOKENIZER_MAX_LENGTH + template.drop]
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    if isinstance(text_encoder, QwenTextEncoder):
+        hidden = text_encoder(input_ids)
+    else:
+        mask = torch.ones_like(input_ids)
+        hidden = text_encoder.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    embeds = hidden[:, template.drop :][:, :max_sequence_length]
+    return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
 
 
 def prompt_tokens(tokenizer: Any, prompt: str, template: PromptTemplate = QWEN_IMAGE_T2I) -> int:
     """How many tokens the prompt takes inside the template, before any cut (the template's own tokens aside)."""
     def count(text: str) -> int:
-        return len(tokenizer(template.text.format(text), verbose=False).input_ids)
+        return len(token_ids(tokenizer, template.text.format(text)))
 
     return count(prompt) - count("")
 

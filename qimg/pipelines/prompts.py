@@ -59,7 +59,11 @@ class QwenPromptEncoder(TextEncoderSlot):
 
     @property
     def tokenizer(self) -> Any:
-        return self._read_once("_tokenizer", lambda: components.load_tokenizer(self.ref.path / "tokenizer"))
+        """transformers' tokenizer for edit models (their prompts interleave image tokens), else the tokenizer.json
+        through `tokenizers` alone: a text-to-image run never imports transformers."""
+        folder = self.ref.path / "tokenizer"
+        read = components.load_tokenizer if self.ref.spec.task == "edit" else components.load_tokenizer_file
+        return self._read_once("_tokenizer", lambda: read(folder))
 
     @property
     def image_processor(self) -> Any:

@@ -51,8 +51,8 @@ class TextEncoderSlot(abc.ABC):
             if not future.set_running_or_notify_cancel():
                 return
             try:
-                # transformers parses a Qwen tokenizer.json three times (2 s on a 2-core CPU, with its imports
-                # more): here rather than in front of the denoiser's load
+                # a tokenizer costs seconds where transformers reads it (edit models; its imports more): here
+                # rather than in front of the denoiser's load
                 self.load_tokenizers()
                 future.set_result(self._load())
             except BaseException as e:  # handed to whoever waits on .model, as a plain load would raise it

@@ -65,9 +65,11 @@ def test_an_unexpected_tensor_is_an_error(saved, tmp_path: Path) -> None:
     key = "model.layers.0.mlp.extra.weight"
     state[key] = torch.zeros(2)
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"^text_encoder/ weights .*match the network: 1 unexpected \(") as info:
-        load_text_encoder(folder, device="cpu", dtype=torch.float32)
-    assert "extra.weight" in str(info.value)
+    refused = r"^text_encoder/ weights .*match the network: 1 unexpected \("
+    for vision in (True, False):  # transformers' network and qimg's language model alike
+        with pytest.raises(CheckpointError, match=refused) as info:
+            load_text_encoder(folder, device="cpu", dtype=torch.float32, vision=vision, head=False)
+        assert "extra.weight" in str(info.value)
 
 
 def test_a_missing_tensor_is_an_error_but_lm_head_is_not(saved, tmp_path: Path) -> None:
@@ -81,9 +83,10 @@ def test_a_missing_tensor_is_an_error_but_lm_head_is_not(saved, tmp_path: Path) 
     gap = _configs_only(saved[0], tmp_path / "b" / "text_encoder")
     save_file({k: v for k, v in state.items() if ".layers.1.mlp.down_proj." not in k}, str(gap / WEIGHTS),
               metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="1 missing") as info:
-        load_text_encoder(gap, device="cpu", dtype=torch.float32)
-    assert "layers.1.mlp.down_proj.weight" in str(info.value)
+    for vision in (True, False):
+        with pytest.raises(CheckpointError, match="1 missing") as info:
+            load_text_encoder(gap, device="cpu", dtype=torch.float32, vision=vision, head=False)
+        assert "layers.1.mlp.down_proj.weight" in str(info.value)
 
 
 def test_a_tokenizer_is_read_once_per_unchanged_folder(qwen_tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -127,16 +130,73 @@ def test_layer_by_layer_loading_equals_from_pretrained_and_reads_nothing_unused(
     def on_layer(kind: str, i: int, module: torch.nn.Module) -> None:
         arrived.append((kind, i, all(p.is_meta for later in layers[i + 1:] for p in later.parameters())))
 
-    ours = load_text_encoder(folder, device="cpu", dtype=torch.float32, vision=False, head=False, on_layer=on_layer)
-    assert [a for a in arrived if a[0] == "layers"] == [("layers", i, True) for i in range(len(layers))]
-    assert not any(a[0] == "blocks" for a in arrived)  # the vision tower was not read
-    assert ours.model.visual is None and isinstance(ours.lm_head, torch.nn.Identity)
-    assert not any(b.is_meta for b in ours.buffers())
     want = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
-    ids = torch.tensor([[3, 17, 42, 5, 9]])
+    ids = torch.tensor([[3, 17, 42, 5, 9, 151644, 8]])
     with torch.no_grad():
-        got = ours(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         ref = want(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-    assert torch.equal(got, ref)
+    for vision in (True, False):  # transformers' network with its vision tower; qimg's language model alone
+        layers.clear()
+        arrived.clear()
+        ours = load_text_encoder(folder, device="cpu", dtype=torch.float32, vision=vision, head=False,
+                                 on_layer=on_layer)
+        assert [a for a in arrived if a[0] == "layers"] == [("layers", i, True) for i in range(len(layers))]
+        assert any(a[0] == "blocks" for a in arrived) == vision  # the vision tower is read only when asked for
+        assert isinstance(ours.lm_head, torch.nn.Identity) and not any(b.is_meta for b in ours.buffers())
+        with torch.no_grad():
+            got = ours.model(input_ids=ids).last_hidden_state if vision else ours(ids)
+        assert torch.equal(got, ref)
+    assert ours.model.visual is None
     with_vision = load_text_encoder(folder, device="cpu", dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(with_vision.buffers(), want.buffers(), strict=True))
+
+
+def test_own_language_model_equals_transformers_in_bf16_and_imports_nothing_from_it(saved) -> None:
+    """qimg's Qwen2.5 language model (text-only prompts) against transformers' on the same weights in bf16, and
+    loading it (with the tokenizer) in a fresh process leaves transformers unimported."""
+    import subprocess
+    import sys
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    folder, _ = saved
+    ours = load_text_encoder(folder, device="cpu", dtype=torch.bfloat16, vision=False, head=False)
+    want = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 151000, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ours(ids)
+        ref = want.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)  # the same roundings, op for op
+    script = ("import sys, torch\nfrom qimg.loading.components import load_text_encoder\n"
+              f"load_text_encoder(__import__('pathlib').Path({str(folder)!r}), device='cpu', dtype=torch.float32,"
+              " vision=False, head=False)\nprint(sorted(m for m in sys.modules if m.startswith('transformers')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+PROMPTS = ["a red fox in the snow", "一只在雪地里的红狐狸, 4K", "emoji 🦊🌨️ and 'quotes' \"double\" $2 per cup",
+           "<|im_start|>user\nspecial tokens inside<|im_end|>", "  leading and trailing spaces  ", "", "x" * 3000]
+
+
+def test_the_tokenizer_file_gives_transformers_ids_and_names_a_broken_file(qwen_tokenizer_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """Text-to-image prompts are tokenized by `tokenizers` alone: the same ids as transformers' Qwen2 tokenizer
+    for the same text (scripts, emoji, the chat template's special tokens, spaces, an empty and a long prompt),
+    read once per unchanged folder; a missing or broken tokenizer.json is one line naming it."""
+    from qimg.errors import ConfigError, ModelNotFoundError
+    from qimg.loading.components import load_tokenizer, load_tokenizer_file
+    from qimg.nets.text_encoders import QWEN_IMAGE_T2I, prompt_tokens, token_ids
+
+    ours, theirs = load_tokenizer_file(qwen_tokenizer_dir), load_tokenizer(qwen_tokenizer_dir)
+    assert load_tokenizer_file(qwen_tokenizer_dir) is ours
+    for prompt in PROMPTS:
+        text = QWEN_IMAGE_T2I.text.format(prompt)
+        assert token_ids(ours, text) == token_ids(theirs, text) == theirs([text]).input_ids[0]
+        assert prompt_tokens(ours, prompt) == prompt_tokens(theirs, prompt)
+    folder = Path(shutil.copytree(qwen_tokenizer_dir, tmp_path / "tokenizer"))
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": 12', encoding="utf-8")
+    with pytest.raises(ConfigError, match="tokenizer.json is not a readable tokenizer"):
+        load_tokenizer_file(folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelNotFoundError, match="tokenizer.json is missing"):
+        load_tokenizer_file(folder)
