@@ -253,6 +253,9 @@ def load_module(
     # the groups in order, then the tensors outside any group; each group's reads start while the one before
     # it is being placed (on_group: FP8 quantisation, packing into host memory)
     order = [(prefix, names) for prefix, names in groups.items() if prefix is not None]
+    # a module with load_state_dict hooks gets them: loaded through load_state_dict, which costs a visit of every
+    # module per group (for 60 blocks, ~120k visits: 1.3 of 1.6 s of a small model's load on a 2-core CPU)
+    hooked = any(m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks for m in module.modules())
     order.append((None, groups.get(None, [])))
     with Reader(device) as reader:
         pending = reader.submit(entries[where[name][1]] for name in order[0][1])
@@ -264,10 +267,32 @@ def load_module(
             del tensors
             if prefix is None:
                 check_keys(what, [], [], misshapen, hint)
-            module.load_state_dict(state, strict=False, assign=True)
+            if hooked:
+                module.load_state_dict(state, strict=False, assign=True)
+            else:
+                assign_tensors(module, state)
             if prefix is not None and on_group is not None:
                 on_group(prefix, module)
     return module
+
+
+def assign_tensors(module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """module.load_state_dict(state, strict=False, assign=True) for the names in `state` (checked by the caller:
+    each names a parameter or persistent buffer of `module`), visiting only their owners: parameters become new
+    Parameters of the loaded tensors keeping their requires_grad, buffers the tensors themselves."""
+    owners: dict[str, nn.Module] = {}
+    for name, tensor in state.items():
+        path, _, attr = name.rpartition(".")
+        owner = owners.get(path)
+        if owner is None:
+            owner = owners[path] = module.get_submodule(path) if path else module
+        if attr in owner._parameters:
+            old = owner._parameters[attr]
+            owner._parameters[attr] = nn.Parameter(tensor, requires_grad=True if old is None else old.requires_grad)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = tensor
+        else:
+            raise KeyError(f"{name} names no parameter or buffer of {type(module).__name__}")
 
 
 def _shape(entry: tuple[Any, str]) -> tuple[int, ...]:

@@ -126,3 +126,48 @@ def test_resolve_model_errors(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
     with pytest.raises(ModelNotFoundError, match="missing its transformer/ component"):
         resolve_model(tmp_path)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+                                          for _ in range(3))
+        self.register_buffer("table", torch.zeros(2))
+        self.register_buffer("scratch", torch.zeros(1), persistent=False)
+        self.frozen = torch.nn.Linear(4, 2)
+        self.frozen.requires_grad_(False)
+
+
+def test_grouped_loads_assign_what_load_state_dict_would(tmp_path) -> None:
+    """load_module assigns each group's tensors to their owners only (load_state_dict visits every module of the
+    model for every group): the same values, Parameters with the same requires_grad, buffers as loaded; a model
+    with load_state_dict hooks still goes through load_state_dict, and its hooks run."""
+    from qimg.loading.checkpoint import load_module
+
+    want = _Net()
+    for p in want.parameters():
+        torch.nn.init.normal_(p)
+    want.table.fill_(3.0)
+    save_file({k: v.contiguous() for k, v in want.state_dict().items()}, str(tmp_path / "w.safetensors"))
+
+    def group(name: str) -> str | None:
+        return ".".join(name.split(".")[:2]) if name.startswith("blocks.") else None
+
+    got = load_module(_Net, [tmp_path / "w.safetensors"], device="cpu", group=group)
+    assert set(got.state_dict()) == set(want.state_dict())
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
+    assert all(type(p) is torch.nn.Parameter for p in got.parameters())
+    assert [p.requires_grad for p in got.parameters()] == [p.requires_grad for p in want.parameters()]
+    assert got.scratch.is_meta  # non-persistent: not in the file, left as built (callers fill such buffers)
+
+    seen: list[str] = []
+
+    class Hooked(_Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks[1].register_load_state_dict_pre_hook(lambda module, sd, prefix, *args: seen.append(prefix))
+
+    hooked = load_module(Hooked, [tmp_path / "w.safetensors"], device="cpu", group=group)
+    assert "blocks.1." in seen
+    assert all(torch.equal(hooked.state_dict()[k], v) for k, v in want.state_dict().items())
