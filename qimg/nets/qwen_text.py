@@ -58,8 +58,10 @@ class QwenTextParams:
 def rope_cos_sin(length: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
                  ) -> tuple[Tensor, Tensor]:
     """cos and sin (length, head_dim) for positions 0..length-1, in the rotate-half layout (both halves share a
-    frequency), computed in fp32 and rounded to dtype, as transformers does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    frequency), computed in fp32 and rounded to dtype, as transformers does (its inverse frequencies on the CPU,
+    where a GPU's pow could round differently)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = inv_freq.to(device)
     freqs = torch.arange(length, device=device).float()[:, None] * inv_freq[None, :]
     angles = torch.cat([freqs, freqs], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
