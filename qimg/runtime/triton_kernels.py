@@ -296,8 +296,8 @@ def quantize_rows(x: Tensor, out_dtype: torch.dtype = torch.float8_e4m3fn) -> tu
     """qimg.runtime.fp8.quantize_rowwise of x (M, K) in one pass: (values (M, K) in out_dtype, fp32 scales
     (M, 1)), for weights as they load. A plain launch, not a custom op: nothing traces it, and a custom op's Python
     dispatch cost more than the eight eager calls it replaces while loading threads compete for the GIL (12.7 s of
-    a load in bench/stack_sampler.py on an H200 host). Each torch call releases the GIL and waits to get it back;
-    a Triton launch keeps it."""
+    a load in bench/stack_sampler.py on an H200 host): each torch call releases the GIL and waits to get it back,
+    and this is two allocations and one launch."""
     if x.dim() != 2:
         raise ValueError(f"quantize_rows expects x of shape (M, K), got {tuple(x.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
