@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +104,30 @@ _TOKENIZERS: dict[tuple[Any, ...], Any] = {}
 _TOKENIZERS_KEPT = 4
 
 
+def _cached_tokenizer(kind: str, folder: Path, read: Callable[[], Any]) -> Any:
+    """read() once per kind of tokenizer and unchanged folder (the _TOKENIZERS cache)."""
+    key = _folder_key(folder)
+    if key is None:
+        return read()
+    key = (kind, *key)
+    if key not in _TOKENIZERS:
+        tokenizer = read()
+        while len(_TOKENIZERS) >= _TOKENIZERS_KEPT:
+            del _TOKENIZERS[next(iter(_TOKENIZERS))]
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
+
+
 def load_tokenizer(folder: Path) -> Any:
     """tokenizer/: the Qwen2 tokenizer; a damaged or foreign file is one line naming it."""
+    return _cached_tokenizer("transformers", folder, lambda: _read_tokenizer(folder))
+
+
+def _read_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
-    key = _folder_key(folder)
-    if key is not None and key in _TOKENIZERS:
-        return _TOKENIZERS[key]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as e:
         # A broken JSON file is named, not the error deep inside transformers; parsed only now, because a
         # tokenizer.json runs to megabytes and transformers parses it anyway (twice).
@@ -120,11 +136,6 @@ def load_tokenizer(folder: Path) -> Any:
                 read_json(folder / name)
         raise ConfigError(f"{folder} does not hold a readable tokenizer ({type(e).__name__}: {str(e)[:120]})",
                           hint="re-download the model") from e
-    if key is not None:
-        while len(_TOKENIZERS) >= _TOKENIZERS_KEPT:
-            del _TOKENIZERS[next(iter(_TOKENIZERS))]
-        _TOKENIZERS[key] = tokenizer
-    return tokenizer
 
 
 class TokenizerFile:
@@ -143,13 +154,12 @@ class TokenizerFile:
 def load_tokenizer_file(folder: Path) -> TokenizerFile:
     """tokenizer/tokenizer.json as a TokenizerFile (cached like load_tokenizer); a missing or broken file is one
     line naming it."""
+    return _cached_tokenizer("file", folder, lambda: _read_tokenizer_file(folder / "tokenizer.json"))
+
+
+def _read_tokenizer_file(path: Path) -> TokenizerFile:
     from tokenizers import Tokenizer
 
-    key = _folder_key(folder)
-    cache_key = None if key is None else ("file", *key)
-    if cache_key is not None and cache_key in _TOKENIZERS:
-        return _TOKENIZERS[cache_key]
-    path = folder / "tokenizer.json"
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing",
                                  hint="point --model at a complete model folder (diffusers layout)")
@@ -160,12 +170,7 @@ def load_tokenizer_file(folder: Path) -> TokenizerFile:
                           hint="re-download the model") from e
     backend.no_truncation()  # the caller cuts; a file's own settings must not
     backend.no_padding()
-    tokenizer = TokenizerFile(backend)
-    if cache_key is not None:
-        while len(_TOKENIZERS) >= _TOKENIZERS_KEPT:
-            del _TOKENIZERS[next(iter(_TOKENIZERS))]
-        _TOKENIZERS[cache_key] = tokenizer
-    return tokenizer
+    return TokenizerFile(backend)
 
 
 def _folder_key(folder: Path) -> tuple[str, tuple[tuple[str, int, int], ...]] | None:

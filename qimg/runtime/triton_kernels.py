@@ -25,6 +25,8 @@ on the tensors' device: CUDA, or the CPU under Triton's interpreter (TRITON_INTE
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -177,15 +179,20 @@ def _qk_norm_rope_kernel(
 @torch.library.custom_op("qimg::gelu_quant", mutates_args=())
 def gelu_quant(h: Tensor, out_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
     """tanh-GELU of h (M, K) then per-row quantisation: (values (M, K) in out_dtype, fp32 scales (M, 1))."""
-    if h.dim() != 2:
-        raise ValueError(f"gelu_quant expects h of shape (M, K), got {tuple(h.shape)}")
-    h = h if h.stride(-1) == 1 else h.contiguous()
-    M, K = h.shape
-    q = torch.empty((M, K), dtype=out_dtype, device=h.device)
-    s = torch.empty((M, 1), dtype=torch.float32, device=h.device)
+    return _rowwise(_gelu_quant_kernel, "gelu_quant", h, out_dtype)
+
+
+def _rowwise(kernel: Any, name: str, x: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Launch a one-row-per-program kernel from (M, K) rows to (values (M, K) in out_dtype, fp32 scales (M, 1))."""
+    if x.dim() != 2:
+        raise ValueError(f"{name} expects x of shape (M, K), got {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=out_dtype, device=x.device)
+    s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if M and K:
         block, warps = _launch_params(K)
-        _gelu_quant_kernel[(M,)](h, q, s, K, h.stride(0), q.stride(0), BLOCK=block, num_warps=warps)
+        kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=warps)
     return q, s
 
 
@@ -298,16 +305,7 @@ def quantize_rows(x: Tensor, out_dtype: torch.dtype = torch.float8_e4m3fn) -> tu
     dispatch cost more than the eight eager calls it replaces while loading threads compete for the GIL (12.7 s of
     a load in bench/stack_sampler.py on an H200 host): each torch call releases the GIL and waits to get it back,
     and this is two allocations and one launch."""
-    if x.dim() != 2:
-        raise ValueError(f"quantize_rows expects x of shape (M, K), got {tuple(x.shape)}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    M, K = x.shape
-    q = torch.empty((M, K), dtype=out_dtype, device=x.device)
-    s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-    if M and K:
-        block, warps = _launch_params(K)
-        _quant_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=warps)
-    return q, s
+    return _rowwise(_quant_rows_kernel, "quantize_rows", x, out_dtype)
 
 
 @triton.jit
