@@ -86,13 +86,15 @@ def require_safetensors_model(folder: Path) -> None:
 
 
 def load_text_encoder(folder: Path, *, device: torch.device | str | None, dtype: torch.dtype, vision: bool = True,
-                      head: bool = True, on_layer: LayerHook | None = None, later: LaterHook | None = None) -> Any:
+                      head: bool = True, on_layer: LayerHook | None = None, later: LaterHook | None = None,
+                      read_to: torch.device | str = "cpu") -> Any:
     """text_encoder/: Qwen2.5-VL, from safetensors only (a pickle is refused unread), read layer by layer and
-    strictly (loading/qwen_text.py); on_layer(kind, i, module) sees each layer as it arrives. vision / head False
-    leave out the vision tower / LM head unread. device None leaves each layer where on_layer put it. later:
-    the decoder layers are left unread, each handed over with its reader."""
+    strictly (loading/qwen_text.py) into `read_to`'s memory; on_layer(kind, i, module) sees each layer as it
+    arrives. vision / head False leave out the vision tower / LM head unread. device None leaves each layer where
+    on_layer put it. later: the decoder layers are left unread, each handed over with its reader."""
     require_safetensors_model(folder)
-    model = load_qwen_text_encoder(folder, dtype=dtype, vision=vision, head=head, on_layer=on_layer, later=later)
+    model = load_qwen_text_encoder(folder, dtype=dtype, vision=vision, head=head, on_layer=on_layer, later=later,
+                                   read_to=read_to)
     return model if device is None else model.to(device)
 
 

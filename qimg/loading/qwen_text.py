@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from qimg.errors import ConfigError
-from qimg.loading.checkpoint import GroupFill, load_module, open_checkpoint, read_json, safetensors_files
+from qimg.loading.checkpoint import GroupFill, load_module, meta_device, open_checkpoint, read_json, safetensors_files
 from qimg.nets.qwen_text import QwenTextEncoder, QwenTextParams
 
 LayerHook = Callable[[str, int, nn.Module], None]  # (kind "layers" or "blocks", index, module)
@@ -35,17 +35,18 @@ _GROUP = re.compile(r"^(model\.(?:language_model\.)?layers\.\d+|(?:model\.)?visu
 
 
 def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = True, head: bool = True,
-                           on_layer: LayerHook | None = None, later: LaterHook | None = None) -> Any:
-    """text_encoder/ on the CPU (or wherever on_layer put each layer), in eval mode without gradients: with vision,
-    transformers' Qwen2_5_VLForConditionalGeneration (head False: the LM head is not read, `lm_head = Identity`; a
-    file without one loads too, older exports omit it); without, qimg's QwenTextEncoder, the language model alone
-    (no vision tower, no LM head, neither read; transformers is not imported). later: the decoder layers are not
-    read; each goes to later(index, layer, fill) with the function that reads it when wanted (load_module's
-    on_later)."""
+                           on_layer: LayerHook | None = None, later: LaterHook | None = None,
+                           read_to: torch.device | str = "cpu") -> Any:
+    """text_encoder/ read into `read_to` (or moved wherever on_layer put each layer), in eval mode without
+    gradients: with vision, transformers' Qwen2_5_VLForConditionalGeneration (head False: the LM head is not read,
+    `lm_head = Identity`; a file without one loads too, older exports omit it); without, qimg's QwenTextEncoder,
+    the language model alone (no vision tower, no LM head, neither read; transformers is not imported). later:
+    the decoder layers are not read; each goes to later(index, layer, fill) with the function that reads it when
+    wanted (load_module's on_later)."""
     files = safetensors_files(folder, stem="model")
     stored = list(open_checkpoint(files))
     if not vision:
-        return _load_language_model(folder, files, stored, dtype, on_layer, later)
+        return _load_language_model(folder, files, stored, dtype, on_layer, later, read_to)
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     config = AutoConfig.from_pretrained(folder)
@@ -53,7 +54,7 @@ def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = T
     def build() -> nn.Module:
         return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
 
-    with torch.device("meta"):
+    with meta_device():
         network = build()  # built once: its names choose the renames, then load_module fills it
     names = set(network.state_dict())
     rename = {key: _network_name(key, names) for key in stored}
@@ -62,7 +63,7 @@ def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = T
     if not head or tied or "lm_head.weight" not in rename.values():
         skipped.add("lm_head.weight")
 
-    model = load_module(lambda: network, files, dtype=dtype, rename=rename, aliases=sorted(skipped),
+    model = load_module(lambda: network, files, device=read_to, dtype=dtype, rename=rename, aliases=sorted(skipped),
                         what=f"{folder.name}/ weights", **_by_layer(on_layer, later))
     _fill_rotary_tables(model, config, dtype)
     if not head:
@@ -75,7 +76,8 @@ def load_qwen_text_encoder(folder: Path, *, dtype: torch.dtype, vision: bool = T
 
 
 def _load_language_model(folder: Path, files: list[Path], stored: list[str], dtype: torch.dtype,
-                         on_layer: LayerHook | None, later: LaterHook | None) -> QwenTextEncoder:
+                         on_layer: LayerHook | None, later: LaterHook | None,
+                         read_to: torch.device | str) -> QwenTextEncoder:
     """The language model alone, as qimg's own net (nets/qwen_text.py): no transformers import, no rotary
     buffers to rebuild. The vision tower's and the LM head's tensors are left unread."""
     try:
@@ -83,12 +85,13 @@ def _load_language_model(folder: Path, files: list[Path], stored: list[str], dty
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{folder / 'config.json'} does not describe a Qwen2.5-VL language model ({e})",
                           hint="re-download the model") from e
-    with torch.device("meta"):
+    with meta_device():
         network = QwenTextEncoder(params)
     names = set(network.state_dict())
     rename = {key: _network_name(key, names) for key in stored}
-    model = load_module(lambda: network, files, dtype=dtype, rename=rename, what=f"{folder.name}/ weights",
-                        known_unused=("visual.*", "model.visual.*", "lm_head.weight"), **_by_layer(on_layer, later))
+    model = load_module(lambda: network, files, device=read_to, dtype=dtype, rename=rename,
+                        what=f"{folder.name}/ weights", known_unused=("visual.*", "model.visual.*", "lm_head.weight"),
+                        **_by_layer(on_layer, later))
     return model.eval().requires_grad_(False)
 
 

@@ -175,6 +175,53 @@ def test_own_language_model_equals_transformers_in_bf16_and_imports_nothing_from
     assert done.stdout.strip() == "[] False"  # nor torch._dynamo (1.5 s), which a meta-device init would pull in
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_encoder_read_straight_into_the_gpu_equals_one_read_on_the_cpu(saved) -> None:
+    """read_to="cuda" fills every tensor in GPU memory as it is read (no host copy) with the values a CPU read
+    gives, and the encoder computes the same, with and without the vision tower."""
+    folder, _ = saved
+    ids = torch.tensor([[3, 17, 42, 5, 9, 151644, 8]])
+    for vision in (True, False):
+        on_gpu = load_text_encoder(folder, device=None, dtype=torch.float32, vision=vision, head=False,
+                                   read_to="cuda")
+        on_cpu = load_text_encoder(folder, device=None, dtype=torch.float32, vision=vision, head=False)
+        params = dict(on_gpu.named_parameters())
+        assert params and all(p.is_cuda for p in params.values())
+        assert all(torch.equal(params[n].cpu(), p) for n, p in on_cpu.named_parameters())
+        with torch.no_grad():
+            run = (lambda m, x: m.model(input_ids=x).last_hidden_state) if vision else (lambda m, x: m(x))
+            got, want = run(on_gpu.to("cuda"), ids.cuda()), run(on_cpu, ids)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)  # GPU vs CPU float32 kernels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fp8", [None, "weights"])
+def test_the_pipeline_reads_a_resident_encoder_straight_into_the_gpu(saved, fp8, monkeypatch) -> None:
+    """The pipeline's loader reads an encoder that stays on the GPU there (no host copy first), and the encoder
+    computes what a CPU-loaded one does."""
+    from qimg.loading import components
+    from qimg.pipelines import prompts
+
+    folder, _ = saved
+    asked: list[torch.device] = []
+    load = components.load_text_encoder
+
+    def spy(*args, **kwargs):
+        asked.append(torch.device(kwargs["read_to"]))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(components, "load_text_encoder", spy)
+    every = lambda name, linear: True  # noqa: E731
+    on_gpu, _ = prompts.load_text_encoder(folder, torch.device("cuda"), torch.float32, fp8, None, "t2i", every)
+    on_cpu, _ = prompts.load_text_encoder(folder, torch.device("cpu"), torch.float32, fp8, None, "t2i", every)
+    assert [d.type for d in asked] == ["cuda", "cpu"]
+    assert all(t.is_cuda for t in (*on_gpu.parameters(), *on_gpu.buffers()))
+    ids = torch.tensor([[3, 17, 42, 5, 9, 151644, 8]])
+    with torch.no_grad():
+        got, want = on_gpu(ids.cuda()), on_cpu(ids)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)  # GPU vs CPU float32 kernels
+
+
 PROMPTS = ["a red fox in the snow", "一只在雪地里的红狐狸, 4K", "emoji 🦊🌨️ and 'quotes' \"double\" $2 per cup",
            "<|im_start|>user\nspecial tokens inside<|im_end|>", "  leading and trailing spaces  ", "", "x" * 3000]
 
