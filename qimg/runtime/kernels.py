@@ -58,7 +58,7 @@ def _linear_gelu_fused(linear: nn.Module, x: Tensor) -> Tensor:
             or x.dtype not in (torch.bfloat16, torch.float16) or linear.weight.dtype != x.dtype
             or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))):
         return layers._linear_gelu_torch(linear, x)
-    out = torch.ops.qimg.linear_gelu(x.reshape(-1, x.shape[-1]), linear.weight, linear.bias)
+    out = _kernels.linear_gelu(x.reshape(-1, x.shape[-1]), linear.weight, linear.bias)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -82,4 +82,4 @@ def _norm_rope_fused(t: Tensor | None, t_norm: nn.Module | None, i: Tensor, i_no
         return layers._norm_rope_torch(t, t_norm, i, i_norm, rope)
     if t is None or t_norm is None:
         t, t_norm = i[:, :0], i_norm
-    return torch.ops.qimg.qk_norm_rope(t, t_norm.weight, i, i_norm.weight, rope, eps)
+    return _kernels.qk_norm_rope(t, t_norm.weight, i, i_norm.weight, rope, eps)

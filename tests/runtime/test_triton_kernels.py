@@ -231,7 +231,7 @@ def test_opcheck(tk) -> None:
         (tk.qk_norm_rope, _qk_inputs(torch.bfloat16, torch.bfloat16, True)),
     ]
     for op, args in cases:
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op.op, args)
 
 
 def test_errors(tk) -> None:
