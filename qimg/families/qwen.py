@@ -11,7 +11,7 @@ from torch import nn
 
 from qimg.errors import CheckpointError
 from qimg.loading import components
-from qimg.loading.checkpoint import safetensors_files, tensor_headers
+from qimg.loading.checkpoint import meta_device, safetensors_files, tensor_headers
 from qimg.loading.single_file import TransformerFile
 from qimg.nets.qwen_mmdit import QwenMMDiT
 from qimg.nets.qwen_vae import QwenVAE
@@ -88,7 +88,7 @@ def vae_needs(folder: Path, dtype: torch.dtype, pixels: int) -> tuple[Footprint,
     channels-last decoder in bf16 on an H100, bench/results/vae_h100.json) and its tiled peak (512 px tiles)."""
     size = torch.empty(0, dtype=dtype).element_size()
     # Counted on the 2-D network qimg runs (the checkpoint's 3-D video kernels are larger than what loads).
-    with torch.device("meta"):
+    with meta_device():
         net = QwenVAE(components.qwen_vae_params(folder))
     weights = sum(t.numel() for t in net.state_dict().values()) * size
     scale = size / 2
@@ -137,7 +137,7 @@ def load_vae(folder: Path, device: torch.device, dtype: torch.dtype) -> QwenVAE:
 def mmdit_linears(folder: Path | None) -> dict[str, tuple[int, int]]:
     """The MMDiT's linears (name -> (out, in)) for a transformer/ folder's config, or the released 20B model."""
     params = QwenMMDiTParams() if folder is None else components.qwen_mmdit_params(folder)
-    with torch.device("meta"):
+    with meta_device():
         net = QwenMMDiT(params)
     return {n: (m.out_features, m.in_features) for n, m in net.named_modules() if isinstance(m, nn.Linear)}
 

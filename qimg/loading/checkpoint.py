@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from qimg.errors import CheckpointError, ConfigError, ModelNotFoundError
 from qimg.loading.reader import Entry, Reader, file_entries
@@ -136,6 +138,31 @@ def tensor_headers(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Initialisation of meta tensors returns at once: on the meta device it fills nothing, yet torch runs it op by
+    op through Python, each op a chance to wait for the GIL that the loading threads hold (building the VAE took
+    0.8 s of the main thread on an H200 host, in torch.nn.init, bench/stack_sampler.py). torch.nn.init's functions
+    reach torch function modes as themselves, so they are stopped whole. Modes are per thread: another thread's
+    build is unaffected."""
+
+    _RANDOM = frozenset({Tensor.uniform_, Tensor.normal_, Tensor.random_})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self._RANDOM or getattr(func, "__module__", None) == "torch.nn.init":
+            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
+            if isinstance(target, Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules on the meta device (shapes only, for a load to fill) without their random initialisation."""
+    with torch.device("meta"), _SkipRandomInit():
+        yield
+
+
 def load_module(
     build: Callable[[], M],
     files: list[Path],
@@ -179,7 +206,7 @@ def load_module(
     `on_later(prefix, module, fill)` gets the function that reads it (checked and cast as here) whenever the
     caller wants it, as often as it wants it: a block the memory plan keeps with no host copy of its own.
     """
-    with torch.device("meta"):
+    with meta_device():
         module = build()
     tied = set(aliases)
     expected = {k: v for k, v in module.state_dict().items() if k not in tied}

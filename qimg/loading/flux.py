@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qimg.errors import ConfigError
-from qimg.loading.checkpoint import load_module, params_from_config, read_json, safetensors_files
+from qimg.loading.checkpoint import load_module, meta_device, params_from_config, read_json, safetensors_files
 from qimg.loading.single_file import TransformerFile
 from qimg.nets.flux import FluxTransformer
 from qimg.specs import FluxParams
@@ -72,6 +72,6 @@ def load_flux(folder: Path, *, device: torch.device | str, dtype: torch.dtype, w
 def flux_linears(folder: Path | None) -> dict[str, tuple[int, int]]:
     """The transformer's linears (name -> (out, in)) for a transformer/ folder's config, or the released FLUX.1-dev."""
     params = FluxParams() if folder is None else flux_params(folder)
-    with torch.device("meta"):
+    with meta_device():
         net = FluxTransformer(params)
     return {n: (m.out_features, m.in_features) for n, m in net.named_modules() if isinstance(m, nn.Linear)}

@@ -200,11 +200,10 @@ def load_parts(found: TransformerFile, build: Callable[[], nn.Module], *, device
     checkpoint.load_module does for files named as the network is): names and shapes checked from the header first,
     errors naming the file's keys; `convert` casts each part; group / on_group load block by block; later /
     on_later leave groups unread, with the function that reads them (as load_module does)."""
-    import torch
 
-    from qimg.loading.checkpoint import check_keys
+    from qimg.loading.checkpoint import check_keys, meta_device
 
-    with torch.device("meta"):
+    with meta_device():
         module = build()
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     check_size(found, expected)

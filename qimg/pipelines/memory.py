@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qimg.loading.checkpoint import GroupFill, safetensors_files, tensor_headers
+from qimg.loading.checkpoint import GroupFill, meta_device, safetensors_files, tensor_headers
 from qimg.loading.single_file import TransformerFile
 from qimg.pipelines.family import BlockLists, Family
 from qimg.runtime.devices import cuda_index
@@ -162,7 +162,7 @@ def fp8_linear_from_stored(weight: torch.Tensor, scale: torch.Tensor | None, bia
     """An FP8Linear holding stored e4m3 values (N, K) as they are, with their scale (one number, or one per
     output row; None: 1) broadcast to its per-row (1, N) fp32 scale: never dequantised and quantised again."""
     n, k = weight.shape
-    with torch.device("meta"):  # the constructor quantises the shell's weight: on meta that reads no data
+    with meta_device():  # the constructor quantises the shell's weight: on meta that reads no data
         linear = FP8Linear(nn.Linear(k, n, bias=False, dtype=dtype), compute)
     scale = torch.ones(1) if scale is None else scale.float().reshape(-1)
     linear.weight_fp8 = weight.detach()

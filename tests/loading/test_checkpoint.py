@@ -171,3 +171,50 @@ def test_grouped_loads_assign_what_load_state_dict_would(tmp_path) -> None:
     hooked = load_module(Hooked, [tmp_path / "w.safetensors"], device="cpu", group=group)
     assert "blocks.1." in seen
     assert all(torch.equal(hooked.state_dict()[k], v) for k, v in want.state_dict().items())
+
+
+def test_meta_device_skips_random_init_only_on_meta_and_only_in_its_thread() -> None:
+    """meta_device builds shapes without running random initialisation on meta tensors; a real tensor's random
+    fill inside it, and another thread's build meanwhile, are untouched."""
+    import threading
+
+    from torch.overrides import TorchFunctionMode
+
+    from qimg.loading.checkpoint import meta_device
+
+    real = torch.nn.init.uniform_
+    seen: dict[str, torch.Tensor] = {}
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        inside.wait()
+        seen["linear"] = torch.nn.Linear(16, 16).weight.detach()  # built while the main thread is in meta_device
+        leave.set()
+
+    reached: list[str] = []  # the initialisation calls that got past meta_device, with is_meta
+
+    class Below(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.uniform_ or getattr(func, "__module__", None) == "torch.nn.init":
+                reached.append(f"{func.__name__} {(args[0] if args else kwargs['tensor']).is_meta}")
+            return func(*args, **kwargs)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    try:
+        with Below(), meta_device():
+            linear = torch.nn.Linear(8, 8)
+            conv = torch.nn.Conv2d(3, 4, 3)
+            filled = torch.zeros(64, device="cpu").uniform_(1.0, 2.0)
+            inside.set()
+            leave.wait(30)
+    finally:
+        inside.set()  # a failure above must not leave the worker waiting
+        worker.join(30)
+    assert reached == ["uniform_ False"]  # the meta weights' kaiming_uniform_ stopped; the real fill went through
+    assert all(p.is_meta for p in (*linear.parameters(), *conv.parameters()))
+    assert filled.min() >= 1.0 and filled.std() > 0  # a real tensor is still filled
+    assert seen["linear"].device.type == "cpu" and seen["linear"].std() > 0  # the other thread: a normal build
+    assert torch.nn.init.uniform_ is real  # a per-thread mode, not a patched torch.nn.init
+    assert torch.nn.Linear(4, 4).weight.device.type == "cpu"  # nothing outlives the context
