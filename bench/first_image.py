@@ -33,6 +33,7 @@ ROWS: dict[str, list[str]] = {
     "qimg fp8 compute compiled 50 steps cfg": ["--steps", "50", "--fp8", "compute", "--compile"],
     "qimg fp8 compute compiled 50 steps cfg again": ["--steps", "50", "--fp8", "compute", "--compile"],
     "qimg fp8 compute compiled lightning-8": ["--preset", "lightning-8", "--fp8", "compute", "--compile"],
+    "qimg fp8 compute lightning-8": ["--preset", "lightning-8", "--fp8", "compute"],
     "qimg bf16 compiled 50 steps cfg": ["--steps", "50", "--compile"],
     "diffusers bf16 2 steps": ["2"],
     "diffusers bf16 50 steps cfg": ["50"],
@@ -84,6 +85,9 @@ def run_row(name: str, flags: list[str], model: Path, work: Path, cold: bool, ho
                 "--seed", "1", "--width", "1024", "--height", "1024", "-v", "--overwrite", *flags]
     dropped = drop_caches() if cold else None
     env = dict(os.environ, QIMG_HOME=str(home))
+    # pip compiles a package's bytecode when it installs it; a host that forbids writing bytecode (the GPU machine
+    # here sets PYTHONDONTWRITEBYTECODE=1 over a torch without any) would time compiling torch's sources in every row
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     started = time.perf_counter()
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
@@ -107,13 +111,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each row")
+    ap.add_argument("--home", type=Path, help="QIMG_HOME for every row (default: a new empty one)")
     args = ap.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()] or list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
     work = Path(tempfile.mkdtemp())
-    home = work / "qimg_home"  # a compile cache that starts empty, as on a new machine
+    home = args.home or work / "qimg_home"  # by default a compile cache that starts empty, as on a new machine
     import torch
 
     rows: list[dict] = []
@@ -121,7 +126,9 @@ def main() -> None:
         rows.append(run_row(n, ROWS[n], args.model, work, args.cold, home))
         report = {"bench": "first_image", "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                   else "cpu", "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "bytecode": "written and reused (PYTHONDONTWRITEBYTECODE removed from each row's environment)",
+                  "rows": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
