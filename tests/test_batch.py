@@ -18,6 +18,7 @@ from PIL import Image
 
 import qimg
 from qimg.batch import plan_batch, prompt_seed, run_batch, slugify
+from qimg.errors import OutputError
 from qimg.prompt_files import PromptFileError, parse_prompts, read_prompts
 from qimg.safety import append_manifest, catch_signals, deferred_signals, folder_lock
 from qimg.specs import SPECS
@@ -247,6 +248,70 @@ def test_sigterm_mid_batch_is_an_interrupt_with_nothing_half_done(tmp_path: Path
     assert signal.getsignal(signal.SIGTERM) == before  # the handler lasts as long as the batch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0000-a.png", "manifest.jsonl"]
     assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 1
+
+
+def test_each_image_is_written_while_the_next_one_generates(tmp_path: Path, monkeypatch) -> None:
+    import qimg.batch
+
+    next_started = threading.Event()
+    overlapped: list[bool] = []
+    save = qimg.batch.save_png
+
+    def save_png(image, path, params, *, overwrite):
+        overlapped.append(next_started.wait(10))  # False (after 10 s) if the batch waited for this write first
+        return save(image, path, params, overwrite=overwrite)
+
+    monkeypatch.setattr(qimg.batch, "save_png", save_png)
+    result = run_batch(_plan(tmp_path), StandIn(on_generate=lambda n: n == 2 and next_started.set()))
+    assert overlapped == [True, True, True]
+    assert [i.name for i in result.written] == ["0000-a.png", "0001-b.png", "0002-c.png"]
+    records = [json.loads(line)["path"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert records == ["0000-a.png", "0001-b.png", "0002-c.png"]
+
+
+def test_an_interrupt_during_a_write_lets_it_finish_and_stops_the_batch(tmp_path: Path, monkeypatch) -> None:
+    """The signal reaches the main thread while the writer thread writes: the PNG and its manifest line both land,
+    and nothing after them."""
+    import qimg.batch
+
+    save = qimg.batch.save_png
+
+    def save_png(image, path, params, *, overwrite):
+        if path.name == "0000-a.png":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # the main thread has the interrupt by now
+        return save(image, path, params, overwrite=overwrite)
+
+    monkeypatch.setattr(qimg.batch, "save_png", save_png)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(_plan(tmp_path), StandIn(on_generate=lambda n: time.sleep(0.5)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000-a.png", "manifest.jsonl"]
+    assert [json.loads(line)["path"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()] == [
+        "0000-a.png"]
+
+
+def test_a_failed_write_is_a_failed_item_and_stops_a_fail_fast_run(tmp_path: Path, monkeypatch) -> None:
+    import qimg.batch
+
+    save = qimg.batch.save_png
+
+    def save_png(image, path, params, *, overwrite):
+        if path.name == "0000-a.png":
+            raise OutputError(f"cannot write {path} (No space left on device)")
+        return save(image, path, params, overwrite=overwrite)
+
+    monkeypatch.setattr(qimg.batch, "save_png", save_png)
+    events: list[qimg.BatchEvent] = []
+    pipe = StandIn()
+    result = run_batch(_plan(tmp_path), pipe, fail_fast=True, on_event=events.append)
+    assert [(i.name, e.message) for i, e in result.failed] == [
+        ("0000-a.png", f"cannot write {tmp_path / '0000-a.png'} (No space left on device)")]
+    # b was generated while a was being written, so it is written too; c never runs
+    assert [r.prompt for r in pipe.requests] == ["a", "b"] and [i.name for i in result.written] == ["0001-b.png"]
+    by_item = {name: [e.kind for e in events if e.item.name == name] for name in ("0000-a.png", "0001-b.png")}
+    assert by_item == {"0000-a.png": ["start", "failed"], "0001-b.png": ["start", "written"]}
+    # b's start and a's failed write may come in either order; what --json prints (not starts) stays in order
+    assert [e.kind for e in events if e.kind != "start"] == ["failed", "written"] and len(events) == 4
 
 
 def test_an_interrupt_inside_a_deferred_section_waits_for_its_end() -> None:
