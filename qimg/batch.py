@@ -329,9 +329,9 @@ def run_batch(
     that loads one, called only when something is left to generate (so a finished batch never loads the model).
     steps(item) gives a context manager that yields a per-step progress callback. on_event is called from either
     thread, one call at a time; its "skipped", "written" and "failed" events come in item order, "start" events
-    may come before the previous item's "written". A QimgError on one item (e.g. NaN output) is reported as a "failed"
-    event and the batch goes on unless fail_fast. SIGINT and SIGTERM raise KeyboardInterrupt, never between
-    a PNG and its manifest line; the folder is locked against a second batch writing into it.
+    may come before the previous item's "written". A QimgError on one item (e.g. NaN output) is reported as a
+    "failed" event and the batch goes on unless fail_fast. SIGINT and SIGTERM raise KeyboardInterrupt, never
+    between a PNG and its manifest line; the folder is locked against a second batch writing into it.
 
     With a shard, this is one of several processes running the same plan: the leader locks and cleans the
     folder and reports the skipped items; then every process takes the next unclaimed item until none is left,

@@ -200,7 +200,6 @@ def load_parts(found: TransformerFile, build: Callable[[], nn.Module], *, device
     checkpoint.load_module does for files named as the network is): names and shapes checked from the header first,
     errors naming the file's keys; `convert` casts each part; group / on_group load block by block; later /
     on_later leave groups unread, with the function that reads them (as load_module does)."""
-
     from qimg.loading.checkpoint import check_keys, meta_device
 
     with meta_device():
