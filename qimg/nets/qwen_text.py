@@ -124,9 +124,7 @@ class QwenLanguageModel(nn.Module):
     def __init__(self, p: QwenTextParams) -> None:
         super().__init__()
         self.params = p
-        # given its weight, the embedding skips its random init: built on the meta device, that init's normal_ goes
-        # through torch._refs, whose first use imports torch._dynamo (1.5 s on a 2-core CPU) for nothing
-        self.embed_tokens = nn.Embedding(p.vocab_size, p.hidden_size, _weight=torch.empty(p.vocab_size, p.hidden_size))
+        self.embed_tokens = nn.Embedding(p.vocab_size, p.hidden_size)
         self.layers = nn.ModuleList(QwenTextLayer(p) for _ in range(p.num_hidden_layers))
         self.norm = RMSNorm(p.hidden_size, p.rms_norm_eps)
 
