@@ -21,7 +21,6 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -55,11 +54,22 @@ def _pg(group: Group) -> dist.ProcessGroup:
     return dist.group.WORLD if group is None else group  # type: ignore[return-value]
 
 
+# The functional collectives' ops, called directly and each waited at once: the same calls in eager and inside
+# torch.compile'd blocks. Not through torch.distributed._functional_collectives: its eager results are
+# AsyncCollectiveTensors, after which (torch 2.13, gloo) the process group outlives destroy_process_group in C++,
+# and its worker threads now and then abort the process at exit ("terminate called without an active exception").
+_c10d = torch.ops._c10d_functional
+
+
 def _all_gather(x: Tensor, group: Group) -> Tensor:
-    """Every rank's x stacked along dim 0 (a functional collective: traceable by torch.compile). The name
-    changed: newer torch warns on all_gather_tensor and offers all_gather_single."""
-    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-    return gather(x.contiguous(), 0, _pg(group))
+    """Every rank's x stacked along dim 0."""
+    pg = _pg(group)
+    return _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), group_size(group), pg.group_name))
+
+
+def _all_to_all(x: Tensor, out_sizes: list[int], in_sizes: list[int], group: Group) -> Tensor:
+    """Rows of x split by in_sizes, block j to rank j; back come out_sizes[j] rows from rank j, in rank order."""
+    return _c10d.wait_tensor(_c10d.all_to_all_single(x, out_sizes, in_sizes, _pg(group).group_name))
 
 
 def gather_tokens(local: Tensor, lengths: Sequence[int], group: Group = None) -> Tensor:
@@ -88,7 +98,7 @@ def _ulysses(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, inner: lay
     # (B, L_r, H, D) each -> (N, L_r, B, 3, H/N, D): block j goes to rank j; back come every rank's tokens for our
     # heads.
     send = torch.stack([x.reshape(b, local, size, h, d).permute(2, 1, 0, 3, 4) for x in (q, k, v)], dim=3)
-    recv = funcol.all_to_all_single(send.reshape(size * local, -1), list(lengths), [local] * size, _pg(group))
+    recv = _all_to_all(send.reshape(size * local, -1), list(lengths), [local] * size, group)
     # (B, L, H/N, D) each, tokens in rank order; dense, as the kernels get them without sequence parallelism
     qh, kh, vh = (t.transpose(0, 1).contiguous() for t in recv.reshape(total, b, 3, h, d).unbind(2))
 
@@ -97,7 +107,7 @@ def _ulysses(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, inner: lay
         key_mask = gather_tokens(mask.to(torch.uint8), lengths, group).bool()
     out = inner(qh, kh, vh, key_mask)  # (B, L, H/N, D)
     send = out.reshape(b, total, h * d).transpose(0, 1).contiguous().reshape(total, -1)
-    recv = funcol.all_to_all_single(send, [local] * size, list(lengths), _pg(group))
+    recv = _all_to_all(send, [local] * size, list(lengths), group)
     # (N head blocks, L_r, B, H/N * D) -> (B, L_r, H * D)
     return recv.reshape(size, local, b, h * d).permute(2, 1, 0, 3).reshape(b, local, heads * d)
 

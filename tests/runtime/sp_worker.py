@@ -66,10 +66,24 @@ def main() -> None:
             cond, uncond = cfg_parallel(branch)
             out["cfg_cond"] = float((cond - branch(0)).abs().max())
             out["cfg_uncond"] = float((uncond - branch(1)).abs().max())
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(out))
     dist.barrier()  # every rank done with every collective before any tears its group down
     dist.destroy_process_group()
+    # Nothing may keep the group alive past its teardown: its gloo threads would be torn down with the
+    # interpreter, which now and then aborts the process at exit ("terminate called without an active exception").
+    left = _gloo_threads()
+    if left:
+        sys.exit(f"rank {rank}: gloo threads outlived destroy_process_group: {left}")
+
+
+def _gloo_threads() -> list[str]:
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():  # not Linux: nothing to check
+        return []
+    names = [(t / "comm").read_text().strip() for t in tasks.iterdir() if (t / "comm").exists()]
+    return [n for n in names if "gloo" in n]
 
 
 if __name__ == "__main__":
