@@ -4,12 +4,14 @@ writing; next to diffusers doing the same in its own new process.
 
     python bench/memory.py make --tokenizer DIR --model /tmp/qwen      # a random full-size folder, written once
     python bench/first_image.py --model /tmp/qwen --out bench/results/first_image_h200.json [--rows a,b] [--cold]
+    python bench/first_image.py --model TINY --size 64x48 --extra=--device=cpu --rows "qimg 8 steps,..." --out O
 
-Each row is one new process. qimg rows run the CLI with -v and read its "time:" line (per-phase seconds and the
-seconds since the process started); the wall clock is the parent's, from spawning the process to its exit. A row
-named "... again" repeats the row before it, so its process finds the compile cache that one left
-($QIMG_HOME/compile). --cold drops the page cache before each row (needs root: /proc/sys/vm/drop_caches); the
-JSON records whether that worked.
+Each row is one new process. `--compile` rows run the blocks from AOTInductor packages (runtime/packaged.py);
+"traced" rows set QIMG_COMPILE_PACKAGES=0 for regional torch.compile instead. qimg rows run the CLI with -v and
+read its "time:" line (per-phase seconds and the seconds since the process started); the wall clock is the
+parent's, from spawning the process to its exit. A row named "... again" repeats its row, so its process finds
+the compile cache an earlier one left ($QIMG_HOME/compile). --cold drops the page cache before each row (needs
+root: /proc/sys/vm/drop_caches); the JSON records whether that worked.
 """
 
 from __future__ import annotations
@@ -27,13 +29,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "A coffee shop entrance with a chalkboard sign reading 'Qwen Coffee $2 per cup', ultra HD"
-# name -> extra qimg generate flags; "diffusers-*" rows run DIFFUSERS_SCRIPT instead
+# name -> extra qimg generate flags ("NAME=VALUE" entries set the row's environment instead); "diffusers-*" rows run
+# DIFFUSERS_SCRIPT
+TRACED = "QIMG_COMPILE_PACKAGES=0"
 ROWS: dict[str, list[str]] = {
     "qimg bf16 2 steps": ["--steps", "2"],
     "qimg fp8 compute compiled 50 steps cfg": ["--steps", "50", "--fp8", "compute", "--compile"],
     "qimg fp8 compute compiled 50 steps cfg again": ["--steps", "50", "--fp8", "compute", "--compile"],
     "qimg fp8 compute compiled lightning-8": ["--preset", "lightning-8", "--fp8", "compute", "--compile"],
     "qimg fp8 compute lightning-8": ["--preset", "lightning-8", "--fp8", "compute"],
+    "qimg fp8 compute traced lightning-8": ["--preset", "lightning-8", "--fp8", "compute", "--compile", TRACED],
+    "qimg fp8 compute traced 50 steps cfg": ["--steps", "50", "--fp8", "compute", "--compile", TRACED],
+    "qimg 8 steps": ["--steps", "8"],
+    "qimg compiled 8 steps": ["--steps", "8", "--compile"],
+    "qimg traced 8 steps": ["--steps", "8", "--compile", TRACED],
     "qimg bf16 compiled 50 steps cfg": ["--steps", "50", "--compile"],
     "diffusers bf16 2 steps": ["2"],
     "diffusers bf16 50 steps cfg": ["50"],
@@ -76,15 +85,19 @@ def parse_time_line(stderr: str) -> dict[str, float]:
     return parts
 
 
-def run_row(name: str, flags: list[str], model: Path, work: Path, cold: bool, home: Path) -> dict:
+def run_row(name: str, flags: list[str], model: Path, work: Path, cold: bool, home: Path,
+            size: tuple[int, int] = (1024, 1024), extra: tuple[str, ...] = ()) -> dict:
     out = work / (re.sub(r"\W+", "_", name) + ".png")
+    settings = dict(f.split("=", 1) for f in flags if "=" in f and not f.startswith("-"))
+    flags = [f for f in flags if not ("=" in f and not f.startswith("-"))]
     if name.startswith("diffusers"):
         argv = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(model), str(out), PROMPT, *flags]
     else:
         argv = [sys.executable, "-m", "qimg", "generate", PROMPT, "-o", str(out), "--model", str(model),
-                "--seed", "1", "--width", "1024", "--height", "1024", "-v", "--overwrite", *flags]
+                "--seed", "1", "--width", str(size[0]), "--height", str(size[1]), "-v", "--overwrite", *flags,
+                *extra]
     dropped = drop_caches() if cold else None
-    env = dict(os.environ, QIMG_HOME=str(home))
+    env = dict(os.environ, QIMG_HOME=str(home), **settings)
     # pip compiles a package's bytecode when it installs it; a host that forbids writing bytecode (the GPU machine
     # here sets PYTHONDONTWRITEBYTECODE=1 over a torch without any) would time compiling torch's sources in every row
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -94,7 +107,8 @@ def run_row(name: str, flags: list[str], model: Path, work: Path, cold: bool, ho
     phases = parse_time_line(proc.stderr)
     row = {"name": name, "rc": proc.returncode, "wall_s": round(wall, 2), "phases_s": phases,
            "page_cache": "dropped" if dropped else ("warm" if not cold else "could not drop (warm)"),
-           "argv": " ".join(a if a != DIFFUSERS_SCRIPT else "<DIFFUSERS_SCRIPT>" for a in argv[1:])}
+           "argv": " ".join(a if a != DIFFUSERS_SCRIPT else "<DIFFUSERS_SCRIPT>" for a in argv[1:]),
+           "env": settings}
     if "since_process_start" in phases:
         inside = sum(v for k, v in phases.items() if k != "since_process_start")
         row["start_up_s"] = round(phases["since_process_start"] - inside, 2)  # interpreter, imports, parsing
@@ -112,9 +126,11 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each row")
     ap.add_argument("--home", type=Path, help="QIMG_HOME for every row (default: a new empty one)")
+    ap.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of every qimg row")
+    ap.add_argument("--extra", default="", help="more qimg generate flags for every qimg row, comma-separated")
     args = ap.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()] or list(ROWS)
-    unknown = [n for n in names if n not in ROWS]
+    unknown = [n for n in names if n.removesuffix(" again") not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
     work = Path(tempfile.mkdtemp())
@@ -123,7 +139,9 @@ def main() -> None:
 
     rows: list[dict] = []
     for n in names:  # the file is rewritten after each row: a run stopped at a time limit keeps what it measured
-        rows.append(run_row(n, ROWS[n], args.model, work, args.cold, home))
+        width, height = (int(v) for v in args.size.split("x"))
+        rows.append(run_row(n, ROWS[n.removesuffix(" again")], args.model, work, args.cold, home, (width, height),
+                            tuple(f for f in args.extra.split(",") if f)))
         report = {"bench": "first_image", "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                   else "cpu", "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -38,6 +38,7 @@ from qimg.runtime.devices import cuda_index
 from qimg.runtime.kernels import use_fused_kernels
 from qimg.runtime.offload import Offloaded, Residency
 from qimg.runtime.options import RuntimeOptions, Tiling
+from qimg.runtime.packaged import package_blocks, packages_apply
 from qimg.runtime.planner import GiB, MemoryPlan, Needs, PlanError, RequestShape, suggest
 from qimg.runtime.tiling import decode_tiled, encode_tiled
 from qimg.sampling import FlowSchedule, unpack
@@ -145,7 +146,11 @@ class Pipeline(abc.ABC):
             # The denoiser's blocks only. A compiled VAE decoder saves ~22 ms an image (37 -> 15 ms on an H100) but
             # costs each new process ~1 s of tracing with a warm cache (11 s cold; first_image_*_h200.json): a
             # loss until a run decodes ~45 images.
-            compile_blocks(family.denoiser_blocks.modules(transformer))
+            blocks = family.denoiser_blocks.modules(transformer)
+            if packages_apply(offloaded is None, parallel):
+                package_blocks(blocks)
+            else:
+                compile_blocks(blocks)
         residency = None if offloaded is None else Residency({"transformer": offloaded}, plan.phases)
         pipe = cls(
             ref=ref, family=family, options=options, transformer=transformer, vae=vae,

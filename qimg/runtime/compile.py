@@ -24,16 +24,11 @@ def compile_cache_dir() -> Path:
     return base / "compile"
 
 
-def compile_blocks(blocks: Iterable[nn.Module], *, dynamic: bool | None = None) -> int:
-    """torch.compile each repeated block in place (blocks of one class share one compiled graph); returns the
-    count. Several block kinds (FLUX.1's double and single stream) are passed together.
-
-    dynamic=None lets the compiler mark a dimension dynamic once it sees it change (a new prompt length), so a
-    second prompt length costs one recompile, not one per length.
-    """
+def prepare_compiler() -> Path:
+    """Point inductor's and Triton's caches at qimg's folder and quiet a warning that says nothing to a user;
+    returns the folder. Called only when compiling was asked for: no import-time environment changes."""
     cache = compile_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    # Set only when compiling was asked for: no import-time environment changes.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     # The RoPE table enters the blocks as complex64 and the compiled form reads only its .real and .imag views;
@@ -41,6 +36,17 @@ def compile_blocks(blocks: Iterable[nn.Module], *, dynamic: bool | None = None) 
     # kernels are measured (bench/results/speed_*.json), so the warning says nothing to a user: keep it quiet.
     warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex",
                             category=UserWarning)
+    return cache
+
+
+def compile_blocks(blocks: Iterable[nn.Module], *, dynamic: bool | None = None) -> int:
+    """torch.compile each repeated block in place (blocks of one class share one compiled graph); returns the
+    count. Several block kinds (FLUX.1's double and single stream) are passed together.
+
+    dynamic=None lets the compiler mark a dimension dynamic once it sees it change (a new prompt length), so a
+    second prompt length costs one recompile, not one per length.
+    """
+    prepare_compiler()
     count = 0
     for block in blocks:
         block.compile(fullgraph=True, dynamic=dynamic)

@@ -1,0 +1,458 @@
+"""Compiled blocks that a later process loads in milliseconds: AOTInductor packages under $QIMG_HOME/compile.
+
+Regional torch.compile (runtime/compile.py) leaves a warm kernel cache behind, but every new process still
+imports the compiler and traces the block again: ~4.5 s on an H200 host (bench/results/first_image_*_h200.json),
+as much as a Lightning image's whole denoise. Here the repeated block is exported (torch.export) with its
+weights as inputs, compiled ahead of time (AOTInductor) and saved; one package serves every block of its class,
+and a later process loads it with torch's C++ loader without importing torch._dynamo or torch._inductor
+(bench/results/compile_reuse_cpu.json).
+
+What a package bakes in is what its key names: the block's class and structure (submodule classes, their plain
+attributes, parameter names, shapes and dtypes), the non-tensor arguments, the kernels installed process-wide
+(attention, fused kernels), the device, torch's version and qimg's own sources. A key's first package has
+static shapes (the faster kernels; a cron job's shapes never change); a call whose shapes fit none of the key's
+packages builds one more, with every size symbolic where the trace allows, which then serves the other prompt
+lengths and image sizes. Int arguments (an edit's target-token count) and frozen dataclasses of ints (a
+TextPadding's prompt lengths) enter a package as the sizes of empty tensors, so they stay shapes and a new prompt
+does not make a new key.
+
+A block that cannot be packaged (a tensor attribute the graph would bake in, such as a runtime LoRA's strength;
+gradients needed), or whose export or compile fails, runs through torch.compile as before, with one warning
+for a failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+import types
+import uuid
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qimg.runtime.compile import compile_blocks, prepare_compiler
+
+# nn.Module's own bookkeeping: not part of what a block computes
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                               "_compiled_call_impl", "_is_full_backward_hook", "_state_dict_hooks",
+                               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                               "_load_state_dict_post_hooks", "_backward_pre_hooks", "_backward_hooks",
+                               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                               "_forward_pre_hooks_with_kwargs"})
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_FAILURE = "failed.txt"  # in a key's folder: why its package could not be built
+_FAILED: set[Path] = set()  # keys that failed in this process
+
+
+class _Unpackageable(Exception):
+    """The block, or one call's arguments, cannot be baked into a package (the reason is the message)."""
+
+
+def _callable_name(fn: Any) -> str:
+    if isinstance(fn, functools.partial):
+        return f"partial({_callable_name(fn.func)}, {_describe(fn.args)}, {_describe(fn.keywords)})"
+    if isinstance(fn, types.MethodType):
+        return _callable_name(fn.__func__)
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if module is None or name is None:
+        raise _Unpackageable(f"a callable without a stable name: {fn!r}")
+    return f"{module}.{name}"
+
+
+def _describe(value: Any) -> Any:
+    """A JSON-able description of a value a traced block would bake in as a constant."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, torch.dtype | torch.device):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, Tensor):
+        raise _Unpackageable("a tensor attribute that is neither a parameter nor a buffer")
+    if callable(value) and not isinstance(value, nn.Module):
+        return _callable_name(value)
+    raise _Unpackageable(f"an attribute of type {type(value).__name__}")
+
+
+def structure(block: nn.Module) -> list[Any]:
+    """What of a block a package bakes in besides its tensors' values (see the module docstring). Raises
+    _Unpackageable for what must not be baked in."""
+    parts: list[Any] = []
+    for name, module in block.named_modules():
+        if module is not block and any(getattr(module, h, None) for h in _HOOKS):
+            raise _Unpackageable(f"forward hooks on {name}")
+        attrs = {k: _describe(v) for k, v in vars(module).items() if k not in _MODULE_INTERNALS and k not in _HOOKS
+                 and not (module is block and k == "forward")}  # the block's own: the package's stand-in
+        parts.append([name, f"{type(module).__module__}.{type(module).__qualname__}", attrs])
+    parts.append([[n, list(t.shape), str(t.dtype)] for n, t in _tensors(block)])
+    return parts
+
+
+def _tensors(block: nn.Module) -> list[tuple[str, Tensor]]:
+    return [*block.named_parameters(), *block.named_buffers()]
+
+
+def _kernel_ids() -> tuple[int, ...]:
+    from qimg.nets import layers
+    from qimg.runtime import fp8
+
+    return id(layers._attention_impl), id(layers._norm_rope_impl), id(layers._linear_gelu_impl), id(fp8._fused)
+
+
+def _process_kernels() -> dict[str, str]:
+    """The kernels installed process-wide that a traced block calls (and so bakes in)."""
+    from qimg.nets import layers
+    from qimg.runtime import fp8
+
+    return {"attention": _callable_name(layers._attention_impl),
+            "norm_rope": _callable_name(layers._norm_rope_impl),
+            "linear_gelu": _callable_name(layers._linear_gelu_impl),
+            "fp8_fused": "none" if fp8._fused is None else getattr(fp8._fused, "__name__", "fused")}
+
+
+@functools.cache
+def _code_version() -> str:
+    """torch's version and a digest of qimg's sources: a package traced from other code is another package."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# -- one call's arguments, flattened to tensors ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a call's arguments become the package's tensor inputs (after the weights) and back. Each entry:
+    ("tensor", i) a tensor, ("complex", i) a complex tensor passed as its real view, ("int", i) an int passed as
+    the size of an empty tensor, ("record", type, ((field, i or (i, ...)), ...)) a frozen dataclass of ints and
+    tuples of ints (a TextPadding's lengths) likewise, ("const", value) anything else (baked in: part of the key).
+    """
+
+    entries: tuple[Any, ...]
+    names: tuple[str, ...]
+
+
+def _int_like(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _record(value: Any) -> bool:
+    """A frozen dataclass whose fields are all ints or tuples of ints."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return False
+    if not value.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        return False
+    return all(_int_like(v) or (isinstance(v, tuple) and all(map(_int_like, v)))
+               for v in (getattr(value, f.name) for f in dataclasses.fields(value)))
+
+
+def _flatten(args: dict[str, Any], device: torch.device) -> tuple[_Layout, list[Tensor]]:
+    tensors: list[Tensor] = []
+    entries: list[Any] = []
+
+    def carrier(n: int) -> int:
+        tensors.append(torch.empty((n, 0), device=device))
+        return len(tensors) - 1
+
+    for value in args.values():
+        if isinstance(value, Tensor):
+            if value.is_complex():
+                tensors.append(torch.view_as_real(value))
+                entries.append(("complex", len(tensors) - 1))
+            else:
+                tensors.append(value)
+                entries.append(("tensor", len(tensors) - 1))
+        elif _int_like(value):
+            entries.append(("int", carrier(value)))
+        elif _record(value):
+            fields = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+            entries.append(("record", type(value), tuple(
+                (name, carrier(v) if _int_like(v) else tuple(carrier(n) for n in v)) for name, v in fields)))
+        else:
+            _describe(value)  # refuses what cannot be baked in
+            entries.append(("const", value))
+    return _Layout(tuple(entries), tuple(args)), tensors
+
+
+def _unflatten(layout: _Layout, tensors: list[Tensor]) -> list[Any]:
+    out: list[Any] = []
+    for kind, *ref in layout.entries:
+        if kind == "tensor":
+            out.append(tensors[ref[0]])
+        elif kind == "complex":
+            out.append(torch.view_as_complex(tensors[ref[0]]))
+        elif kind == "int":
+            out.append(tensors[ref[0]].shape[0])
+        elif kind == "record":
+            cls, fields = ref
+            out.append(cls(**{name: tensors[i].shape[0] if isinstance(i, int)
+                              else tuple(tensors[j].shape[0] for j in i) for name, i in fields}))
+        else:
+            out.append(ref[0])
+    return out
+
+
+class _Functional(nn.Module):
+    """The block as a function of (weights..., inputs...), for torch.export."""
+
+    def __init__(self, block: nn.Module, names: list[str], layout: _Layout, forward: Callable[..., Any]) -> None:
+        super().__init__()
+        # not a submodule: export would lift the block's own tensors into the package as constants
+        object.__setattr__(self, "block", block)
+        self.names, self.layout, self.forward_fn = names, layout, forward
+
+    def forward(self, *flat: Tensor) -> tuple[Tensor, ...]:
+        n = len(self.names)
+        weights = dict(zip(self.names, flat[:n], strict=True))
+        args = _unflatten(self.layout, list(flat[n:]))
+        # functional_call would go through the block's __call__, which is this package's stand-in
+        with torch.nn.utils.stateless._reparametrize_module(self.block, weights):  # type: ignore[attr-defined]
+            out = self.forward_fn(*args)
+        return tuple(torch.utils._pytree.tree_flatten(out)[0])
+
+
+# -- a package's shapes ----------------------------------------------------------------------------------------------
+
+_EXPR_NAMES: dict[str, Any] = {"Max": max, "Min": min, "floor": math.floor, "ceiling": math.ceil,
+                               "FloorDiv": lambda a, b: a // b, "Mod": lambda a, b: a % b}
+
+
+@dataclass
+class _Variant:
+    """One saved package of a key: the shapes it accepts, its output structure and its loaded runner."""
+
+    dims: list[list[int | str]]  # per tensor input (weights excluded): an int, or a symbolic expression
+    ranges: dict[str, list[int | None]]
+    out_spec: str
+    path: Path
+    runner: Any = field(default=None, repr=False)
+
+    def is_dynamic(self) -> bool:
+        return any(isinstance(d, str) for dims in self.dims for d in dims)
+
+    def accepts(self, tensors: list[Tensor]) -> bool:
+        if len(tensors) != len(self.dims):
+            return False
+        bound: dict[str, int] = {}
+        deferred: list[tuple[str, int]] = []
+        for t, dims in zip(tensors, self.dims, strict=True):
+            if t.dim() != len(dims):
+                return False
+            for size, dim in zip(t.shape, dims, strict=True):
+                if isinstance(dim, int):
+                    if size != dim:
+                        return False
+                elif dim.isidentifier():
+                    if bound.setdefault(dim, size) != size:
+                        return False
+                else:
+                    deferred.append((dim, size))
+        for name, (low, high) in self.ranges.items():
+            value = bound.get(name)
+            if value is not None and (value < (low or 0) or (high is not None and value > high)):
+                return False
+        try:
+            return all(eval(expr, {"__builtins__": {}, **_EXPR_NAMES}, dict(bound)) == size  # noqa: S307
+                       for expr, size in deferred)
+        except Exception:  # an expression this check cannot read: never run the package on a guess
+            return False
+
+    def run(self, inputs: list[Tensor], device: torch.device) -> Any:
+        if self.runner is None:
+            index = -1 if device.type == "cpu" else (device.index if device.index is not None
+                                                     else torch.cuda.current_device())
+            self.runner = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, index)
+        outs = self.runner.run(inputs)
+        return torch.utils._pytree.tree_unflatten(outs, torch.utils._pytree.treespec_loads(self.out_spec))
+
+
+def _shape_of(size: Any) -> int | str:
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr
+    return int(expr) if expr.is_number else str(expr)
+
+
+def _build(block: nn.Module, forward: Callable[..., Any], names: list[str], weights: list[Tensor], layout: _Layout,
+           tensors: list[Tensor], folder: Path, *, dynamic: bool) -> _Variant:
+    """Export the block for this call's shapes (dynamic: every input size symbolic where the trace allows),
+    compile it with AOTInductor and save it in `folder` as one more variant of its key."""
+    from torch.export import Dim, export
+
+    # the structure of the block's output, which the package returns flat (one eager call: export keeps nothing
+    # its traced forward records)
+    out_spec = torch.utils._pytree.treespec_dumps(torch.utils._pytree.tree_flatten(
+        forward(*_unflatten(layout, tensors)))[1])
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # torch's own pytree code warns about its own deprecated form while exporting: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        # export traces ordinary tensors: the denoise loop's are inference tensors
+        example = [t.clone() for t in (*weights, *tensors)]
+        # sizes 0 and 1 would be specialised anyway (with a logged warning each)
+        shapes = None if not dynamic else (tuple([None] * len(weights) + [
+            {d: Dim.AUTO for d, size in enumerate(t.shape) if size > 1} for t in tensors]),)  # one *flat
+        functional = _Functional(block, names, layout, forward)
+        program = export(functional, tuple(example), dynamic_shapes=shapes, strict=False)
+        del example
+        placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+        user = placeholders[len(placeholders) - len(tensors):]
+        dims = [[_shape_of(s) for s in n.meta["val"].shape] for n in user]
+        ranges = {str(sym): [int(r.lower) if math.isfinite(float(r.lower)) else None,
+                             int(r.upper) if math.isfinite(float(r.upper)) else None]
+                  for sym, r in program.range_constraints.items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = uuid.uuid4().hex[:12]
+        staging = folder / f".{stem}.partial.pt2"  # the packager wants the suffix
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(staging))
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+    path = folder / f"{stem}.pt2"
+    staging.replace(path)
+    variant = _Variant(dims, ranges, out_spec, path)
+    meta = folder / f"{stem}.json"
+    meta.with_suffix(".json.partial").write_text(json.dumps({"dims": dims, "ranges": ranges, "out_spec": out_spec}))
+    meta.with_suffix(".json.partial").replace(meta)  # the JSON last: a variant is listed only when whole
+    return variant
+
+
+def _saved_variants(folder: Path) -> list[_Variant]:
+    variants = []
+    for meta in sorted(folder.glob("*.json")):
+        path = meta.with_suffix(".pt2")
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if path.is_file():
+            variants.append(_Variant(data["dims"], data["ranges"], data["out_spec"], path))
+    return sorted(variants, key=_Variant.is_dynamic)  # an exact fit first: static shapes make the faster kernels
+
+
+# -- the block's forward ---------------------------------------------------------------------------------------------
+
+
+class PackagedForward:
+    """Stands in for a block's forward: the saved package for the call's key and shapes when there is one, else
+    builds and saves one; torch.compile where a package cannot serve (see the module docstring)."""
+
+    def __init__(self, block: nn.Module, cache: Path, shared: dict[str, list[_Variant]]) -> None:
+        self.block, self.cache, self.shared = block, cache, shared
+        self.forward = block.forward
+        self.signature = inspect.signature(self.forward)
+        self._keys: dict[Any, str] = {}
+        self._compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return self._fallback(*args, **kwargs)
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        tensors_in = [v for v in bound.arguments.values() if isinstance(v, Tensor)]
+        device = tensors_in[0].device if tensors_in else torch.device("cpu")
+        named = _tensors(self.block)
+        try:
+            layout, tensors = _flatten(bound.arguments, device)
+            key = self._key(named, layout, tensors, device)
+        except _Unpackageable:
+            return self._fallback(*args, **kwargs)
+        names, weights = [n for n, _ in named], [t for _, t in named]
+        folder = self.cache / key
+        if folder in _FAILED or (folder / _FAILURE).exists():
+            return self._fallback(*args, **kwargs)
+        variants = self.shared.setdefault(key, _saved_variants(folder))
+        for variant in variants:
+            if variant.accepts(tensors):
+                return variant.run([*weights, *tensors], device)
+        # As torch.compile does: static shapes first (the faster kernels, and a cron job's shapes never change),
+        # symbolic ones once a second shape shows up, so a prompt file does not build a package per prompt.
+        try:
+            variant = _build(self.block, self.forward, names, weights, layout, tensors, folder,
+                             dynamic=bool(variants))
+            if not variant.accepts(tensors):
+                raise RuntimeError(f"the package's own shapes do not fit the call they were traced from: "
+                                   f"{variant.dims}")
+        except Exception as e:  # noqa: BLE001 - any failure to package leaves the block to torch.compile
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _FAILED.add(folder)
+            try:  # remembered, so later processes go straight to torch.compile instead of failing again
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / _FAILURE).write_text(reason + "\n")
+            except OSError:
+                pass
+            warnings.warn(f"could not package the compiled {type(self.block).__name__} ({reason}); using "
+                          f"torch.compile for it (delete {folder} to try again)", stacklevel=2)
+            return self._fallback(*args, **kwargs)
+        variants.append(variant)
+        variants.sort(key=_Variant.is_dynamic)
+        return variant.run([*weights, *tensors], device)
+
+    def _key(self, named: list[tuple[str, Tensor]], layout: _Layout, tensors: list[Tensor],
+             device: torch.device) -> str:
+        # the block's structure is described once per arrangement of its submodules and tensors (a LoRA attached
+        # or detached makes a new one), not once per call
+        token = (tuple(id(m) for m in self.block.modules()), tuple((n, t.shape, t.dtype) for n, t in named),
+                 json.dumps(_describe(list(layout.entries))), layout.names, tuple(t.dtype for t in tensors),
+                 _kernel_ids())
+        cached = self._keys.get(token)
+        if cached is None:
+            described = {"block": structure(self.block), "forward": _callable_name(self.forward),
+                         "layout": [layout.names, _describe(list(layout.entries))],
+                         "inputs": [[str(t.dtype), t.dim()] for t in tensors], "kernels": _process_kernels(),
+                         "device": _device_name(device), "code": _code_version()}
+            digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+            cached = self._keys[token] = f"{type(self.block).__name__}-{digest}"
+        return cached
+
+    def _fallback(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is None:
+            compile_blocks([])  # the cache folders and the dynamo cache size, as for compile_blocks
+            self._compiled = torch.compile(self.forward, fullgraph=True)
+        return self._compiled(*args, **kwargs)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda:{torch.cuda.get_device_name(device)}:sm{major}{minor}:cuda{torch.version.cuda}"
+    return f"{device.type}:{sys.platform}"
+
+
+def package_blocks(blocks: Iterable[nn.Module]) -> int:
+    """Run each block through AOTInductor packages cached under $QIMG_HOME/compile/aoti (built on first use,
+    loaded by later processes); returns the count. Blocks of one class share their packages."""
+    cache = prepare_compiler()
+    shared: dict[str, list[_Variant]] = {}
+    count = 0
+    for block in blocks:
+        block.forward = PackagedForward(block, cache / "aoti", shared)  # type: ignore[method-assign]
+        count += 1
+    return count
+
+
+def packages_apply(resident: bool, parallel: Any) -> bool:
+    """Whether `--compile` runs the denoiser's blocks from packages: its weights resident (block streaming binds
+    them inside the block call, which a package cannot see), no sequence parallelism (collectives inside the
+    blocks), and not turned off with QIMG_COMPILE_PACKAGES=0."""
+    return (resident and getattr(parallel, "seq_group", None) is None
+            and os.environ.get("QIMG_COMPILE_PACKAGES", "1") != "0")

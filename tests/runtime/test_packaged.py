@@ -1,0 +1,227 @@
+"""Compiled blocks saved as AOTInductor packages (runtime/packaged.py) compute what the eager blocks compute, are
+reused across prompt lengths and by a new process without the compiler, and leave to torch.compile what they
+cannot bake in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from qimg.nets.flux import FluxTransformer, flux_ids, flux_rope
+from qimg.nets.qwen_mmdit import QwenMMDiT, TextPadding, qwen_rope
+from qimg.runtime import packaged
+from qimg.runtime.lora import attach_lora
+from qimg.runtime.packaged import PackagedForward, _Unpackageable, _Variant, package_blocks, structure
+from qimg.specs import FluxParams, QwenMMDiTParams
+from tests.fixtures import randomize_
+
+REPO = Path(__file__).resolve().parents[2]
+QWEN = QwenMMDiTParams(num_layers=2, head_dim=8, num_heads=4, txt_dim=32, axes_dims_rope=(2, 2, 4))
+FLUX = FluxParams(num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
+                  joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+
+
+def _qwen_inputs(lt: int, batch: int = 1, mask: TextPadding | None = None) -> tuple:
+    gen = torch.Generator().manual_seed(lt * 10 + batch)
+    img, txt = torch.randn(batch, 36, 64, generator=gen), torch.randn(batch, lt, 32, generator=gen)
+    return img, txt, torch.full((batch,), 0.4), qwen_rope([(1, 6, 6)], lt, QWEN.axes_dims_rope), mask
+
+
+def _block_inputs(lt: int) -> tuple:
+    gen = torch.Generator().manual_seed(lt)
+    x, c, temb = torch.randn(1, 36, 32, generator=gen), torch.randn(1, lt, 32, generator=gen), torch.randn(1, 32)
+    return x, c, temb, qwen_rope([(1, 6, 6)], lt, QWEN.axes_dims_rope), None
+
+
+def _packages(home: Path) -> list[Path]:
+    return sorted((home / "compile" / "aoti").glob("*/*.pt2"))
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# -- what a package accepts and what it refuses to bake in (no compiling) ---------------------------------------------
+
+
+def test_a_variant_accepts_only_the_shapes_it_was_traced_for(tmp_path: Path) -> None:
+    static = _Variant([[1, 36, 32], [4, 0]], {}, "", tmp_path / "a.pt2")
+    assert static.accepts([torch.empty(1, 36, 32), torch.empty(4, 0)])
+    assert not static.accepts([torch.empty(1, 37, 32), torch.empty(4, 0)])
+    assert not static.accepts([torch.empty(1, 36, 32)])  # another count of inputs
+    assert not static.is_dynamic()
+    # symbols bind from bare dims, expressions are checked against them, ranges hold
+    dynamic = _Variant([[1, "s0", 32], [1, "s1", 32], ["s1 + s0", 4, 2]], {"s0": [2, None], "s1": [2, 100]}, "",
+                       tmp_path / "b.pt2")
+    assert dynamic.is_dynamic()
+    assert dynamic.accepts([torch.empty(1, 36, 32), torch.empty(1, 7, 32), torch.empty(43, 4, 2)])
+    assert not dynamic.accepts([torch.empty(1, 36, 32), torch.empty(1, 7, 32), torch.empty(44, 4, 2)])
+    assert not dynamic.accepts([torch.empty(1, 36, 32), torch.empty(1, 101, 32), torch.empty(137, 4, 2)])
+    assert not dynamic.accepts([torch.empty(1, 1, 32), torch.empty(1, 7, 32), torch.empty(8, 4, 2)])  # s0 >= 2
+    unreadable = _Variant([["s0", 3], ["Unknown(s0)", 3]], {}, "", tmp_path / "c.pt2")
+    assert not unreadable.accepts([torch.empty(2, 3), torch.empty(2, 3)])  # never run a package on a guess
+
+
+def test_a_tensor_the_graph_would_bake_in_is_refused_and_the_block_runs_compiled(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = randomize_(QwenMMDiT(QWEN), 1).eval()
+    block = model.transformer_blocks[0]
+    structure(block)  # a plain block: nothing refused
+    attach_lora(block, "style", {"attn.to_q": (torch.randn(2, 32), torch.randn(32, 2), 0.5)})
+    # a runtime LoRA keeps its strength as a plain tensor attribute (a value the graph reads, which a package would
+    # bake in) and its active adapters in a plain list
+    with pytest.raises(_Unpackageable, match="attribute"):
+        structure(block)
+    with pytest.raises(_Unpackageable, match="tensor attribute"):
+        structure(block.attn.to_q.adapters[0])
+
+    monkeypatch.setenv("QIMG_HOME", str(tmp_path))
+    monkeypatch.setattr(packaged, "_build", lambda *a, **k: pytest.fail("a refused block was packaged"))
+    compiled = []
+    monkeypatch.setattr(PackagedForward, "_fallback", lambda self, *a, **k: compiled.append(1) or self.forward(*a))
+    args = _block_inputs(7)
+    with torch.inference_mode():
+        want = block(*args)
+        package_blocks([block])
+        got = block(*args)
+    assert compiled == [1] and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_a_failed_build_is_remembered_and_later_processes_go_straight_to_torch_compile(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("QIMG_HOME", str(tmp_path))
+    builds = []
+
+    def failing(*args: object, **kwargs: object) -> None:
+        builds.append(1)
+        raise RuntimeError("no C++ compiler\nmore lines")
+
+    monkeypatch.setattr(packaged, "_build", failing)
+    monkeypatch.setattr(PackagedForward, "_fallback", lambda self, *a, **k: self.forward(*a))
+    model = randomize_(QwenMMDiT(QWEN), 2).eval()
+    args = _qwen_inputs(7)
+    with torch.inference_mode():
+        want = model(*args)
+        package_blocks(model.transformer_blocks)
+        with pytest.warns(UserWarning, match=r"could not package the compiled QwenBlock \(RuntimeError: no C\+\+ "
+                                             r"compiler\); using torch.compile for it"):
+            assert torch.equal(model(*args), want)
+        assert builds == [1]  # the second block, same key: no second try in this process
+        (failure,) = (tmp_path / "compile" / "aoti").glob("*/failed.txt")
+        assert failure.read_text() == "RuntimeError: no C++ compiler\n"
+
+        monkeypatch.setattr(packaged, "_FAILED", set())  # as a new process starts
+        fresh = randomize_(QwenMMDiT(QWEN), 2).eval()
+        package_blocks(fresh.transformer_blocks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(fresh(*args), want)
+    assert builds == [1]
+
+
+def test_the_key_names_the_attention_kernel_and_the_arguments(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    from qimg.nets import layers
+
+    block = randomize_(QwenMMDiT(QWEN), 3).eval().transformer_blocks[0]
+    forward = PackagedForward(block, tmp_path, {})
+    named = packaged._tensors(block)
+
+    def key(lt: int, mask: TextPadding | None = None) -> str:
+        bound = forward.signature.bind(*_qwen_inputs(lt, 1 if mask is None else 2, mask))
+        bound.apply_defaults()
+        layout, tensors = packaged._flatten(bound.arguments, torch.device("cpu"))
+        return forward._key(named, layout, tensors, torch.device("cpu"))
+
+    plain = key(7)
+    assert key(9) == plain  # a prompt length is a shape, not a key
+    assert key(9, TextPadding((9, 5))) == key(11, TextPadding((11, 4))) != plain  # lengths travel as shapes
+    monkeypatch.setattr(layers, "_attention_impl", lambda q, k, v, mask=None: layers.sdpa(q, k, v, mask))
+    assert key(7) != plain
+
+
+# -- packages built and run (inductor compiles C++: tens of seconds each on 2 cores) ----------------------------------
+
+
+@pytest.mark.slow
+def test_qwen_packages_equal_eager_over_prompt_lengths_padding_and_edits(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("QIMG_HOME", str(tmp_path))
+    model = randomize_(QwenMMDiT(QWEN), 4).eval()
+    edit = randomize_(QwenMMDiT(QwenMMDiTParams(**{**QWEN.__dict__, "zero_cond_t": True})), 5).eval()
+    cases = [(model, _qwen_inputs(7), {}), (model, _qwen_inputs(9), {}), (model, _qwen_inputs(12), {}),
+             (model, _qwen_inputs(9, 2, TextPadding((9, 5))), {}),
+             (model, _qwen_inputs(11, 2, TextPadding((4, 11))), {}),
+             (edit, _qwen_inputs(7), {"n_target": 20})]  # 20 target tokens, 16 reference tokens after them
+    with torch.inference_mode():
+        want = [m(*a, **kw) for m, a, kw in cases]
+        package_blocks([*model.transformer_blocks, *edit.transformer_blocks])
+        built = []
+        for (m, a, kw), w in zip(cases, want, strict=True):
+            assert _diff(m(*a, **kw), w) < 1e-5
+            built.append(len(_packages(tmp_path)))
+    # 7: a static package; 9: a second shape, one dynamic package; 12: served by it; TextPadding batches: a new
+    # key (static, then dynamic for the second pair of lengths); the edit model's block: a new key
+    assert built == [1, 2, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_flux_packages_equal_eager(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("QIMG_HOME", str(tmp_path))
+    model = randomize_(FluxTransformer(FLUX), 6).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, txt = torch.randn(1, 36, 64, generator=gen), torch.randn(1, 7, 32, generator=gen)
+    args = (x, txt, torch.tensor([0.3]), torch.tensor([3.5]), torch.randn(1, 16, generator=gen),
+            flux_rope(flux_ids(7, [(0, 6, 6)]), FLUX.axes_dims_rope))
+    with torch.inference_mode():
+        want = model(*args)
+        assert package_blocks([*model.transformer_blocks, *model.single_transformer_blocks]) == 3
+        assert _diff(model(*args), want) < 1e-5
+    assert [p.parent.name.split("-")[0] for p in _packages(tmp_path)] == ["DoubleBlock", "SingleBlock"]
+
+
+_NEW_PROCESS = """
+import json, sys, time
+import torch
+from qimg.nets.qwen_mmdit import QwenMMDiT
+from qimg.runtime.packaged import package_blocks
+from tests.fixtures import randomize_
+from tests.runtime.test_packaged import QWEN, _qwen_inputs
+model = randomize_(QwenMMDiT(QWEN), 4).eval()
+with torch.inference_mode():
+    package_blocks(model.transformer_blocks)
+    started = time.perf_counter()
+    out = model(*_qwen_inputs(7))
+print(json.dumps({"out": out.flatten()[:64].tolist(), "s": time.perf_counter() - started,
+                  "compiler": [m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_new_process_runs_the_saved_package_without_the_compiler(tmp_path: Path) -> None:
+    env = {**os.environ, "QIMG_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-c", _NEW_PROCESS], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    (package,) = _packages(tmp_path)
+    assert first["compiler"]  # the first process built the package
+    second = run()
+    assert _packages(tmp_path) == [package]  # nothing rebuilt
+    assert second["compiler"] == []  # loaded by torch's C++ loader: neither dynamo nor inductor imported
+    assert second["out"] == first["out"]
+    model = randomize_(QwenMMDiT(QWEN), 4).eval()
+    with torch.inference_mode():
+        eager = model(*_qwen_inputs(7)).flatten()[:64]
+    assert _diff(torch.tensor(second["out"]), eager) < 1e-5
