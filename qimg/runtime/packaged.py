@@ -275,11 +275,13 @@ class _Variant:
         except Exception:  # an expression this check cannot read: never run the package on a guess
             return False
 
-    def run(self, inputs: list[Tensor], device: torch.device) -> Any:
+    def load(self, device: torch.device) -> None:
         if self.runner is None:
             index = -1 if device.type == "cpu" else (device.index if device.index is not None
                                                      else torch.cuda.current_device())
             self.runner = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, index)
+
+    def run(self, inputs: list[Tensor]) -> Any:
         outs = self.runner.run(inputs)
         return torch.utils._pytree.tree_unflatten(outs, torch.utils._pytree.treespec_loads(self.out_spec))
 
@@ -378,34 +380,43 @@ class PackagedForward:
             return self._fallback(*args, **kwargs)
         names, weights = [n for n, _ in named], [t for _, t in named]
         folder = self.cache / key
-        if folder in _FAILED or (folder / _FAILURE).exists():
+        if folder in _FAILED:
             return self._fallback(*args, **kwargs)
-        variants = self.shared.setdefault(key, _saved_variants(folder))
-        for variant in variants:
-            if variant.accepts(tensors):
-                return variant.run([*weights, *tensors], device)
-        # As torch.compile does: static shapes first (the faster kernels, and a cron job's shapes never change),
-        # symbolic ones once a second shape shows up, so a prompt file does not build a package per prompt.
+        variants = self.shared.get(key)
+        if variants is None:  # the key's first call in this process
+            if (folder / _FAILURE).exists():
+                _FAILED.add(folder)
+                return self._fallback(*args, **kwargs)
+            variants = self.shared[key] = _saved_variants(folder)
+        variant = next((v for v in variants if v.accepts(tensors)), None)
         try:
-            variant = _build(self.block, self.forward, names, weights, layout, tensors, folder,
-                             dynamic=bool(variants))
-            if not variant.accepts(tensors):
-                raise RuntimeError(f"the package's own shapes do not fit the call they were traced from: "
-                                   f"{variant.dims}")
-        except Exception as e:  # noqa: BLE001 - any failure to package leaves the block to torch.compile
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            _FAILED.add(folder)
-            try:  # remembered, so later processes go straight to torch.compile instead of failing again
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / _FAILURE).write_text(reason + "\n")
-            except OSError:
-                pass
-            warnings.warn(f"could not package the compiled {type(self.block).__name__} ({reason}); using "
-                          f"torch.compile for it (delete {folder} to try again)", stacklevel=2)
+            if variant is None:
+                # As torch.compile does: static shapes first (the faster kernels; a cron job's shapes never
+                # change), symbolic ones once a second shape shows up, so a prompt file does not build a package
+                # per prompt.
+                variant = _build(self.block, self.forward, names, weights, layout, tensors, folder,
+                                 dynamic=bool(variants))
+                if not variant.accepts(tensors):
+                    raise RuntimeError(f"the package's own shapes do not fit the call they were traced from: "
+                                       f"{variant.dims}")
+                variants.append(variant)
+                variants.sort(key=_Variant.is_dynamic)
+            variant.load(device)
+        except Exception as e:  # noqa: BLE001 - a package that cannot be built or loaded leaves it to torch.compile
+            self._give_up(folder, e)
             return self._fallback(*args, **kwargs)
-        variants.append(variant)
-        variants.sort(key=_Variant.is_dynamic)
-        return variant.run([*weights, *tensors], device)
+        return variant.run([*weights, *tensors])
+
+    def _give_up(self, folder: Path, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        _FAILED.add(folder)
+        try:  # remembered, so later processes go straight to torch.compile instead of failing again
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / _FAILURE).write_text(reason + "\n")
+        except OSError:
+            pass
+        warnings.warn(f"could not package the compiled {type(self.block).__name__} ({reason}); using "
+                      f"torch.compile for it (delete {folder} to try again)", stacklevel=3)
 
     def _key(self, named: list[tuple[str, Tensor]], layout: _Layout, tensors: list[Tensor],
              device: torch.device) -> str:

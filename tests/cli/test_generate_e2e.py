@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -51,6 +54,22 @@ def _run(*argv: str):
 def _pixels(path: Path) -> bytes:
     with Image.open(path) as im:
         return im.convert("RGB").tobytes()
+
+
+@pytest.mark.slow
+def test_compile_saves_a_package_that_the_next_run_loads(tiny_qwen: Path, tmp_path: Path) -> None:
+    argv = ["generate", "a red fox", "--model", str(tiny_qwen), "--steps", "2", "--width", "32", "--height", "32",
+            "--seed", "5", "--device", "cpu", "--overwrite"]
+    _run(*argv, "-o", str(tmp_path / "eager.png"))
+    first = _run(*argv, "-o", str(tmp_path / "first.png"), "--compile")
+    packages = sorted((Path(os.environ["QIMG_HOME"]) / "compile" / "aoti").glob("*/*.pt2"))
+    assert len(packages) == 1  # CFG's prompt and negative in one batch: one block class, one package
+    second = _run(*argv, "-o", str(tmp_path / "second.png"), "--compile")
+    assert sorted(packages[0].parent.parent.glob("*/*.pt2")) == packages  # loaded, not rebuilt
+    assert "could not package" not in first.stderr + second.stderr
+    eager, compiled = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("eager", "first"))
+    assert np.abs(eager - compiled).max() <= 1  # fp32 sums in another order: at most one level in a rounding
+    assert _pixels(tmp_path / "second.png") == _pixels(tmp_path / "first.png")
 
 
 def test_encode_prompt_then_prompt_embeds_equals_the_prompt_run(tiny_qwen: Path, tmp_path: Path) -> None:

@@ -126,6 +126,29 @@ def test_a_failed_build_is_remembered_and_later_processes_go_straight_to_torch_c
     assert builds == [1]
 
 
+def test_a_saved_package_that_does_not_load_is_left_to_torch_compile(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    block = randomize_(QwenMMDiT(QWEN), 3).eval().transformer_blocks[0]
+    args = _block_inputs(7)
+    forward = PackagedForward(block, tmp_path, {})
+    bound = forward.signature.bind(*args)
+    bound.apply_defaults()
+    layout, tensors = packaged._flatten(bound.arguments, torch.device("cpu"))
+    folder = tmp_path / forward._key(packaged._tensors(block), layout, tensors, torch.device("cpu"))
+    folder.mkdir()
+    (folder / "a.pt2").write_bytes(b"not a zip archive")  # a damaged file, listed by a whole JSON
+    (folder / "a.json").write_text(json.dumps({"dims": [list(t.shape) for t in tensors], "ranges": {},
+                                               "out_spec": ""}))
+    monkeypatch.setattr(packaged, "_build", lambda *a, **k: pytest.fail("a saved package was rebuilt"))
+    monkeypatch.setattr(PackagedForward, "_fallback", lambda self, *a, **k: self.forward(*a))
+    with torch.inference_mode():
+        want = block(*args)
+        with pytest.warns(UserWarning, match="could not package the compiled QwenBlock"):
+            got = forward(*args)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert (folder / "failed.txt").is_file()
+
+
 def test_the_key_names_the_attention_kernel_and_the_arguments(monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path) -> None:
     from qimg.nets import layers
