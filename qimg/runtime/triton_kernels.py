@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the diffusion transformer's blocks, registered as torch custom ops.
+"""Fused Triton kernels for the diffusion transformer's blocks, registered as torch ops (qimg::<name>).
 
 Each block spends most of its non-matmul time streaming activations through memory: LayerNorm, adaLN modulation,
 the FP8 quantisation of the next linear's input, the QK RMSNorm and RoPE are each a pass (or several) over the
@@ -40,25 +40,31 @@ E4M3_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn; quantised output
 E4M3_RECIP = tl.constexpr(0.0022321429569274187)
 
 
+# The ops' library. Defined through torch.library.Library rather than torch.library.custom_op: a custom_op's Python
+# kernel imports torch._dynamo on its first dispatched call, and a compiled block package (runtime/packaged.py)
+# calls these ops through the dispatcher in a process that otherwise never imports the compiler.
+_LIB = torch.library.Library("qimg", "DEF")
+
+
 class _Op:
-    """A kernel's launcher that torch.compile sees as the opaque custom op qimg::<name> (with a fake implementation
-    for shapes, from `register_fake`) and eager code calls directly. Through the op, every eager call pays torch's
-    Python dispatch, and the first one imports torch._dynamo: 5.8 s of the first prompt of an uncompiled FP8 run
-    on an H200 host (bench/stack_sampler.py)."""
+    """A kernel's launcher that torch.compile and torch.export see as the opaque op qimg::<name> (with a fake
+    implementation for shapes, from `register_fake`) and eager code calls directly: through the op, every eager
+    call would pay torch's Python dispatch."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
-        self.op = torch.library.custom_op(f"qimg::{fn.__name__}", fn, mutates_args=())
-        self._traced = getattr(torch.ops.qimg, fn.__name__).default  # what dynamo puts in the graph
+        _LIB.define(fn.__name__ + torch.library.infer_schema(fn, mutates_args=()))
+        _LIB.impl(fn.__name__, fn, "CompositeExplicitAutograd")
+        self.op = getattr(torch.ops.qimg, fn.__name__).default  # what dynamo and export put in the graph
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
-            return self._traced(*args, **kwargs)
+            return self.op(*args, **kwargs)
         return self.fn(*args, **kwargs)
 
     def register_fake(self, fake: Callable[..., Any]) -> Callable[..., Any]:
-        return self.op.register_fake(fake)
+        return torch.library.register_fake(f"qimg::{self.fn.__name__}", fake, lib=_LIB)
 
 
 def _launch_params(width: int) -> tuple[int, int]:

@@ -234,6 +234,24 @@ def test_opcheck(tk) -> None:
         torch.library.opcheck(op.op, args)
 
 
+def test_a_dispatched_call_does_not_import_the_compiler() -> None:
+    """A compiled block package (runtime/packaged.py) calls the ops through the dispatcher, in a process that
+    never imports torch._dynamo otherwise; a torch.library.custom_op's kernel would import it on its first call."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys, torch; import qimg.runtime.triton_kernels\n"
+              f"h = torch.randn(3, 40, dtype=torch.bfloat16, device={DEVICE!r})\n"
+              "q, s = torch.ops.qimg.gelu_quant.default(h)\n"
+              "print(q.dtype, 'torch._dynamo' in sys.modules)")
+    env = {**os.environ, "TRITON_INTERPRET": "0" if CUDA else "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["torch.float8_e4m3fn", "False"]
+
+
 def test_errors(tk) -> None:
     x = torch.zeros(2, 3, 8, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(ValueError, match=r"\(M, K\)"):
