@@ -405,14 +405,21 @@ class PackagedForward:
         except Exception as e:  # noqa: BLE001 - a package that cannot be built or loaded leaves it to torch.compile
             self._give_up(folder, e)
             return self._fallback(*args, **kwargs)
-        return variant.run([*weights, *tensors])
+        try:
+            return variant.run([*weights, *tensors])
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # a check the package makes and this key's shapes do not (an export guard)
+            self._give_up(folder, e, remember=False)  # this process only: the package may serve other runs
+            return self._fallback(*args, **kwargs)
 
-    def _give_up(self, folder: Path, error: Exception) -> None:
+    def _give_up(self, folder: Path, error: Exception, remember: bool = True) -> None:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         _FAILED.add(folder)
         try:  # remembered, so later processes go straight to torch.compile instead of failing again
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / _FAILURE).write_text(reason + "\n")
+            if remember:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / _FAILURE).write_text(reason + "\n")
         except OSError:
             pass
         warnings.warn(f"could not package the compiled {type(self.block).__name__} ({reason}); using "

@@ -149,6 +149,34 @@ def test_a_saved_package_that_does_not_load_is_left_to_torch_compile(monkeypatch
     assert (folder / "failed.txt").is_file()
 
 
+def test_a_package_that_refuses_a_call_leaves_it_to_torch_compile_in_this_process_only(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    block = randomize_(QwenMMDiT(QWEN), 3).eval().transformer_blocks[0]
+    args = _block_inputs(7)
+    forward = PackagedForward(block, tmp_path, {})
+    bound = forward.signature.bind(*args)
+    bound.apply_defaults()
+    layout, tensors = packaged._flatten(bound.arguments, torch.device("cpu"))
+    key = forward._key(packaged._tensors(block), layout, tensors, torch.device("cpu"))
+
+    class Refusing:
+        def run(self, inputs: list[torch.Tensor]) -> None:
+            raise RuntimeError("AOTInductor: an input size check failed")
+
+    variant = _Variant([list(t.shape) for t in tensors], {}, "", tmp_path / "a.pt2", runner=Refusing())
+    forward.shared[key] = [variant]
+    monkeypatch.setattr(PackagedForward, "_fallback", lambda self, *a, **k: self.forward(*a))
+    with torch.inference_mode():
+        want = block(*args)
+        with pytest.warns(UserWarning, match="an input size check failed"):
+            got = forward(*args)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            forward(*args)  # the key is left to torch.compile for the rest of the process, quietly
+    assert not (tmp_path / key / "failed.txt").exists()  # a later process may still use the package
+
+
 def test_the_key_names_the_attention_kernel_and_the_arguments(monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path) -> None:
     from qimg.nets import layers
@@ -248,3 +276,53 @@ def test_a_new_process_runs_the_saved_package_without_the_compiler(tmp_path: Pat
     with torch.inference_mode():
         eager = model(*_qwen_inputs(7)).flatten()[:64]
     assert _diff(torch.tensor(second["out"]), eager) < 1e-5
+
+
+_GPU_PROCESS = """
+import json, sys
+import torch
+from qimg.families.qwen import mmdit_fp8_layers
+from qimg.nets.qwen_mmdit import QwenMMDiT
+from qimg.runtime import kernels
+from qimg.runtime.attention import use_attention
+from qimg.runtime.fp8 import apply_fp8
+from qimg.runtime.packaged import package_blocks
+from tests.fixtures import randomize_
+from tests.runtime.test_packaged import QWEN, _qwen_inputs
+compute = sys.argv[1] == "compute"
+model = randomize_(QwenMMDiT(QWEN), 7).eval().to("cuda", torch.bfloat16)
+apply_fp8(model, mmdit_fp8_layers, compute=compute)
+use_attention("auto", "cuda")
+fused = kernels.use_fused_kernels("cuda")
+args = [a.to("cuda") if isinstance(a, torch.Tensor) else a for a in _qwen_inputs(7)]
+args[0], args[1] = args[0].bfloat16(), args[1].bfloat16()  # the latents and the prompt; t and RoPE as they are
+with torch.inference_mode():
+    eager = model(*args).float()
+    package_blocks(model.transformer_blocks)
+    out = model(*args).float()
+print(json.dumps({"rel": float((out - eager).norm() / eager.norm()), "fused": fused, "out": out.flatten()[:64].tolist(),
+                  "compiler": [m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules]}))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fp8", ["compute", "weights"])
+def test_packages_on_the_gpu_with_the_fused_kernels_and_fp8(tmp_path: Path, fp8: str) -> None:
+    """On CUDA the blocks call the fused Triton kernels (ops the package calls back) and FP8 linears: the package
+    computes what the eager blocks compute, and a new process loads it without the compiler."""
+    if fp8 == "compute" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 compute needs FP8 tensor cores")
+    env = {**os.environ, "QIMG_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-c", _GPU_PROCESS, fp8], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "could not package" not in done.stderr, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["fused"] and first["rel"] < 2e-2  # bf16 (and e4m3) kernels fused in another order
+    second = run()
+    assert second["compiler"] == [] and second["out"] == first["out"] and len(_packages(tmp_path)) == 1
+
