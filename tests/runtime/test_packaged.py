@@ -40,6 +40,14 @@ def _block_inputs(lt: int) -> tuple:
     return x, c, temb, qwen_rope([(1, 6, 6)], lt, QWEN.axes_dims_rope), None
 
 
+def _key_of(forward: PackagedForward, args: tuple) -> tuple[str, list[torch.Tensor]]:
+    """The key a call makes, and its flattened tensors (after the weights)."""
+    bound = forward.signature.bind(*args)
+    bound.apply_defaults()
+    layout, tensors = packaged._flatten(bound.arguments, torch.device("cpu"))
+    return forward._key(packaged._tensors(forward.block), layout, tensors, torch.device("cpu")), tensors
+
+
 def _packages(home: Path) -> list[Path]:
     return sorted((home / "compile" / "aoti").glob("*/*.pt2"))
 
@@ -131,10 +139,8 @@ def test_a_saved_package_that_does_not_load_is_left_to_torch_compile(monkeypatch
     block = randomize_(QwenMMDiT(QWEN), 3).eval().transformer_blocks[0]
     args = _block_inputs(7)
     forward = PackagedForward(block, tmp_path, {})
-    bound = forward.signature.bind(*args)
-    bound.apply_defaults()
-    layout, tensors = packaged._flatten(bound.arguments, torch.device("cpu"))
-    folder = tmp_path / forward._key(packaged._tensors(block), layout, tensors, torch.device("cpu"))
+    key, tensors = _key_of(forward, args)
+    folder = tmp_path / key
     folder.mkdir()
     (folder / "a.pt2").write_bytes(b"not a zip archive")  # a damaged file, listed by a whole JSON
     (folder / "a.json").write_text(json.dumps({"dims": [list(t.shape) for t in tensors], "ranges": {},
@@ -154,10 +160,7 @@ def test_a_package_that_refuses_a_call_leaves_it_to_torch_compile_in_this_proces
     block = randomize_(QwenMMDiT(QWEN), 3).eval().transformer_blocks[0]
     args = _block_inputs(7)
     forward = PackagedForward(block, tmp_path, {})
-    bound = forward.signature.bind(*args)
-    bound.apply_defaults()
-    layout, tensors = packaged._flatten(bound.arguments, torch.device("cpu"))
-    key = forward._key(packaged._tensors(block), layout, tensors, torch.device("cpu"))
+    key, tensors = _key_of(forward, args)
 
     class Refusing:
         def run(self, inputs: list[torch.Tensor]) -> None:
@@ -183,13 +186,9 @@ def test_the_key_names_the_attention_kernel_and_the_arguments(monkeypatch: pytes
 
     block = randomize_(QwenMMDiT(QWEN), 3).eval().transformer_blocks[0]
     forward = PackagedForward(block, tmp_path, {})
-    named = packaged._tensors(block)
 
     def key(lt: int, mask: TextPadding | None = None) -> str:
-        bound = forward.signature.bind(*_qwen_inputs(lt, 1 if mask is None else 2, mask))
-        bound.apply_defaults()
-        layout, tensors = packaged._flatten(bound.arguments, torch.device("cpu"))
-        return forward._key(named, layout, tensors, torch.device("cpu"))
+        return _key_of(forward, _qwen_inputs(lt, 1 if mask is None else 2, mask))[0]
 
     plain = key(7)
     assert key(9) == plain  # a prompt length is a shape, not a key
