@@ -45,7 +45,9 @@ def _key_of(forward: PackagedForward, args: tuple) -> tuple[str, list[torch.Tens
     bound = forward.signature.bind(*args)
     bound.apply_defaults()
     layout, tensors = packaged._flatten(bound.arguments, torch.device("cpu"))
-    return forward._key(packaged._tensors(forward.block), layout, tensors, torch.device("cpu")), tensors
+    block = forward.block
+    weights = [t for _, t in packaged._tensors(block)]
+    return forward._key(packaged._module_ids(block), weights, layout, tensors, torch.device("cpu")), tensors
 
 
 def _packages(home: Path) -> list[Path]:
