@@ -267,7 +267,7 @@ class _Variant:
     out_spec: str
     path: Path
     runner: Any = field(default=None, repr=False)
-    spec: Any = field(default=None, repr=False)  # out_spec, read
+    spec: Any = field(default=None, repr=False)  # out_spec, parsed on first use
 
     def is_dynamic(self) -> bool:
         return any(isinstance(d, str) for dims in self.dims for d in dims)
