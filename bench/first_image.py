@@ -6,6 +6,9 @@ writing; next to diffusers doing the same in its own new process.
     python bench/first_image.py --model /tmp/qwen --out bench/results/first_image_h200.json [--rows a,b] [--cold]
     python bench/first_image.py --model TINY --size 64x48 --extra=--device=cpu --rows "qimg 8 steps,..." --out O
 
+TINY, the tests' tiny random Qwen-Image: python -c "from pathlib import Path; from tests.fixtures import *;
+build_qwen_tokenizer(Path('/tmp/tok')); write_tiny_qwen_image(Path('/tmp/tiny'), Path('/tmp/tok'))"
+
 Each row is one new process. `--compile` rows run the blocks from AOTInductor packages (runtime/packaged.py);
 "traced" rows set QIMG_COMPILE_PACKAGES=0 for regional torch.compile instead. qimg rows run the CLI with -v and
 read its "time:" line (per-phase seconds and the seconds since the process started); the wall clock is the
@@ -143,7 +146,8 @@ def main() -> None:
         rows.append(run_row(n, ROWS[n.removesuffix(" again")], args.model, work, args.cold, home, (width, height),
                             tuple(f for f in args.extra.split(",") if f)))
         report = {"bench": "first_image", "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                  else "cpu", "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
+                  else f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
+                  "command": " ".join(["python", *sys.argv]),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "bytecode": "written and reused (PYTHONDONTWRITEBYTECODE removed from each row's environment)",
                   "rows": rows}
