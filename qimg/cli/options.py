@@ -97,8 +97,8 @@ Attention = Annotated[
 ]
 Compile = Annotated[
     bool,
-    typer.Option("--compile", help="compile the repeated transformer block (the first run for a shape compiles "
-                 "for a minute; later runs load the saved package from $QIMG_HOME/compile in milliseconds)."),
+    typer.Option("--compile", help="compile the repeated transformer block (the first run for a new shape "
+                 "compiles; later runs load the saved package from $QIMG_HOME/compile in milliseconds)."),
 ]
 FP8 = Annotated[
     FP8Mode | None,
