@@ -437,7 +437,8 @@ class PackagedForward:
                 variants.sort(key=_Variant.is_dynamic)
             variant.load(device)
         except Exception as e:  # noqa: BLE001 - a package that cannot be built or loaded leaves it to torch.compile
-            self._give_up(folder, e)
+            # out of memory while building (export copies the block's weights once) may not happen next time
+            self._give_up(folder, e, remember=not isinstance(e, torch.OutOfMemoryError))
             return self._fallback(*args, **kwargs)
         try:
             return variant.run([*weights, *tensors])

@@ -136,6 +136,23 @@ def test_a_failed_build_is_remembered_and_later_processes_go_straight_to_torch_c
     assert builds == [1]
 
 
+def test_running_out_of_memory_while_building_is_not_remembered(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    monkeypatch.setenv("QIMG_HOME", str(tmp_path))
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(packaged, "_build", out_of_memory)
+    monkeypatch.setattr(PackagedForward, "_fallback", lambda self, *a, **k: self.forward(*a))
+    block = randomize_(QwenMMDiT(QWEN), 3).eval().transformer_blocks[0]
+    with torch.inference_mode():
+        package_blocks([block])
+        with pytest.warns(UserWarning, match="OutOfMemoryError"):
+            block(*_block_inputs(7))
+    assert not list(tmp_path.rglob("failed.txt"))  # a later process tries again
+
+
 def test_a_saved_package_that_does_not_load_is_left_to_torch_compile(monkeypatch: pytest.MonkeyPatch,
                                                                        tmp_path: Path) -> None:
     block = randomize_(QwenMMDiT(QWEN), 3).eval().transformer_blocks[0]
