@@ -28,7 +28,7 @@ import abc
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,11 @@ def _check_shapes(where: str, in_features: int, out_features: int, down: Tensor,
 
 class _Branch(nn.Module, abc.ABC):
     """One named adapter on one linear: its tensors as buffers, scale and strength; branch(x) = delta W @ x."""
+
+    # For a compiled block package (runtime/packaged.py): the strength's factor is an input (a new strength is a
+    # new value, not a new package), and the forward never reads the float strength or the attach order.
+    packaged_inputs: ClassVar[tuple[str, ...]] = ("factor",)
+    packaged_ignores: ClassVar[tuple[str, ...]] = ("_strength", "order")
 
     def __init__(self, name: str, scale: float, strength: float) -> None:
         super().__init__()
@@ -168,6 +173,9 @@ class _KroneckerAdapter(_Branch):
 
 class LoRALinear(nn.Module):
     """Wraps a linear-like module (nn.Linear or FP8Linear): y = base(x) + sum_a strength_a * scale_a * branch_a(x)."""
+
+    # For a compiled block package (runtime/packaged.py): which adapters run changes with their strengths (0: off)
+    packaged_state: ClassVar[tuple[str, ...]] = ("_active",)
 
     base: nn.Module
 

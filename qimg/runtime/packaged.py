@@ -16,7 +16,7 @@ lengths and image sizes. Int arguments (an edit's target-token count) and frozen
 TextPadding's prompt lengths) enter a package as the sizes of empty tensors, so they stay shapes and a new prompt
 does not make a new key.
 
-A block that cannot be packaged (a tensor attribute the graph would bake in, such as a runtime LoRA's strength;
+A block that cannot be packaged (a tensor attribute the graph would bake in and no `packaged_inputs` declares;
 gradients needed), or whose export or compile fails, runs through torch.compile as before, with one warning
 for a failure.
 """
@@ -90,16 +90,37 @@ def _describe(value: Any) -> Any:
 
 def structure(block: nn.Module) -> list[Any]:
     """What of a block a package bakes in besides its tensors' values (see the module docstring). Raises
-    _Unpackageable for what must not be baked in."""
+    _Unpackageable for what must not be baked in.
+
+    A module class may name plain tensor attributes its forward reads as values (`packaged_inputs`: they become
+    package inputs, as its parameters do), plain attributes its forward never reads (`packaged_ignores`: left
+    out of the key) and attributes that change after loading (`packaged_state`: checked on every call); a list of
+    submodules (which ones are active) is described by their names."""
+    named = {id(m): n for n, m in block.named_modules()}
     parts: list[Any] = []
     for name, module in block.named_modules():
         if module is not block and any(getattr(module, h, None) for h in _HOOKS):
             raise _Unpackageable(f"forward hooks on {name}")
-        attrs = {k: _describe(v) for k, v in vars(module).items() if k not in _MODULE_INTERNALS and k not in _HOOKS
-                 and not (module is block and k == "forward")}  # the block's own: the package's stand-in
+        inputs, ignored = _inputs_of(module), set(getattr(type(module), "packaged_ignores", ()))
+        attrs: dict[str, Any] = {}
+        for k, v in vars(module).items():
+            if k in _MODULE_INTERNALS or k in _HOOKS or k in ignored or (module is block and k == "forward"):
+                continue  # the block's own forward: the package's stand-in
+            if k in inputs and isinstance(v, Tensor):
+                attrs[k] = ["input", list(v.shape), str(v.dtype), v.device.type]
+            elif isinstance(v, list | tuple) and v and all(isinstance(m, nn.Module) for m in v):
+                if any(id(m) not in named for m in v):
+                    raise _Unpackageable(f"{name}.{k} holds a module from outside the block")
+                attrs[k] = ["modules", [named[id(m)] for m in v]]
+            else:
+                attrs[k] = _describe(v)
         parts.append([name, f"{type(module).__module__}.{type(module).__qualname__}", attrs])
     parts.append([[n, list(t.shape), str(t.dtype)] for n, t in _tensors(block)])
     return parts
+
+
+def _inputs_of(module: nn.Module) -> tuple[str, ...]:
+    return tuple(getattr(type(module), "packaged_inputs", ()))
 
 
 def _tensors(block: nn.Module) -> list[tuple[str, Tensor]]:
@@ -119,14 +140,17 @@ def _module_ids(block: nn.Module) -> tuple[int, ...]:
 
 def _slots(block: nn.Module) -> list[tuple[nn.Module, str, str, str]]:
     """Where each of _tensors(block) lives: (module, "_parameters" or "_buffers", its name there, its full name),
-    in the same order, so a call can fetch the current tensors without walking the module tree."""
+    in the same order, then the plain tensor attributes that modules name as `packaged_inputs` ("__dict__"): what
+    a call passes the package besides its arguments, fetched without walking the module tree."""
     where: dict[int, tuple[nn.Module, str, str, str]] = {}
     for prefix, module in block.named_modules():
         for kind in ("_parameters", "_buffers"):
             for name, t in getattr(module, kind).items():
                 if t is not None:  # a tensor shared by two modules: named as named_parameters names it, first
                     where.setdefault(id(t), (module, kind, name, f"{prefix}.{name}" if prefix else name))
-    return [where[id(t)] for _, t in _tensors(block)]
+    attributes = [(module, "__dict__", k, f"{prefix}.{k}" if prefix else k) for prefix, module in block.named_modules()
+                  for k in _inputs_of(module) if isinstance(vars(module).get(k), Tensor)]
+    return [where[id(t)] for _, t in _tensors(block)] + attributes
 
 
 def _kernel_ids() -> tuple[int, ...]:
@@ -391,6 +415,7 @@ class PackagedForward:
         self._keys: dict[Any, str] = {}
         self._ids: tuple[int, ...] = ()
         self._slots: list[tuple[nn.Module, str, str, str]] = []
+        self._state: list[tuple[nn.Module, str]] = []
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -406,10 +431,14 @@ class PackagedForward:
         ids = _module_ids(self.block)
         if ids != self._ids:
             self._ids, self._slots = ids, _slots(self.block)
+            self._state = [(m, a) for m in self.block.modules() for a in getattr(type(m), "packaged_state", ())]
         weights = [getattr(module, kind)[name] for module, kind, name, _ in self._slots]
+        # attributes their classes say change after loading (which LoRA branches are on): part of the structure
+        state = tuple(tuple(map(id, v)) if isinstance(v := getattr(m, a), list | tuple) else v
+                      for m, a in self._state)
         try:
             layout, tensors = _flatten(bound.arguments, device)
-            key = self._key(ids, weights, layout, tensors, device)
+            key = self._key((ids, state), weights, layout, tensors, device)
         except _Unpackageable:
             return self._fallback(*args, **kwargs)
         names = [full for *_, full in self._slots]
@@ -460,7 +489,7 @@ class PackagedForward:
         warnings.warn(f"could not package the compiled {type(self.block).__name__} ({reason}); using "
                       f"torch.compile for it (delete {folder} to try again)", stacklevel=3)
 
-    def _key(self, ids: tuple[int, ...], weights: list[Tensor], layout: _Layout, tensors: list[Tensor],
+    def _key(self, ids: Any, weights: list[Tensor], layout: _Layout, tensors: list[Tensor],
              device: torch.device) -> str:
         # the block's structure is described once per arrangement of its submodules and tensors, not once per call
         try:

@@ -4,6 +4,7 @@ cannot bake in."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import torch
 from qimg.nets.flux import FluxTransformer, flux_ids, flux_rope
 from qimg.nets.qwen_mmdit import QwenMMDiT, TextPadding, qwen_rope
 from qimg.runtime import packaged
-from qimg.runtime.lora import attach_lora
+from qimg.runtime.lora import attach_lora, set_lora_strength
 from qimg.runtime.packaged import PackagedForward, _Unpackageable, _Variant, package_blocks, structure
 from qimg.specs import FluxParams, QwenMMDiTParams
 from tests.fixtures import randomize_
@@ -79,18 +80,25 @@ def test_a_variant_accepts_only_the_shapes_it_was_traced_for(tmp_path: Path) -> 
     assert not unreadable.accepts([torch.empty(2, 3), torch.empty(2, 3)])  # never run a package on a guess
 
 
+class _Scaled(torch.nn.Module):
+    """A linear times a plain tensor attribute that no `packaged_inputs` declares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.gain = torch.nn.Linear(32, 32), torch.tensor(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.gain
+
+
 def test_a_tensor_the_graph_would_bake_in_is_refused_and_the_block_runs_compiled(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = randomize_(QwenMMDiT(QWEN), 1).eval()
     block = model.transformer_blocks[0]
     structure(block)  # a plain block: nothing refused
-    attach_lora(block, "style", {"attn.to_q": (torch.randn(2, 32), torch.randn(32, 2), 0.5)})
-    # a runtime LoRA keeps its strength as a plain tensor attribute (a value the graph reads, which a package would
-    # bake in) and its active adapters in a plain list
-    with pytest.raises(_Unpackageable, match="attribute"):
-        structure(block)
+    block.attn.to_q = _Scaled()  # its gain: a value the graph reads, which a package would bake in
     with pytest.raises(_Unpackageable, match="tensor attribute"):
-        structure(block.attn.to_q.adapters[0])
+        structure(block)
 
     monkeypatch.setenv("QIMG_HOME", str(tmp_path))
     monkeypatch.setattr(packaged, "_build", lambda *a, **k: pytest.fail("a refused block was packaged"))
@@ -239,6 +247,30 @@ def test_qwen_packages_equal_eager_over_prompt_lengths_padding_and_edits(monkeyp
     # 7: a static package; 9: a second shape, one dynamic package; 12: served by it; TextPadding batches: a new
     # key (static, then dynamic for the second pair of lengths); the edit model's block: a new key
     assert built == [1, 2, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_a_runtime_lora_is_packaged_and_a_new_strength_needs_no_new_package(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    monkeypatch.setenv("QIMG_HOME", str(tmp_path))
+    model = randomize_(QwenMMDiT(QWEN), 8).eval()
+    gen = torch.Generator().manual_seed(9)
+    attach_lora(model, "style", {f"transformer_blocks.{i}.attn.to_q": (torch.randn(2, 32, generator=gen),
+                                                                       torch.randn(32, 2, generator=gen), 0.5)
+                                 for i in range(QWEN.num_layers)}, strength=0.8)
+    eager = copy.deepcopy(model)
+    args = _qwen_inputs(7)
+    with torch.inference_mode():
+        package_blocks(model.transformer_blocks)
+        for strength in (0.8, -1.5):  # the strength travels as an input: the same package
+            for m in (model, eager):
+                set_lora_strength(m, "style", strength)
+            assert _diff(model(*args), eager(*args)) < 1e-5
+        assert len(_packages(tmp_path)) == 1
+        set_lora_strength(model, "style", 0.0)  # off: the branch leaves the graph, a structure of its own
+        set_lora_strength(eager, "style", 0.0)
+        assert _diff(model(*args), eager(*args)) < 1e-5
+    assert len(_packages(tmp_path)) == 2
 
 
 @pytest.mark.slow
