@@ -347,6 +347,7 @@ def _build(block: nn.Module, forward: Callable[..., Any], names: list[str], weig
            tensors: list[Tensor], folder: Path, *, dynamic: bool) -> _Variant:
     """Export the block for this call's shapes (dynamic: every input size symbolic where the trace allows),
     compile it with AOTInductor and save it in `folder` as one more variant of its key."""
+    from torch._inductor import aoti_compile_and_package
     from torch.export import Dim, export
 
     # the structure of the block's output, which the package returns flat (one eager call: export keeps nothing
@@ -375,7 +376,7 @@ def _build(block: nn.Module, forward: Callable[..., Any], names: list[str], weig
         stem = uuid.uuid4().hex[:12]
         staging = folder / f".{stem}.partial.pt2"  # the packager wants the suffix
         try:
-            torch._inductor.aoti_compile_and_package(program, package_path=str(staging))
+            aoti_compile_and_package(program, package_path=str(staging))
         except BaseException:
             staging.unlink(missing_ok=True)
             raise
