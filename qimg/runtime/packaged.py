@@ -7,14 +7,10 @@ weights as inputs, compiled ahead of time (AOTInductor) and saved; one package s
 and a later process loads it with torch's C++ loader without importing torch._dynamo or torch._inductor
 (bench/results/compile_reuse_cpu.json).
 
-What a package bakes in is what its key names: the block's class and structure (submodule classes, their plain
-attributes, parameter names, shapes and dtypes), the non-tensor arguments, the kernels installed process-wide
-(attention, fused kernels), the device, torch's version and qimg's own sources. A key's first package has
-static shapes (the faster kernels; a cron job's shapes never change); a call whose shapes fit none of the key's
-packages builds one more, with every size symbolic where the trace allows, which then serves the other prompt
-lengths and image sizes. Int arguments (an edit's target-token count) and frozen dataclasses of ints (a
-TextPadding's prompt lengths) enter a package as the sizes of empty tensors, so they stay shapes and a new prompt
-does not make a new key.
+What a package bakes in is what its key names (runtime/package_key.py). A key's first package has static shapes
+(the faster kernels; a cron job's shapes never change); a call whose shapes fit none of the key's packages
+builds one more, with every size symbolic where the trace allows, which then serves the other prompt lengths and
+image sizes.
 
 A block that cannot be packaged (a tensor attribute the graph would bake in and no `packaged_inputs` declares;
 gradients needed), or whose export or compile fails, runs through torch.compile as before, with one warning
@@ -23,15 +19,12 @@ for a failure.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import inspect
 import json
 import math
 import os
 import sys
-import types
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
@@ -43,224 +36,29 @@ import torch
 from torch import Tensor, nn
 
 from qimg.runtime.compile import compile_blocks, prepare_compiler
+from qimg.runtime.package_key import (
+    Layout,
+    Unpackageable,
+    callable_name,
+    code_version,
+    describe,
+    flatten,
+    kernel_ids,
+    module_ids,
+    process_kernels,
+    structure,
+    tensor_slots,
+    unflatten,
+)
 
-# nn.Module's own bookkeeping: not part of what a block computes
-_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
-                               "_compiled_call_impl", "_is_full_backward_hook", "_state_dict_hooks",
-                               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                               "_load_state_dict_post_hooks", "_backward_pre_hooks", "_backward_hooks",
-                               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                               "_forward_pre_hooks_with_kwargs"})
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 _FAILURE = "failed.txt"  # in a key's folder: why its package could not be built
 _FAILED: set[Path] = set()  # keys that failed in this process
-
-
-class _Unpackageable(Exception):
-    """The block, or one call's arguments, cannot be baked into a package (the reason is the message)."""
-
-
-def _callable_name(fn: Any) -> str:
-    if isinstance(fn, functools.partial):
-        return f"partial({_callable_name(fn.func)}, {_describe(fn.args)}, {_describe(fn.keywords)})"
-    if isinstance(fn, types.MethodType):
-        return _callable_name(fn.__func__)
-    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    if module is None or name is None:
-        raise _Unpackageable(f"a callable without a stable name: {fn!r}")
-    return f"{module}.{name}"
-
-
-def _describe(value: Any) -> Any:
-    """A JSON-able description of a value a traced block would bake in as a constant."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, torch.dtype | torch.device):
-        return str(value)
-    if isinstance(value, tuple | list):
-        return [_describe(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, Tensor):
-        raise _Unpackageable("a tensor attribute that is neither a parameter nor a buffer")
-    if callable(value) and not isinstance(value, nn.Module):
-        return _callable_name(value)
-    raise _Unpackageable(f"an attribute of type {type(value).__name__}")
-
-
-def structure(block: nn.Module) -> list[Any]:
-    """What of a block a package bakes in besides its tensors' values (see the module docstring). Raises
-    _Unpackageable for what must not be baked in.
-
-    A module class may name plain tensor attributes its forward reads as values (`packaged_inputs`: they become
-    package inputs, as its parameters do), plain attributes its forward never reads (`packaged_ignores`: left
-    out of the key) and attributes that change after loading (`packaged_state`: checked on every call); a list of
-    submodules (which ones are active) is described by their names."""
-    named = {id(m): n for n, m in block.named_modules()}
-    parts: list[Any] = []
-    for name, module in block.named_modules():
-        if module is not block and any(getattr(module, h, None) for h in _HOOKS):
-            raise _Unpackageable(f"forward hooks on {name}")
-        inputs, ignored = _inputs_of(module), set(getattr(type(module), "packaged_ignores", ()))
-        attrs: dict[str, Any] = {}
-        for k, v in vars(module).items():
-            if k in _MODULE_INTERNALS or k in _HOOKS or k in ignored or (module is block and k == "forward"):
-                continue  # the block's own forward: the package's stand-in
-            if k in inputs and isinstance(v, Tensor):
-                attrs[k] = ["input", list(v.shape), str(v.dtype), v.device.type]
-            elif isinstance(v, list | tuple) and v and all(isinstance(m, nn.Module) for m in v):
-                if any(id(m) not in named for m in v):
-                    raise _Unpackageable(f"{name}.{k} holds a module from outside the block")
-                attrs[k] = ["modules", [named[id(m)] for m in v]]
-            else:
-                attrs[k] = _describe(v)
-        parts.append([name, f"{type(module).__module__}.{type(module).__qualname__}", attrs])
-    parts.append([[n, list(t.shape), str(t.dtype)] for n, t in _tensors(block)])
-    return parts
-
-
-def _inputs_of(module: nn.Module) -> tuple[str, ...]:
-    return tuple(getattr(type(module), "packaged_inputs", ()))
-
-
-def _tensors(block: nn.Module) -> list[tuple[str, Tensor]]:
-    return [*block.named_parameters(), *block.named_buffers()]
-
-
-def _module_ids(block: nn.Module) -> tuple[int, ...]:
-    """The ids of the block and its submodules: a new one for a new arrangement. A plain walk: nn.Module.modules
-    builds prefixes and a memo set, 3x the time."""
-    ids, stack = [], [block]
-    while stack:
-        module = stack.pop()
-        ids.append(id(module))
-        stack.extend(m for m in module._modules.values() if m is not None)
-    return tuple(ids)
-
-
-def _slots(block: nn.Module) -> list[tuple[nn.Module, str, str, str]]:
-    """Where each of _tensors(block) lives: (module, "_parameters" or "_buffers", its name there, its full name),
-    in the same order, then the plain tensor attributes that modules name as `packaged_inputs` ("__dict__"): what
-    a call passes the package besides its arguments, fetched without walking the module tree."""
-    where: dict[int, tuple[nn.Module, str, str, str]] = {}
-    for prefix, module in block.named_modules():
-        for kind in ("_parameters", "_buffers"):
-            for name, t in getattr(module, kind).items():
-                if t is not None:  # a tensor shared by two modules: named as named_parameters names it, first
-                    where.setdefault(id(t), (module, kind, name, f"{prefix}.{name}" if prefix else name))
-    attributes = [(module, "__dict__", k, f"{prefix}.{k}" if prefix else k) for prefix, module in block.named_modules()
-                  for k in _inputs_of(module) if isinstance(vars(module).get(k), Tensor)]
-    return [where[id(t)] for _, t in _tensors(block)] + attributes
-
-
-def _kernel_ids() -> tuple[int, ...]:
-    from qimg.nets import layers
-    from qimg.runtime import fp8
-
-    return id(layers._attention_impl), id(layers._norm_rope_impl), id(layers._linear_gelu_impl), id(fp8._fused)
-
-
-def _process_kernels() -> dict[str, str]:
-    """The kernels installed process-wide that a traced block calls (and so bakes in)."""
-    from qimg.nets import layers
-    from qimg.runtime import fp8
-
-    return {"attention": _callable_name(layers._attention_impl),
-            "norm_rope": _callable_name(layers._norm_rope_impl),
-            "linear_gelu": _callable_name(layers._linear_gelu_impl),
-            "fp8_fused": "none" if fp8._fused is None else getattr(fp8._fused, "__name__", "fused")}
-
-
-@functools.cache
-def _code_version() -> str:
-    """torch's version and a digest of qimg's sources: a package traced from other code is another package."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256(torch.__version__.encode())
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-# -- one call's arguments, flattened to tensors ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How a call's arguments become the package's tensor inputs (after the weights) and back. Each entry:
-    ("tensor", i) a tensor, ("complex", i) a complex tensor passed as its real view, ("int", i) an int passed as
-    the size of an empty tensor, ("record", type, ((field, i or (i, ...)), ...)) a frozen dataclass of ints and
-    tuples of ints (a TextPadding's lengths) likewise, ("const", value) anything else (baked in: part of the key).
-    """
-
-    entries: tuple[Any, ...]
-    names: tuple[str, ...]
-
-
-def _int_like(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _record(value: Any) -> bool:
-    """A frozen dataclass whose fields are all ints or tuples of ints."""
-    if not dataclasses.is_dataclass(value) or isinstance(value, type):
-        return False
-    if not value.__dataclass_params__.frozen:  # type: ignore[attr-defined]
-        return False
-    return all(_int_like(v) or (isinstance(v, tuple) and all(map(_int_like, v)))
-               for v in (getattr(value, f.name) for f in dataclasses.fields(value)))
-
-
-def _flatten(args: dict[str, Any], device: torch.device) -> tuple[_Layout, list[Tensor]]:
-    tensors: list[Tensor] = []
-    entries: list[Any] = []
-
-    def carrier(n: int) -> int:
-        tensors.append(torch.empty((n, 0), device=device))
-        return len(tensors) - 1
-
-    for value in args.values():
-        if isinstance(value, Tensor):
-            if value.is_complex():
-                tensors.append(torch.view_as_real(value))
-                entries.append(("complex", len(tensors) - 1))
-            else:
-                tensors.append(value)
-                entries.append(("tensor", len(tensors) - 1))
-        elif _int_like(value):
-            entries.append(("int", carrier(value)))
-        elif _record(value):
-            fields = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
-            entries.append(("record", type(value), tuple(
-                (name, carrier(v) if _int_like(v) else tuple(carrier(n) for n in v)) for name, v in fields)))
-        else:
-            _describe(value)  # refuses what cannot be baked in
-            entries.append(("const", value))
-    return _Layout(tuple(entries), tuple(args)), tensors
-
-
-def _unflatten(layout: _Layout, tensors: list[Tensor]) -> list[Any]:
-    out: list[Any] = []
-    for kind, *ref in layout.entries:
-        if kind == "tensor":
-            out.append(tensors[ref[0]])
-        elif kind == "complex":
-            out.append(torch.view_as_complex(tensors[ref[0]]))
-        elif kind == "int":
-            out.append(tensors[ref[0]].shape[0])
-        elif kind == "record":
-            cls, fields = ref
-            out.append(cls(**{name: tensors[i].shape[0] if isinstance(i, int)
-                              else tuple(tensors[j].shape[0] for j in i) for name, i in fields}))
-        else:
-            out.append(ref[0])
-    return out
 
 
 class _Functional(nn.Module):
     """The block as a function of (weights..., inputs...), for torch.export."""
 
-    def __init__(self, block: nn.Module, names: list[str], layout: _Layout, forward: Callable[..., Any]) -> None:
+    def __init__(self, block: nn.Module, names: list[str], layout: Layout, forward: Callable[..., Any]) -> None:
         super().__init__()
         # not a submodule: export would lift the block's own tensors into the package as constants
         object.__setattr__(self, "block", block)
@@ -269,7 +67,7 @@ class _Functional(nn.Module):
     def forward(self, *flat: Tensor) -> tuple[Tensor, ...]:
         n = len(self.names)
         weights = dict(zip(self.names, flat[:n], strict=True))
-        args = _unflatten(self.layout, list(flat[n:]))
+        args = unflatten(self.layout, list(flat[n:]))
         # functional_call would go through the block's __call__, which is this package's stand-in
         with torch.nn.utils.stateless._reparametrize_module(self.block, weights):  # type: ignore[attr-defined]
             out = self.forward_fn(*args)
@@ -343,7 +141,7 @@ def _shape_of(size: Any) -> int | str:
     return int(expr) if expr.is_number else str(expr)
 
 
-def _build(block: nn.Module, forward: Callable[..., Any], names: list[str], weights: list[Tensor], layout: _Layout,
+def _build(block: nn.Module, forward: Callable[..., Any], names: list[str], weights: list[Tensor], layout: Layout,
            tensors: list[Tensor], folder: Path, *, dynamic: bool) -> _Variant:
     """Export the block for this call's shapes (dynamic: every input size symbolic where the trace allows),
     compile it with AOTInductor and save it in `folder` as one more variant of its key."""
@@ -353,7 +151,7 @@ def _build(block: nn.Module, forward: Callable[..., Any], names: list[str], weig
     # the structure of the block's output, which the package returns flat (one eager call: export keeps nothing
     # its traced forward records)
     out_spec = torch.utils._pytree.treespec_dumps(torch.utils._pytree.tree_flatten(
-        forward(*_unflatten(layout, tensors)))[1])
+        forward(*unflatten(layout, tensors)))[1])
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         # torch's own pytree code warns about its own deprecated form while exporting: nothing a user can act on
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -429,18 +227,18 @@ class PackagedForward:
         # The block's tensors, fetched through slots found once per arrangement of its submodules (a LoRA
         # attached or detached, FP8 linears swapped in make a new one): walking named_parameters and named_buffers
         # on every call cost ~50 us of the ~150 us this call took on a 2-core CPU.
-        ids = _module_ids(self.block)
+        ids = module_ids(self.block)
         if ids != self._ids:
-            self._ids, self._slots = ids, _slots(self.block)
+            self._ids, self._slots = ids, tensor_slots(self.block)
             self._state = [(m, a) for m in self.block.modules() for a in getattr(type(m), "packaged_state", ())]
         weights = [getattr(module, kind)[name] for module, kind, name, _ in self._slots]
         # attributes their classes say change after loading (which LoRA branches are on): part of the structure
         state = tuple(tuple(map(id, v)) if isinstance(v := getattr(m, a), list | tuple) else v
                       for m, a in self._state)
         try:
-            layout, tensors = _flatten(bound.arguments, device)
+            layout, tensors = flatten(bound.arguments, device)
             key = self._key((ids, state), weights, layout, tensors, device)
-        except _Unpackageable:
+        except Unpackageable:
             return self._fallback(*args, **kwargs)
         names = [full for *_, full in self._slots]
         folder = self.cache / key
@@ -490,22 +288,22 @@ class PackagedForward:
         warnings.warn(f"could not package the compiled {type(self.block).__name__} ({reason}); using "
                       f"torch.compile for it (delete {folder} to try again)", stacklevel=3)
 
-    def _key(self, ids: Any, weights: list[Tensor], layout: _Layout, tensors: list[Tensor],
+    def _key(self, ids: Any, weights: list[Tensor], layout: Layout, tensors: list[Tensor],
              device: torch.device) -> str:
         # the block's structure is described once per arrangement of its submodules and tensors, not once per call
         try:
             hash(layout)
             arguments: Any = layout
         except TypeError:  # a constant argument that does not hash
-            arguments = json.dumps(_describe(list(layout.entries)))
+            arguments = json.dumps(describe(list(layout.entries)))
         token = (ids, tuple((t.shape, t.dtype) for t in weights), arguments, tuple(t.dtype for t in tensors),
-                 _kernel_ids())
+                 kernel_ids())
         cached = self._keys.get(token)
         if cached is None:
-            described = {"block": structure(self.block), "forward": _callable_name(self.forward),
-                         "layout": [layout.names, _describe(list(layout.entries))],
-                         "inputs": [[str(t.dtype), t.dim()] for t in tensors], "kernels": _process_kernels(),
-                         "device": _device_name(device), "code": _code_version()}
+            described = {"block": structure(self.block), "forward": callable_name(self.forward),
+                         "layout": [layout.names, describe(list(layout.entries))],
+                         "inputs": [[str(t.dtype), t.dim()] for t in tensors], "kernels": process_kernels(),
+                         "device": _device_name(device), "code": code_version()}
             digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
             cached = self._keys[token] = f"{type(self.block).__name__}-{digest}"
         return cached

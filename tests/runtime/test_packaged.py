@@ -17,9 +17,10 @@ import torch
 
 from qimg.nets.flux import FluxTransformer, flux_ids, flux_rope
 from qimg.nets.qwen_mmdit import QwenMMDiT, TextPadding, qwen_rope
-from qimg.runtime import packaged
+from qimg.runtime import package_key, packaged
 from qimg.runtime.lora import attach_lora, set_lora_strength
-from qimg.runtime.packaged import PackagedForward, _Unpackageable, _Variant, package_blocks, structure
+from qimg.runtime.package_key import Unpackageable, structure
+from qimg.runtime.packaged import PackagedForward, _Variant, package_blocks
 from qimg.specs import FluxParams, QwenMMDiTParams
 from tests.fixtures import randomize_
 
@@ -45,10 +46,18 @@ def _key_of(forward: PackagedForward, args: tuple) -> tuple[str, list[torch.Tens
     """The key a call makes, and its flattened tensors (after the weights)."""
     bound = forward.signature.bind(*args)
     bound.apply_defaults()
-    layout, tensors = packaged._flatten(bound.arguments, torch.device("cpu"))
+    layout, tensors = package_key.flatten(bound.arguments, torch.device("cpu"))
     block = forward.block
-    weights = [t for _, t in packaged._tensors(block)]
-    return forward._key(packaged._module_ids(block), weights, layout, tensors, torch.device("cpu")), tensors
+    weights = [t for _, t in package_key.named_tensors(block)]
+    return forward._key(package_key.module_ids(block), weights, layout, tensors, torch.device("cpu")), tensors
+
+
+def _falls_back_with(forward: PackagedForward, args: tuple, warning: str) -> None:
+    """The call warns (once) and computes what the block's own forward computes (the fallback, patched eager)."""
+    want = forward.forward(*args)
+    with pytest.warns(UserWarning, match=warning):
+        got = forward(*args)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def _packages(home: Path) -> list[Path]:
@@ -97,7 +106,7 @@ def test_a_tensor_the_graph_would_bake_in_is_refused_and_the_block_runs_compiled
     block = model.transformer_blocks[0]
     structure(block)  # a plain block: nothing refused
     block.attn.to_q = _Scaled()  # its gain: a value the graph reads, which a package would bake in
-    with pytest.raises(_Unpackageable, match="tensor attribute"):
+    with pytest.raises(Unpackageable, match="tensor attribute"):
         structure(block)
 
     monkeypatch.setenv("QIMG_HOME", str(tmp_path))
@@ -175,10 +184,7 @@ def test_a_saved_package_that_does_not_load_is_left_to_torch_compile(monkeypatch
     monkeypatch.setattr(packaged, "_build", lambda *a, **k: pytest.fail("a saved package was rebuilt"))
     monkeypatch.setattr(PackagedForward, "_fallback", lambda self, *a, **k: self.forward(*a))
     with torch.inference_mode():
-        want = block(*args)
-        with pytest.warns(UserWarning, match="could not package the compiled QwenBlock"):
-            got = forward(*args)
-    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        _falls_back_with(forward, args, "could not package the compiled QwenBlock")
     assert (folder / "failed.txt").is_file()
 
 
@@ -197,10 +203,7 @@ def test_a_package_that_refuses_a_call_leaves_it_to_torch_compile_in_this_proces
     forward.shared[key] = [variant]
     monkeypatch.setattr(PackagedForward, "_fallback", lambda self, *a, **k: self.forward(*a))
     with torch.inference_mode():
-        want = block(*args)
-        with pytest.warns(UserWarning, match="an input size check failed"):
-            got = forward(*args)
-        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        _falls_back_with(forward, args, "an input size check failed")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             forward(*args)  # the key is left to torch.compile for the rest of the process, quietly
