@@ -119,12 +119,12 @@ def main() -> None:
         io = wq.numel() * 3
         row("dequantize: eager", lambda: _dequantize(wq, ws, bf), io)
         row("dequantize: compiled", torch.compile(lambda: _dequantize(wq, ws, bf)), io, ref_w)
-        row("dequantize: fused", lambda: torch.ops.qimg.dequantize_rows(wq, ws, "bfloat16"), io, ref_w)
+        row("dequantize: fused", lambda: torch.ops.qimg.dequantize_rows(wq, ws, bf), io, ref_w)
         flops = 2 * 8192 * 3072 * 12288
         row("linear, bf16 weight", lambda: F.linear(a, w), flops)
         row("linear, fp8 weight: eager dequantize", lambda: F.linear(a, _dequantize(wq, ws, bf)), flops)
-        row("linear, fp8 weight: fused dequantize",
-            lambda: F.linear(a, torch.ops.qimg.dequantize_rows(wq, ws, "bfloat16")), flops)
+        row("linear, fp8 weight: fused dequantize", lambda: F.linear(a, torch.ops.qimg.dequantize_rows(wq, ws, bf)),
+            flops)
 
         # GELU in the cuBLASLt epilogue of the up projection (bf16 path)
         b = torch.randn(12288, device=dev, dtype=bf) * 0.02

@@ -26,8 +26,6 @@ on the tensors' device: CUDA, or the CPU under Triton's interpreter (TRITON_INTE
 from __future__ import annotations
 
 import functools
-import inspect
-import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -51,75 +49,22 @@ _LIB = torch.library.Library("qimg", "DEF")
 class _Op:
     """A kernel's launcher that torch.compile and torch.export see as the opaque op qimg::<name> (with a fake
     implementation for shapes, from `register_fake`) and eager code calls directly: through the op, every eager
-    call would pay torch's Python dispatch.
-
-    The op takes its dtype arguments by name ("bfloat16"): AOTInductor's proxy executor refuses an extern
-    kernel's ScalarType argument ("expected as_scalar_type ... got as_int", torch 2.11 and 2.13), so a compiled
-    block package could not call the op. The Python function keeps torch.dtype arguments."""
+    call would pay torch's Python dispatch."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
-        signature = inspect.signature(fn)
-        hints = typing.get_type_hints(fn)
-        self._dtypes = {name for name in signature.parameters if "dtype" in str(hints.get(name))}
-        def proto(*args: Any, **kwargs: Any) -> None:  # only its signature is read
-            pass
-
-        proto.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[_by_name_param(p, hints[p.name], p.name in self._dtypes)
-                        for p in signature.parameters.values()],
-            return_annotation=hints["return"])
-        _LIB.define(fn.__name__ + torch.library.infer_schema(proto, mutates_args=()))
-        _LIB.impl(fn.__name__, self._from_names(fn), "CompositeExplicitAutograd")
+        _LIB.define(fn.__name__ + torch.library.infer_schema(fn, mutates_args=()))
+        _LIB.impl(fn.__name__, fn, "CompositeExplicitAutograd")
         self.op = getattr(torch.ops.qimg, fn.__name__).default  # what dynamo and export put in the graph
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
-            args, kwargs = self.op_args(args, kwargs)
             return self.op(*args, **kwargs)
         return self.fn(*args, **kwargs)
 
-    def op_args(self, args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:
-        """The Python function's arguments as the op takes them: dtypes by name."""
-        names = list(inspect.signature(self.fn).parameters)
-        args = tuple(_dtype_name(a) if names[i] in self._dtypes else a for i, a in enumerate(args))
-        return args, {k: _dtype_name(v) if k in self._dtypes else v for k, v in (kwargs or {}).items()}
-
-    def _from_names(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        names = list(inspect.signature(fn).parameters)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            args = tuple(_dtype_of(a) if names[i] in self._dtypes else a for i, a in enumerate(args))
-            return fn(*args, **{k: _dtype_of(v) if k in self._dtypes else v for k, v in kwargs.items()})
-
-        return call
-
     def register_fake(self, fake: Callable[..., Any]) -> Callable[..., Any]:
-        return torch.library.register_fake(f"qimg::{self.fn.__name__}", self._from_names(fake), lib=_LIB)
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _dtype_of(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype")
-    return dtype
-
-
-def _by_name_param(param: inspect.Parameter, hint: Any, is_dtype: bool) -> inspect.Parameter:
-    """A parameter of the op's schema: a dtype one becomes its name (str, or str | None)."""
-    if not is_dtype:
-        return param.replace(annotation=hint)
-    default = param.default
-    if isinstance(default, torch.dtype):
-        default = _dtype_name(default)
-    return param.replace(annotation=str | None if "None" in str(hint) else str, default=default)
+        return torch.library.register_fake(f"qimg::{self.fn.__name__}", fake, lib=_LIB)
 
 
 def _launch_params(width: int) -> tuple[int, int]:

@@ -231,8 +231,7 @@ def test_opcheck(tk) -> None:
         (tk.qk_norm_rope, _qk_inputs(torch.bfloat16, torch.bfloat16, True)),
     ]
     for op, args in cases:
-        args, kwargs = op.op_args(args)
-        torch.library.opcheck(op.op, args, kwargs)
+        torch.library.opcheck(op.op, args)
 
 
 def test_a_dispatched_call_does_not_import_the_compiler() -> None:
@@ -251,49 +250,6 @@ def test_a_dispatched_call_does_not_import_the_compiler() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["torch.float8_e4m3fn", "False"]
-
-
-_PACKAGE_SCRIPT = """
-import os, sys, tempfile, torch
-from qimg.runtime import triton_kernels as tk
-dev = sys.argv[1]
-
-
-class Ops(torch.nn.Module):
-    def forward(self, h, x, shift, scale, w, ws):
-        q1, s1 = tk.gelu_quant(h)
-        q2, s2 = tk.gelu_quant(h, torch.float32)
-        q3, s3 = tk.norm_modulate(x, shift, scale, True, out_dtype=torch.float32)
-        y, _ = tk.norm_modulate(x, shift, scale, False)
-        return q1.float() * s1, q2 * s2, q3 * s3, y, tk.dequantize_rows(w, ws, torch.bfloat16)
-
-
-g = torch.Generator().manual_seed(0)
-h, x = torch.randn(3, 40, generator=g), torch.randn(2, 3, 40, generator=g)
-w, ws = torch.randn(6, 40, generator=g).to(torch.float8_e4m3fn), torch.rand(6, generator=g)
-args = [t.to(dev) for t in (h.bfloat16(), x.bfloat16(), x[:, :1].bfloat16() * 0.5, x[:, :1].bfloat16() * 0.25, w, ws)]
-program = torch.export.export(Ops(), tuple(args), strict=False)
-path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(tempfile.mkdtemp(), "ops.pt2"))
-loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
-got, want = loader.run(args), Ops()(*args)
-print(all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), len(got))
-"""
-
-
-@pytest.mark.slow
-def test_the_ops_run_inside_an_aotinductor_package() -> None:
-    """A compiled block package calls the ops from C++ (AOTInductor's proxy executor), which refused their
-    ScalarType arguments; by name they pass, and the package computes what the eager calls compute."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {**os.environ, "TRITON_INTERPRET": "0" if CUDA else "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    done = subprocess.run([sys.executable, "-c", _PACKAGE_SCRIPT, DEVICE], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-2:] == ["True", "5"]
 
 
 def test_errors(tk) -> None:
