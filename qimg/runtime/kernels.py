@@ -14,8 +14,10 @@ numerics elsewhere are unchanged. QIMG_FUSED_KERNELS=0 turns them off (to compar
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -49,6 +51,24 @@ def use_fused_kernels(device: torch.device | str) -> bool:
     layers.set_linear_gelu_impl(_linear_gelu_fused)
     fp8.set_fused_kernels(_kernels)
     return True
+
+
+@contextlib.contextmanager
+def pytorch_forms() -> Iterator[None]:
+    """Every fused call site in its PyTorch form for the duration (process-wide; the kernels in use come back
+    after). A compiled block package (runtime/packaged.py) is traced this way: its graph then holds no qimg op,
+    which AOTInductor would call back through Python (on the H200 machine, torch 2.11, every such call crashed
+    the process), and inductor fuses those forms itself about as well (bench/results/fusions_h200.json)."""
+    norm_rope = layers.set_norm_rope_impl(None)
+    linear_gelu = layers.set_linear_gelu_impl(None)
+    fused = fp8._fused
+    fp8.set_fused_kernels(None)
+    try:
+        yield
+    finally:
+        layers.set_norm_rope_impl(norm_rope)
+        layers.set_linear_gelu_impl(linear_gelu)
+        fp8.set_fused_kernels(fused)
 
 
 def _linear_gelu_fused(linear: nn.Module, x: Tensor) -> Tensor:

@@ -129,20 +129,16 @@ def tensor_slots(block: nn.Module) -> list[tuple[nn.Module, str, str, str]]:
 
 def kernel_ids() -> tuple[int, ...]:
     from qimg.nets import layers
-    from qimg.runtime import fp8
 
-    return id(layers._attention_impl), id(layers._norm_rope_impl), id(layers._linear_gelu_impl), id(fp8._fused)
+    return (id(layers._attention_impl),)
 
 
 def process_kernels() -> dict[str, str]:
-    """The kernels installed process-wide that a traced block calls (and so bakes in)."""
+    """The kernels installed process-wide that a package bakes in: the attention kernel. The fused kernels' call
+    sites are traced in their PyTorch forms whatever the process uses (runtime/kernels.pytorch_forms)."""
     from qimg.nets import layers
-    from qimg.runtime import fp8
 
-    return {"attention": callable_name(layers._attention_impl),
-            "norm_rope": callable_name(layers._norm_rope_impl),
-            "linear_gelu": callable_name(layers._linear_gelu_impl),
-            "fp8_fused": "none" if fp8._fused is None else getattr(fp8._fused, "__name__", "fused")}
+    return {"attention": callable_name(layers._attention_impl), "other call sites": "pytorch forms"}
 
 
 @functools.cache

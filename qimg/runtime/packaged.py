@@ -7,10 +7,13 @@ weights as inputs, compiled ahead of time (AOTInductor) and saved; one package s
 and a later process loads it with torch's C++ loader without importing torch._dynamo or torch._inductor
 (bench/results/compile_reuse_cpu.json).
 
-What a package bakes in is what its key names (runtime/package_key.py). A key's first package has static shapes
-(the faster kernels; a cron job's shapes never change); a call whose shapes fit none of the key's packages
-builds one more, with every size symbolic where the trace allows, which then serves the other prompt lengths and
-image sizes.
+What a package bakes in is what its key names (runtime/package_key.py). It is traced through the PyTorch forms
+of the fused kernels' call sites (runtime/kernels.pytorch_forms), which inductor fuses itself: a package that
+called a qimg op would call it back through Python, and on the H200 machine (torch 2.11) that crashed.
+
+A key's first package has static shapes (the faster kernels; a cron job's shapes never change); a call whose
+shapes fit none of the key's packages builds one more, with every size symbolic where the trace allows, which
+then serves the other prompt lengths and image sizes.
 
 A block that cannot be packaged (a tensor attribute the graph would bake in and no `packaged_inputs` declares;
 gradients needed), or whose export or compile fails, runs through torch.compile as before, with one warning
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from qimg.runtime.compile import compile_blocks, prepare_compiler
+from qimg.runtime.kernels import pytorch_forms
 from qimg.runtime.package_key import (
     Layout,
     Unpackageable,
@@ -152,7 +156,7 @@ def _build(block: nn.Module, forward: Callable[..., Any], names: list[str], weig
     # its traced forward records)
     out_spec = torch.utils._pytree.treespec_dumps(torch.utils._pytree.tree_flatten(
         forward(*unflatten(layout, tensors)))[1])
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), pytorch_forms():
         # torch's own pytree code warns about its own deprecated form while exporting: nothing a user can act on
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                 category=FutureWarning)

@@ -121,6 +121,46 @@ def test_a_tensor_the_graph_would_bake_in_is_refused_and_the_block_runs_compiled
     assert compiled == [1] and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+def test_a_package_traces_the_pytorch_forms_of_the_fused_call_sites(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """Whatever kernels the process runs at the fused call sites, the package is traced through their PyTorch
+    forms (a package must call no op back through Python), the key does not depend on them, and they are back
+    once the package is built."""
+    from qimg.nets import layers
+    from qimg.runtime import fp8
+
+    monkeypatch.setenv("QIMG_HOME", str(tmp_path))
+    fused_norm_rope = lambda *a: layers._norm_rope_torch(*a)  # noqa: E731 - stand-ins for the CUDA kernels
+    fused_gelu = lambda *a: layers._linear_gelu_torch(*a)  # noqa: E731
+    seen = []
+    export = torch.export.export
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append((layers._norm_rope_impl, layers._linear_gelu_impl, fp8._fused))
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", spy)
+    model = randomize_(QwenMMDiT(QWEN), 5).eval()
+    args = _qwen_inputs(7)
+    with torch.inference_mode():
+        want = model(*args)
+        package_blocks(model.transformer_blocks)
+        key = _key_of(model.transformer_blocks[0].forward, _block_inputs(7))[0]
+        previous = (layers.set_norm_rope_impl(fused_norm_rope), layers.set_linear_gelu_impl(fused_gelu), fp8._fused)
+        fp8.set_fused_kernels(object())
+        try:
+            fused = (layers._norm_rope_impl, layers._linear_gelu_impl, fp8._fused)
+            assert _key_of(model.transformer_blocks[0].forward, _block_inputs(7))[0] == key
+            got = model(*args)
+            assert (layers._norm_rope_impl, layers._linear_gelu_impl, fp8._fused) == fused  # back after the build
+        finally:
+            layers.set_norm_rope_impl(previous[0])
+            layers.set_linear_gelu_impl(previous[1])
+            fp8.set_fused_kernels(previous[2])
+    assert seen == [(layers._norm_rope_torch, layers._linear_gelu_torch, None)]  # one build, in the PyTorch forms
+    assert _diff(got, want) < 1e-5
+
+
 def test_a_failed_build_is_remembered_and_later_processes_go_straight_to_torch_compile(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("QIMG_HOME", str(tmp_path))
@@ -361,8 +401,9 @@ print(json.dumps({"rel": float((out - eager).norm() / eager.norm()), "fused": fu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("fp8", ["compute", "weights"])
 def test_packages_on_the_gpu_with_the_fused_kernels_and_fp8(tmp_path: Path, fp8: str) -> None:
-    """On CUDA the blocks call the fused Triton kernels (ops the package calls back) and FP8 linears: the package
-    computes what the eager blocks compute, and a new process loads it without the compiler."""
+    """On CUDA the process runs the fused Triton kernels, which the package traces in their PyTorch forms, and
+    FP8 linears: the package computes what the eager blocks compute, and a new process loads it without the
+    compiler."""
     if fp8 == "compute" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 compute needs FP8 tensor cores")
     env = {**os.environ, "QIMG_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
