@@ -22,12 +22,15 @@ for a failure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
@@ -57,6 +60,21 @@ from qimg.runtime.package_key import (
 
 _FAILURE = "failed.txt"  # in a key's folder: why its package could not be built
 _FAILED: set[Path] = set()  # keys that failed in this process
+_LOADER: dict[str, bool] = {}  # device name -> whether torch's package loader works there (loader_works)
+# A one-linear package, built and run in a child process: loader_works' probe.
+_PROBE = """
+import sys, torch
+device = torch.device(sys.argv[1])
+torch.manual_seed(0)
+linear, x = torch.nn.Linear(16, 16).to(device).eval(), torch.randn(4, 16).to(device)
+with torch.no_grad():
+    program = torch.export.export(linear, (x,), strict=False)
+    path = torch._inductor.aoti_compile_and_package(program, package_path=sys.argv[2])
+    index = -1 if device.type == "cpu" else device.index or 0
+    runner = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index)
+    assert torch.allclose(runner.run([x])[0], linear(x), atol=1e-3), "wrong values"
+print("ok")
+"""
 
 
 class _Functional(nn.Module):
@@ -228,6 +246,8 @@ class PackagedForward:
         bound.apply_defaults()
         tensors_in = [v for v in bound.arguments.values() if isinstance(v, Tensor)]
         device = tensors_in[0].device if tensors_in else torch.device("cpu")
+        if not _loader_ok(device, self.cache):
+            return self._fallback(*args, **kwargs)
         # The block's tensors, fetched through slots found once per arrangement of its submodules (a LoRA
         # attached or detached, FP8 linears swapped in make a new one): walking named_parameters and named_buffers
         # on every call cost ~50 us of the ~150 us this call took on a 2-core CPU.
@@ -317,6 +337,56 @@ class PackagedForward:
             compile_blocks([])  # the cache folders and the dynamo cache size, as for compile_blocks
             self._compiled = torch.compile(self.forward, fullgraph=True)
         return self._compiled(*args, **kwargs)
+
+
+def _loader_ok(device: torch.device, cache: Path) -> bool:
+    # the CPU's loader is the one the test suite runs
+    return device.type == "cpu" or loader_works(device, cache)
+
+
+def loader_works(device: torch.device, cache: Path) -> bool:
+    """Whether torch's package loader runs a package on this (non-CPU) device. A loader that crashes takes its
+    process with it, and one did: on the H200 machine (torch 2.11 with CUDA 13) even a one-linear CUDA package,
+    loaded by torch's own aoti_load_package, died with SIGSEGV. So the first use on a device, torch and CUDA
+    version builds and runs a tiny package in a child process (~1 min, once), and the verdict is kept in
+    `cache` (loader-<digest>.json) for later processes; where it fails, --compile uses torch.compile."""
+    name = _device_name(device)
+    known = _LOADER.get(name)
+    if known is not None:
+        return known
+    record = cache / f"loader-{hashlib.sha256(f'{name}:{torch.__version__}'.encode()).hexdigest()[:16]}.json"
+    try:
+        known = bool(json.loads(record.read_text())["works"])
+    except (OSError, ValueError, KeyError, TypeError):
+        reason = _probe(device, cache)
+        known = reason is None
+        with contextlib.suppress(OSError):
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = record.with_suffix(".partial")
+            partial.write_text(json.dumps({"works": known, "reason": reason, "device": name,
+                                           "torch": torch.__version__}))
+            partial.replace(record)
+        if not known:
+            warnings.warn(f"torch's AOTInductor package loader fails on {name} with torch {torch.__version__} "
+                          f"({reason}); --compile uses torch.compile there (delete {record} to test again)",
+                          stacklevel=4)
+    _LOADER[name] = known
+    return known
+
+
+def _probe(device: torch.device, cache: Path) -> str | None:
+    """Build and run a one-linear package on `device` in a child process: None if it worked, else why not."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        try:
+            done = subprocess.run([sys.executable, "-c", _PROBE, str(device), str(Path(work) / "probe.pt2")],
+                                  capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"{type(e).__name__}: {e}"
+    if done.returncode == 0 and done.stdout.strip().endswith("ok"):
+        return None
+    last = (done.stderr.strip().splitlines() or [""])[-1][:200]
+    return f"the probe exited with {done.returncode}" + (f": {last}" if last else "")
 
 
 def _device_name(device: torch.device) -> str:

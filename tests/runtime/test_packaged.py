@@ -400,13 +400,16 @@ print(json.dumps({"rel": float((out - eager).norm() / eager.norm()), "fused": fu
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("fp8", ["compute", "weights"])
-def test_packages_on_the_gpu_with_the_fused_kernels_and_fp8(tmp_path: Path, fp8: str) -> None:
+def test_packages_on_the_gpu_with_the_fused_kernels_and_fp8(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            fp8: str) -> None:
     """On CUDA the process runs the fused Triton kernels, which the package traces in their PyTorch forms, and
     FP8 linears: the package computes what the eager blocks compute, and a new process loads it without the
     compiler."""
     if fp8 == "compute" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 compute needs FP8 tensor cores")
     env = {**os.environ, "QIMG_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    monkeypatch.setattr(packaged, "_LOADER", {})  # the probe, here (its verdict in tmp_path): the children read it
+    works = packaged.loader_works(torch.device("cuda"), tmp_path / "compile" / "aoti")
 
     def run() -> dict:
         done = subprocess.run([sys.executable, "-c", _GPU_PROCESS, fp8], cwd=REPO, env=env, capture_output=True,
@@ -417,6 +420,44 @@ def test_packages_on_the_gpu_with_the_fused_kernels_and_fp8(tmp_path: Path, fp8:
 
     first = run()
     assert first["fused"] and first["rel"] < 2e-2  # bf16 (and e4m3) kernels fused in another order
+    if not works:  # the blocks ran through torch.compile instead, checked above against eager
+        (record,) = (tmp_path / "compile" / "aoti").glob("loader-*.json")
+        pytest.skip(f"torch's package loader fails on this GPU: {json.loads(record.read_text())['reason']}")
     second = run()
     assert second["compiler"] == [] and second["out"] == first["out"] and len(_packages(tmp_path)) == 1
 
+
+@pytest.mark.slow
+def test_the_loader_probe_builds_and_runs_a_package_in_a_child_process(tmp_path: Path) -> None:
+    assert packaged._probe(torch.device("cpu"), tmp_path) is None
+    assert list(tmp_path.iterdir()) == []  # its work folder is gone
+
+
+def test_a_crashing_probe_is_reported_remembered_and_not_run_again(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """A loader that crashes kills its process: the probe's child dies instead, the device is marked, and later
+    processes read the verdict instead of probing again."""
+    monkeypatch.setattr(packaged, "_PROBE", "import os; os.abort()")
+    monkeypatch.setattr(packaged, "_LOADER", {})
+    device = torch.device("cpu")
+    with pytest.warns(UserWarning, match=r"loader fails on cpu:\w+ with torch .* \(the probe exited with -6"):
+        assert not packaged.loader_works(device, tmp_path)
+    (record,) = tmp_path.glob("loader-*.json")
+    assert json.loads(record.read_text())["works"] is False
+    monkeypatch.setattr(packaged, "_LOADER", {})  # a later process
+    monkeypatch.setattr(packaged, "_probe", lambda *a: pytest.fail("probed again"))
+    assert not packaged.loader_works(device, tmp_path)
+
+
+def test_where_the_loader_fails_the_blocks_run_through_torch_compile(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    monkeypatch.setenv("QIMG_HOME", str(tmp_path))
+    monkeypatch.setattr(packaged, "_loader_ok", lambda device, cache: False)
+    monkeypatch.setattr(packaged, "_build", lambda *a, **k: pytest.fail("packaged where the loader fails"))
+    compiled = []
+    monkeypatch.setattr(PackagedForward, "_fallback", lambda self, *a, **k: compiled.append(1) or self.forward(*a))
+    model = randomize_(QwenMMDiT(QWEN), 3).eval()
+    with torch.inference_mode():
+        want = model(*_qwen_inputs(7))
+        package_blocks(model.transformer_blocks)
+        assert _diff(model(*_qwen_inputs(7)), want) == 0 and compiled == [1, 1]
