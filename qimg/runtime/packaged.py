@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -398,14 +399,18 @@ def _device_name(device: torch.device) -> str:
 
 def package_blocks(blocks: Iterable[nn.Module]) -> int:
     """Run each block through AOTInductor packages cached under $QIMG_HOME/compile/aoti (built on first use,
-    loaded by later processes); returns the count. Blocks of one class share their packages."""
-    cache = prepare_compiler()
+    loaded by later processes); returns the count. Blocks of one class share their packages. On a device where
+    torch's package loader fails (loader_works), the blocks are compiled as compile_blocks does instead."""
+    cache = prepare_compiler() / "aoti"
+    blocks = list(blocks)
+    devices = {t.device for block in blocks for t in itertools.islice(itertools.chain(block.parameters(),
+                                                                                        block.buffers()), 1)}
+    if not all(_loader_ok(device, cache) for device in devices):
+        return compile_blocks(blocks)
     shared: dict[str, list[_Variant]] = {}
-    count = 0
     for block in blocks:
-        block.forward = PackagedForward(block, cache / "aoti", shared)  # type: ignore[method-assign]
-        count += 1
-    return count
+        block.forward = PackagedForward(block, cache, shared)  # type: ignore[method-assign]
+    return len(blocks)
 
 
 def packages_apply(resident: bool, parallel: Any) -> bool:
