@@ -166,7 +166,6 @@ def load(
     shape: RequestShape | None = None,
     transformer: str | Path | None = None,
     loras: Sequence[tuple[str | Path, float]] = (),
-    early_prompts: Sequence[tuple[str, int]] = (),
     **overrides: Any,
 ) -> Pipeline:
     """Load a model (a name, repo id or folder in the diffusers layout) as its family's pipeline, whose
@@ -180,15 +179,13 @@ def load(
     pairs to apply from the start; options.lora_mode "auto" (the default) and "merge" fold them into the weights
     as they load (no per-step cost; they then stay for the pipeline's life), "branch" attaches them as side
     branches that pipe.set_lora_scale / unload_lora / apply_loras can change. pipe.load_lora after loading
-    always attaches a side branch. early_prompts: (prompt, max_sequence_length) pairs the first run will encode;
-    when the text encoder loads on a thread beside the denoiser (everything resident on a GPU), it encodes them
-    as soon as it is loaded, while the denoiser is still loading."""
+    always attaches a side branch."""
     from qimg import families
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
     if transformer is not None:
         ref = with_transformer(ref, transformer)
-    return families.load(ref, _options(options, overrides), shape, loras, early_prompts)
+    return families.load(ref, _options(options, overrides), shape, loras)
 
 
 def train_lora(

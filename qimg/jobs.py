@@ -49,16 +49,6 @@ class Job:
         n_images = len(self.inputs.get("images", ()))
         return request_shape(self.ref.spec, self.request, n_images, "embeddings" in self.inputs)
 
-    @property
-    def prompts(self) -> list[tuple[str, int]]:
-        """(text, max_sequence_length) of the prompts the run encodes with the text encoder alone, for qimg.load's
-        early_prompts: none with saved embeddings or input images (an edit's prompt is encoded with them)."""
-        if "embeddings" in self.inputs or self.inputs.get("images"):
-            return []
-        request = self.request
-        texts = [request.prompt] + ([request.negative] if request.cfg_enabled and request.negative is not None else [])
-        return [(text, request.max_sequence_length) for text in texts]
-
 
 def parse_lora(text: str) -> tuple[str, float]:
     """--lora PATH[:SCALE] -> (path, scale); the scale defaults to 1.0 and may be zero or negative. A colon that

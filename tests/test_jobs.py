@@ -66,33 +66,3 @@ def test_edit_one_shot(tiny_qwen_edit_pipe_and_dir, one_thread):
     out = qimg.edit(tiny_qwen_edit_pipe_and_dir[1], "a hat", [Image.new("RGB", (40, 32), (200, 10, 10))],
                     qimg.RuntimeOptions(device="cpu"), steps=1, seed=1, width=32, height=32)
     assert out[0].size == (32, 32) and out[0].info["qimg"]["prompt"] == "a hat"
-
-
-def test_prompts_encoded_while_the_denoiser_loads_give_the_same_image(tiny_qwen: Path, monkeypatch, one_thread):
-    """early_prompts: where the text encoder loads on a thread beside the denoiser (on a GPU with everything
-    resident; forced here on the CPU), the worker encodes the job's prompts as soon as it has the encoder, and
-    the run uses them: the same image as encoding at the text phase."""
-    import threading
-
-    from qimg.pipelines import base
-    from qimg.pipelines.prompts import QwenPromptEncoder
-
-    job = qimg.prepare_generate(tiny_qwen, "a lighthouse", negative="blurry", seed=5, steps=2, width=32, height=32,
-                                cfg=4.0)
-    length = job.request.max_sequence_length
-    assert job.prompts == [("a lighthouse", length), ("blurry", length)]
-    plain = qimg.load(tiny_qwen, device="cpu").run(job)
-
-    threads: list[str] = []
-    encode = QwenPromptEncoder.encode
-
-    def spy(self, *args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return encode(self, *args, **kwargs)
-
-    monkeypatch.setattr(QwenPromptEncoder, "encode", spy)
-    monkeypatch.setattr(base, "text_beside_denoiser", lambda plan, device: True)
-    early = qimg.load(tiny_qwen, device="cpu", early_prompts=job.prompts).run(job)
-    assert threads == ["qimg-text-load", "qimg-text-load"]  # both on the worker, none at the text phase
-    assert np.array_equal(np.asarray(early[0]), np.asarray(plain[0]))
-    assert job.prompts and not qimg.prepare_generate(tiny_qwen, "a fox", cfg=1.0).prompts[1:]  # CFG off: no negative

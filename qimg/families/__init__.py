@@ -36,12 +36,11 @@ def get(name: str) -> Family:
 
 
 def load(ref: ModelRef, options: RuntimeOptions, shape: RequestShape | None = None,
-         loras: Sequence[tuple[str | Path, float]] = (), early_prompts: Sequence[tuple[str, int]] = ()) -> Pipeline:
+         loras: Sequence[tuple[str | Path, float]] = ()) -> Pipeline:
     """The family's pipeline for a resolved model, loaded as `options` say, its memory planned for `shape`, with
-    `loras` ((path, scale) pairs) merged or attached as options.lora_mode says; `early_prompts` as
-    Pipeline.load says."""
+    `loras` ((path, scale) pairs) merged or attached as options.lora_mode says."""
     family = get(ref.spec.family)
-    return family.pipeline.load(ref, family, options, shape, loras, early_prompts)
+    return family.pipeline.load(ref, family, options, shape, loras)
 
 
 def load_vae(ref: ModelRef, options: RuntimeOptions) -> Any:

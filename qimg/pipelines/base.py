@@ -99,14 +99,11 @@ class Pipeline(abc.ABC):
 
     @classmethod
     def load(cls, ref: ModelRef, family: Family, options: RuntimeOptions, shape: RequestShape | None = None,
-             loras: Sequence[tuple[str | Path, float]] = (), early_prompts: Sequence[tuple[str, int]] = ()
-             ) -> Pipeline:
+             loras: Sequence[tuple[str | Path, float]] = ()) -> Pipeline:
         """Load a model folder (its transformer weights from ref.transformer, one file, when set) as a memory plan
         for `shape` places it, then apply the runtime features asked for: the attention kernel (process-wide),
         FP8 linears, regional compile. loras: (path, scale) pairs applied as options.lora_mode says (merged into
-        the weights as they load, or attached as side branches once loaded). early_prompts: (prompt,
-        max_sequence_length) pairs the first run will encode: where the text encoder loads beside the denoiser,
-        it encodes them while the denoiser is still loading."""
+        the weights as they load, or attached as side branches once loaded)."""
         dev, dt = resolve_device(options)
         parallel = parallel_plan(options)
         shape = shape or RequestShape()
@@ -136,7 +133,7 @@ class Pipeline(abc.ABC):
         prompts = cls.prompt_encoder(ref, family, dev, dt, fp8=options.fp8, plan=plan, residency=None)
         if shape.text_encoder:
             if text_beside_denoiser(plan, dev):
-                prompts.load_in_background(early_prompts)
+                prompts.load_in_background()
             else:
                 prompts.load_tokenizers()  # small files, read first: a broken one fails before gigabytes load
         try:

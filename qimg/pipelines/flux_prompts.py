@@ -117,10 +117,10 @@ class FluxPromptEncoder(TextEncoderSlot):
         """The positive and (if asked and given) negative embeddings of a request, with their provenance."""
         self.check_images(images)
         check_length(request.max_sequence_length)
-        cond = self.encoded(request.prompt, request.max_sequence_length)
+        cond = self.encode(request.prompt, request.max_sequence_length)
         uncond = None
         if with_negative and request.negative is not None:
-            uncond = self.encoded(request.negative, request.max_sequence_length)
+            uncond = self.encode(request.negative, request.max_sequence_length)
         root = self.ref.path
         meta = {
             "family": self.ref.spec.family,

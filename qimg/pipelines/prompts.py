@@ -98,10 +98,10 @@ class QwenPromptEncoder(TextEncoderSlot):
     ) -> EmbeddingsFile:
         """The positive and (if asked and given) negative embeddings of a request, with their provenance."""
         self.check_images(images)
-        cond = self.encoded(request.prompt, request.max_sequence_length, images)
+        cond = self.encode(request.prompt, request.max_sequence_length, images)
         uncond = None
         if with_negative and request.negative is not None:
-            uncond = self.encoded(request.negative, request.max_sequence_length, images)
+            uncond = self.encode(request.negative, request.max_sequence_length, images)
         meta = {
             "family": self.ref.spec.family,
             "template": self.template_name,

@@ -10,7 +10,7 @@ import gc
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,24 +35,17 @@ class TextEncoderSlot(abc.ABC):
     plan: MemoryPlan | None = None  # where the encoder runs and whether it visits the GPU only to encode
     residency: Residency | None = None
     _model: Any = None
-    _pending: Future[tuple[Any, Offloaded | None, dict[tuple[str, int], Any]]] | None = None
+    _pending: Future[tuple[Any, Offloaded | None]] | None = None
     _loader: threading.Thread | None = None  # the worker of load_in_background
-    _early: dict[tuple[str, int], Any] = field(default_factory=dict)  # (prompt, max length) -> what the worker encoded
-    _worker_model: Any = field(default=None, init=False, repr=False)  # the worker's, while it encodes (not copied)
 
-    def load_in_background(self, prompts: Sequence[tuple[str, int]] = ()) -> None:
+    def load_in_background(self) -> None:
         """Start loading on a worker thread, the tokenizers first, so reading them and the text encoder overlaps
         what the caller loads next (the denoiser); the first use of .model (or of a tokenizer, through
         _read_once) waits for it, and a load that failed raises there. The thread is a daemon: an
-        interrupted run exits without waiting for it.
-
-        prompts: (text, max_sequence_length) pairs the worker encodes as soon as the encoder is loaded, while the
-        caller is still loading the denoiser, so that a run's text phase overlaps that load instead of following
-        it (text only: an edit model's prompt needs its images). encoded() hands them out; one that fails here is
-        encoded again there, where its error is raised."""
+        interrupted run exits without waiting for it."""
         if self._model is not None or self._pending is not None:
             return
-        future: Future[tuple[Any, Offloaded | None, dict[tuple[str, int], Any]]] = Future()
+        future: Future[tuple[Any, Offloaded | None]] = Future()
 
         def work() -> None:
             if not future.set_running_or_notify_cancel():
@@ -61,21 +54,9 @@ class TextEncoderSlot(abc.ABC):
                 # a tokenizer costs seconds where transformers reads it (edit models; its imports more): here
                 # rather than in front of the denoiser's load
                 self.load_tokenizers()
-                model, offloaded = self._load()
+                future.set_result(self._load())
             except BaseException as e:  # handed to whoever waits on .model, as a plain load would raise it
                 future.set_exception(e)
-                return
-            early: dict[tuple[str, int], Any] = {}
-            if offloaded is None:  # an encoder that visits the GPU only to encode waits for the run's text phase
-                self._worker_model = model
-                try:
-                    for text, length in dict.fromkeys(prompts):
-                        early[text, length] = self.encode(text, length)
-                except Exception:  # noqa: BLE001, S110 - encoded() encodes it again and raises there
-                    pass
-                finally:
-                    self._worker_model = None
-            future.set_result((model, offloaded, early))
 
         quick_thread_handoff()  # this thread's Python would otherwise hold up the caller's torch calls
         self._pending = future
@@ -104,38 +85,18 @@ class TextEncoderSlot(abc.ABC):
     @property
     def model(self) -> Any:
         if self._model is None:
-            if self._worker_model is not None and threading.current_thread() is self._loader:
-                return self._worker_model  # the worker encoding the prompts it was given, before handing over
             pending, self._pending = self._pending, None
-            if pending is None:
-                self._model, offloaded = self._load()
-            else:
-                self._model, offloaded, early = pending.result()
-                self._early.update(early)
+            self._model, offloaded = pending.result() if pending is not None else self._load()
             if offloaded is not None and self.residency is not None:
                 self.residency.add("text_encoder", offloaded)
         return self._model
-
-    def encoded(self, prompt: str, max_sequence_length: int, images: Sequence[Any] = ()) -> Any:
-        """encode(prompt, max_sequence_length, images), or the embeddings the background load already made."""
-        if not images:
-            _ = self.model  # a background load hands over what it encoded with the model
-            early = self._early.get((prompt, max_sequence_length))
-            if early is not None:
-                return early
-        return self.encode(prompt, max_sequence_length, images)
-
-    @abc.abstractmethod
-    def encode(self, prompt: str, max_sequence_length: int, images: Sequence[Any] = ()) -> Any:
-        """Conditioning for one prompt (the family's PromptEmbeds)."""
 
     def release(self) -> None:
         """Free the text encoder(s) (a later prompt loads them again)."""
         if self._pending is not None:  # a background load finishes first, so that its memory is freed below
             pending, self._pending = self._pending, None
             with contextlib.suppress(BaseException):  # a load that failed left nothing to free
-                self._model, _, _ = pending.result()
-        self._early.clear()
+                self._model, _ = pending.result()
         if self._model is None:
             return
         if self.residency is not None:

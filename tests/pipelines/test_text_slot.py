@@ -21,7 +21,6 @@ class _Slot(TextEncoderSlot):
     started: threading.Event | None = None
     release_load: threading.Event | None = None
     threads: list[str] | None = None
-    bad_prompt: str | None = None
     _tokenizer: Any = None
 
     def load_tokenizers(self) -> None:
@@ -46,13 +45,6 @@ class _Slot(TextEncoderSlot):
         if self.fail:
             raise CheckpointError("text_encoder/ weights do not match the network")
         return object(), None
-
-
-    def encode(self, prompt: str, max_sequence_length: int, images: Any = ()) -> Any:
-        self.threads.append(f"encode {prompt!r} on {threading.current_thread().name}")  # type: ignore[union-attr]
-        if prompt == self.bad_prompt:
-            raise ConfigError(f"cannot encode {prompt!r}")
-        return (self.model, prompt, max_sequence_length, len(images))
 
 
 def _slot(**kw: Any) -> _Slot:
@@ -117,49 +109,3 @@ def test_a_broken_tokenizer_read_in_the_background_fails_at_the_text_phase() -> 
     with pytest.raises(ConfigError, match="readable tokenizer"):
         slot.tokenizer  # noqa: B018  (read again here: the same one-line error)
     assert "qimg-text-load" not in slot.threads  # the model was never loaded
-
-
-def test_prompts_given_to_a_background_load_are_encoded_on_the_worker_and_handed_out() -> None:
-    slot = _slot()
-    slot.load_in_background([("a fox", 77), (" ", 77), ("a fox", 77)])
-    model = slot.model
-    assert slot.encoded("a fox", 77) == (model, "a fox", 77, 0)  # with the model handed over, not another
-    assert slot.encoded(" ", 77) == (model, " ", 77, 0)
-    assert slot.threads == ["tokenizer on qimg-text-load", "qimg-text-load", "encode 'a fox' on qimg-text-load",
-                            "encode ' ' on qimg-text-load"]  # each once: a repeated pair is encoded once
-    # another length, another prompt, or images: encoded here
-    assert slot.encoded("a fox", 512) == (model, "a fox", 512, 0)
-    assert slot.encoded("a cat", 77) == (model, "a cat", 77, 0)
-    assert slot.encoded("a fox", 77, [object()]) == (model, "a fox", 77, 1)
-    assert slot.threads[4:] == ["encode 'a fox' on MainThread", "encode 'a cat' on MainThread",
-                                "encode 'a fox' on MainThread"]
-
-
-def test_encoded_waits_for_the_worker_even_when_asked_first() -> None:
-    started, go = threading.Event(), threading.Event()
-    slot = _slot(started=started, release_load=go)
-    slot.load_in_background([("a fox", 77)])
-    assert started.wait(10)
-    threading.Timer(0.2, go.set).start()
-    assert slot.encoded("a fox", 77)[1:] == ("a fox", 77, 0)
-    assert slot.threads.count("encode 'a fox' on qimg-text-load") == 1
-    assert "encode 'a fox' on MainThread" not in slot.threads
-
-
-def test_a_prompt_that_fails_on_the_worker_is_encoded_again_where_its_error_is_raised() -> None:
-    slot = _slot(bad_prompt="bad")
-    slot.load_in_background([("bad", 77), ("good", 77)])
-    slot.model  # noqa: B018  (the load itself succeeded)
-    with pytest.raises(ConfigError, match="cannot encode 'bad'"):
-        slot.encoded("bad", 77)
-    assert slot.encoded("good", 77)[1] == "good"  # the worker stopped at the failure: encoded here
-    assert slot.threads[-2:] == ["encode 'bad' on MainThread", "encode 'good' on MainThread"]
-
-
-def test_release_drops_the_early_encodings_and_the_model() -> None:
-    slot = _slot()
-    slot.load_in_background([("a fox", 77)])
-    slot.release()
-    assert not slot.loaded
-    assert slot.encoded("a fox", 77)[1] == "a fox"  # loads again on this thread and encodes here
-    assert slot.threads[-2:] == ["MainThread", "encode 'a fox' on MainThread"]

@@ -368,7 +368,7 @@ def run_and_save(
     # SIGTERM as Ctrl-C: save_png's cleanup then runs, so a killed run leaves no temporary file.
     with qimg.catch_signals():
         with out.status(f"loading {job.ref.name}"):
-            pipe = qimg.load(job.ref, runtime, shape=job.shape, loras=job.loras or (), early_prompts=job.prompts)
+            pipe = qimg.load(job.ref, runtime, shape=job.shape, loras=job.loras or ())
         loaded = time.perf_counter() - started
         out.info(f"loaded {job.ref.name} on {pipe.device} ({pipe.dtype}) in {loaded:.1f} s")
         show_loaded(out, pipe, verbose)
