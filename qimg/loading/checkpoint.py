@@ -129,6 +129,17 @@ def open_checkpoint(files: list[Path]) -> dict[str, Any]:
     return where
 
 
+def own_memory(tensor: Tensor) -> Tensor:
+    """`tensor` in memory of its own where it is a CPU view at an offset that is not 64-byte aligned. safetensors
+    (0.8) hands out views into the file's mapping at whatever offset the file puts a tensor, and a CPU matmul's
+    result can depend on its operands' alignment (fp32 on an AMD EPYC host: the weights of a FLUX.1 file in BFL's
+    layout gave another image than the same weights from the diffusers folder): a copy makes the result the one
+    the weights give however they were stored."""
+    if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+        return tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
+
+
 def tensor_headers(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (safetensors dtype such as "BF16", shape), from the file headers alone."""
     out = {}

@@ -200,7 +200,7 @@ def load_parts(found: TransformerFile, build: Callable[[], nn.Module], *, device
     checkpoint.load_module does for files named as the network is): names and shapes checked from the header first,
     errors naming the file's keys; `convert` casts each part; group / on_group load block by block; later /
     on_later leave groups unread, with the function that reads them (as load_module does)."""
-    from qimg.loading.checkpoint import check_keys, meta_device
+    from qimg.loading.checkpoint import check_keys, meta_device, own_memory
 
     with meta_device():
         module = build()
@@ -218,7 +218,7 @@ def load_parts(found: TransformerFile, build: Callable[[], nn.Module], *, device
             handle = found._handle(key)
             rows = parts.get(name)
             tensor = handle.get_tensor(key) if rows is None else take_rows(handle.get_slice(key), rows)
-            state[name] = convert(name, tensor).to(to)
+            state[name] = own_memory(convert(name, tensor).to(to))
         return state
 
     def reader_of(prefix: str, names: list[str]) -> Callable[[nn.Module, Any], None]:

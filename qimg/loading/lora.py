@@ -26,6 +26,7 @@ from torch import Tensor
 
 from qimg.errors import CheckpointError, InputError
 from qimg.loading.adapters import MISFIT, Adapter, LoHaModule, LoKrModule, LoRAModule, loha_pair, lokr_rank, lokr_w
+from qimg.loading.checkpoint import own_memory
 from qimg.loading.keymaps import (
     LORA_DIALECTS,
     LORA_FAMILY_ARCHITECTURES,
@@ -406,7 +407,7 @@ def _lycoris_alpha(shown: str, handle: Any, group: dict[str, str], rank: int) ->
 
 def _tensor(shown: str, handle: Any, key: str) -> Tensor:
     try:
-        return handle.get_tensor(key)
+        return own_memory(handle.get_tensor(key))
     except Exception as e:  # a dtype this torch lacks, or data the header promised and the file does not hold
         raise CheckpointError(f"{shown}: tensor {_show(key)} cannot be read ({_one_line(e)})",
                               hint=_HINT_DAMAGED) from None

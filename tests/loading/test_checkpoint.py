@@ -218,3 +218,21 @@ def test_meta_device_skips_random_init_only_on_meta_and_only_in_its_thread() -> 
     assert seen["linear"].device.type == "cpu" and seen["linear"].std() > 0  # the other thread: a normal build
     assert torch.nn.init.uniform_ is real  # a per-thread mode, not a patched torch.nn.init
     assert torch.nn.Linear(4, 4).weight.device.type == "cpu"  # nothing outlives the context
+
+
+def test_a_tensor_read_at_an_unaligned_offset_gets_memory_of_its_own(tmp_path) -> None:
+    """safetensors hands out views into the file at the offsets it stores them at; weights must not depend on
+    that (a CPU matmul's result can depend on its operands' alignment)."""
+    from safetensors import safe_open
+
+    from qimg.loading.checkpoint import own_memory
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(3, 5), "b": torch.randn(7, 4)}, str(path))
+    with safe_open(str(path), "pt") as handle:
+        views = [handle.get_tensor("a"), handle.get_tensor("b"), handle.get_slice("b")[1:3]]
+    assert any(v.data_ptr() % 64 for v in views)  # what this test is about: some are not aligned
+    for view in views:
+        owned = own_memory(view)
+        assert owned.data_ptr() % 64 == 0 and torch.equal(owned, view)
+        assert (owned is view) == (view.data_ptr() % 64 == 0)  # aligned ones are kept as they are
