@@ -57,8 +57,9 @@ def use_fused_kernels(device: torch.device | str) -> bool:
 def pytorch_forms() -> Iterator[None]:
     """Every fused call site in its PyTorch form for the duration (process-wide; the kernels in use come back
     after). A compiled block package (runtime/packaged.py) is traced this way: its graph then holds no qimg op,
-    which AOTInductor would call back through Python (on the H200 machine, torch 2.11, every such call crashed
-    the process), and inductor fuses those forms itself about as well (bench/results/fusions_h200.json)."""
+    which AOTInductor would call back through Python, and refuses to for the ops' dtype arguments ("expected
+    ... as_scalar_type ... got as_int", torch 2.11 and 2.13); inductor fuses those forms itself about as well
+    (bench/results/fusions_h200.json)."""
     norm_rope = layers.set_norm_rope_impl(None)
     linear_gelu = layers.set_linear_gelu_impl(None)
     fused = fp8._fused

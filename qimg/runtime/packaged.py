@@ -9,7 +9,7 @@ and a later process loads it with torch's C++ loader without importing torch._dy
 
 What a package bakes in is what its key names (runtime/package_key.py). It is traced through the PyTorch forms
 of the fused kernels' call sites (runtime/kernels.pytorch_forms), which inductor fuses itself: a package that
-called a qimg op would call it back through Python, and on the H200 machine (torch 2.11) that crashed.
+called a qimg op would call it back through Python (and AOTInductor refuses the ops' dtype arguments).
 
 A key's first package has static shapes (the faster kernels; a cron job's shapes never change); a call whose
 shapes fit none of the key's packages builds one more, with every size symbolic where the trace allows, which
