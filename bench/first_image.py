@@ -9,8 +9,10 @@ writing; next to diffusers doing the same in its own new process.
 TINY, the tests' tiny random Qwen-Image: python -c "from pathlib import Path; from tests.fixtures import *;
 build_qwen_tokenizer(Path('/tmp/tok')); write_tiny_qwen_image(Path('/tmp/tiny'), Path('/tmp/tok'))"
 
-Each row is one new process. `--compile` rows run the blocks from AOTInductor packages (runtime/packaged.py);
-"traced" rows set QIMG_COMPILE_PACKAGES=0 for regional torch.compile instead. qimg rows run the CLI with -v and
+Each row is one new process. `--compile` rows run the blocks from AOTInductor packages (runtime/packaged.py) where
+torch's package loader works on the device (on the H200 machine it does not: they are regional torch.compile
+there, bench/results/aoti_loader_h200.txt); "traced" rows set QIMG_COMPILE_PACKAGES=0 for regional
+torch.compile anyway. qimg rows run the CLI with -v and
 read its "time:" line (per-phase seconds and the seconds since the process started); the wall clock is the
 parent's, from spawning the process to its exit. A row named "... again" repeats its row, so its process finds
 the compile cache an earlier one left ($QIMG_HOME/compile). --cold drops the page cache before each row (needs
