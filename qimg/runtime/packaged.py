@@ -359,7 +359,7 @@ def loader_works(device: torch.device, cache: Path) -> bool:
     try:
         known = bool(json.loads(record.read_text())["works"])
     except (OSError, ValueError, KeyError, TypeError):
-        reason = _probe(device, cache)
+        reason = _probe(device)
         known = reason is None
         with contextlib.suppress(OSError):
             cache.mkdir(parents=True, exist_ok=True)
@@ -375,15 +375,14 @@ def loader_works(device: torch.device, cache: Path) -> bool:
     return known
 
 
-def _probe(device: torch.device, cache: Path) -> str | None:
+def _probe(device: torch.device) -> str | None:
     """Build and run a one-linear package on `device` in a child process: None if it worked, else why not."""
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as work:
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="qimg-probe-") as work:
             done = subprocess.run([sys.executable, "-c", _PROBE, str(device), str(Path(work) / "probe.pt2")],
                                   capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return f"{type(e).__name__}: {e}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{type(e).__name__}: {e}"
     if done.returncode == 0 and done.stdout.strip().endswith("ok"):
         return None
     last = (done.stderr.strip().splitlines() or [""])[-1][:200]

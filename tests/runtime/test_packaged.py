@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -428,8 +429,10 @@ def test_packages_on_the_gpu_with_the_fused_kernels_and_fp8(monkeypatch: pytest.
 
 
 @pytest.mark.slow
-def test_the_loader_probe_builds_and_runs_a_package_in_a_child_process(tmp_path: Path) -> None:
-    assert packaged._probe(torch.device("cpu"), tmp_path) is None
+def test_the_loader_probe_builds_and_runs_a_package_in_a_child_process(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert packaged._probe(torch.device("cpu")) is None
     assert list(tmp_path.iterdir()) == []  # its work folder is gone
 
 
