@@ -247,8 +247,6 @@ class PackagedForward:
         bound.apply_defaults()
         tensors_in = [v for v in bound.arguments.values() if isinstance(v, Tensor)]
         device = tensors_in[0].device if tensors_in else torch.device("cpu")
-        if not _loader_ok(device, self.cache):
-            return self._fallback(*args, **kwargs)
         # The block's tensors, fetched through slots found once per arrangement of its submodules (a LoRA
         # attached or detached, FP8 linears swapped in make a new one): walking named_parameters and named_buffers
         # on every call cost ~50 us of the ~150 us this call took on a 2-core CPU.

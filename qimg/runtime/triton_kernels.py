@@ -41,8 +41,8 @@ E4M3_RECIP = tl.constexpr(0.0022321429569274187)
 
 
 # The ops' library. Defined through torch.library.Library rather than torch.library.custom_op: a custom_op's Python
-# kernel imports torch._dynamo on its first dispatched call, and a compiled block package (runtime/packaged.py)
-# calls these ops through the dispatcher in a process that otherwise never imports the compiler.
+# kernel imports torch._dynamo on its first dispatched call (seconds), and a call through torch.ops.qimg outside
+# torch.compile should not cost that. (Compiled block packages do not call them: runtime/kernels.pytorch_forms.)
 _LIB = torch.library.Library("qimg", "DEF")
 
 
