@@ -36,6 +36,34 @@ def time_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def time_graph_ms(fn: Callable[[], Any], calls: int = 20, replays: int = 5) -> list[float]:
+    """Device milliseconds per call of `fn` with no host in the way: `calls` calls captured in one CUDA graph,
+    replayed `replays` times. time_ms puts the host's launch latency (tens of microseconds from Python) inside
+    each timed call, which swamps kernels that run for less than that."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture: compiles, autotuning, allocator pools
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return times
+
+
 def random_diffusers_mmdit(layers: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Any:
     """diffusers' QwenImageTransformer2DModel at full width (20B params in fp32 would not fit beside anything),
     every parameter random (diffusers zero-initialises some layers)."""

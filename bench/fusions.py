@@ -1,6 +1,6 @@
 """Each fused kernel of qimg/runtime/triton_kernels.py against the PyTorch forms it replaces (eager and
-torch.compile'd), at Qwen-Image's full-size shapes, in one process: time per call, bytes moved per second, and the
-largest difference.
+torch.compile'd), at Qwen-Image's full-size shapes, in one process: device time per call (20 calls replayed as one
+CUDA graph, so the host's launch latency is not in it), bytes moved per second, and the largest difference.
 
     python bench/fusions.py --out bench/results/fusions_h200.json
 
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import time_ms  # noqa: E402
+from bench.common import time_graph_ms  # noqa: E402
 from qimg.nets.layers import RMSNorm, _norm_rope_torch, layer_norm, modulate, rope_angles, rope_table  # noqa: E402
-from qimg.runtime import triton_kernels  # noqa: E402,F401  (registers the qimg:: ops)
+from qimg.runtime import triton_kernels  # noqa: E402  (registers the qimg:: ops)
 from qimg.runtime.fp8 import _dequantize, quantize_rowwise  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
 
     def row(name: str, fn: Callable[[], Any], nbytes: int, ref: Any = None) -> None:
-        ms = statistics.median(time_ms(fn, 3, 20))
+        ms = statistics.median(time_graph_ms(fn))
         entry: dict[str, Any] = {"ms": round(ms, 4), "GB_per_s": round(nbytes / ms / 1e6)}
         if ref is not None:
             got = fn()
@@ -48,6 +48,20 @@ def main() -> None:
         rows[name] = entry
         print(f"{name:<58}{ms:9.4f} ms {entry['GB_per_s']:>6} GB/s", flush=True)
         dump()
+
+    def fused_rows(name: str, fn: Callable[[], Any], nbytes: int, ref: Any, quantises: bool) -> None:
+        """The fused kernel in each rounding mode of triton_kernels: hand-rounded casts or the GPU's, and for the
+        quantising kernels the division by the scale or a multiply by 1 / scale."""
+        modes = [(False, True, "hand-rounded"), (None, True, "gpu casts")]
+        if name.startswith("norm_modulate"):  # it rounds by hand whatever hw_casts says (its launcher says why)
+            modes = modes[:1]
+        if quantises:
+            modes.append((modes[-1][0], False, modes[-1][2] + ", times 1/scale"))
+        defaults = triton_kernels.hw_casts, triton_kernels.exact_division
+        for hw, div, tag in modes:
+            triton_kernels.hw_casts, triton_kernels.exact_division = hw, div
+            row(f"{name}: fused ({tag})", fn, nbytes, ref)
+        triton_kernels.hw_casts, triton_kernels.exact_division = defaults
 
     def dump() -> None:  # after every row: a run stopped at a time limit keeps what it measured
         report = {"bench": "fusions", "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
@@ -72,8 +86,8 @@ def main() -> None:
         eager = _norm_rope_torch(t, nt, i, ni, rope)
         row("norm_rope: eager", lambda: _norm_rope_torch(t, nt, i, ni, rope), io)
         row("norm_rope: compiled", torch.compile(lambda: _norm_rope_torch(t, nt, i, ni, rope)), io, eager)
-        row("norm_rope: fused", lambda: torch.ops.qimg.qk_norm_rope(t, nt.weight, i, ni.weight, rope, 1e-6), io,
-            eager)
+        fused_rows("norm_rope", lambda: torch.ops.qimg.qk_norm_rope(t, nt.weight, i, ni.weight, rope, 1e-6), io,
+                   eager, False)
 
         # GELU + per-token FP8 quantisation of the MLP hidden activation
         hid = torch.randn(4096, 12288, device=dev, dtype=bf)
@@ -85,7 +99,7 @@ def main() -> None:
         ref_q = gq()[0]
         row("gelu+quant: eager", gq, io)
         row("gelu+quant: compiled", torch.compile(gq), io, ref_q)
-        row("gelu+quant: fused", lambda: torch.ops.qimg.gelu_quant(hid), io, ref_q)
+        fused_rows("gelu+quant", lambda: torch.ops.qimg.gelu_quant(hid), io, ref_q, True)
 
         # LayerNorm + modulation (+ quantisation)
         x = torch.randn(1, 4096, 3072, device=dev, dtype=bf)
@@ -98,8 +112,8 @@ def main() -> None:
         io = x.numel() * 4
         row("norm_modulate: eager", nm, io)
         row("norm_modulate: compiled", torch.compile(nm), io, ref_nm)
-        row("norm_modulate: fused", lambda: torch.ops.qimg.norm_modulate(x, shift, scale, False, 1e-6, None), io,
-            ref_nm)
+        fused_rows("norm_modulate", lambda: torch.ops.qimg.norm_modulate(x, shift, scale, False, 1e-6, None), io,
+                   ref_nm, False)
 
         def nmq() -> Any:
             return quantize_rowwise(nm().reshape(-1, 3072))
@@ -107,8 +121,8 @@ def main() -> None:
         ref_nmq = nmq()[0]
         io = x.numel() * 3
         row("norm_modulate+quant: compiled", torch.compile(nmq), io, ref_nmq)
-        row("norm_modulate+quant: fused", lambda: torch.ops.qimg.norm_modulate(x, shift, scale, True, 1e-6, None),
-            io, ref_nmq)
+        fused_rows("norm_modulate+quant", lambda: torch.ops.qimg.norm_modulate(x, shift, scale, True, 1e-6, None),
+                   io, ref_nmq, True)
 
         # --fp8 weights: dequantisation of the up projection, and the linear it feeds (a CFG pair, 8192 tokens)
         w = torch.randn(12288, 3072, device=dev, dtype=bf) * 0.02
@@ -119,7 +133,7 @@ def main() -> None:
         io = wq.numel() * 3
         row("dequantize: eager", lambda: _dequantize(wq, ws, bf), io)
         row("dequantize: compiled", torch.compile(lambda: _dequantize(wq, ws, bf)), io, ref_w)
-        row("dequantize: fused", lambda: torch.ops.qimg.dequantize_rows(wq, ws, bf), io, ref_w)
+        fused_rows("dequantize", lambda: torch.ops.qimg.dequantize_rows(wq, ws, bf), io, ref_w, False)
         flops = 2 * 8192 * 3072 * 12288
         row("linear, bf16 weight", lambda: F.linear(a, w), flops)
         row("linear, fp8 weight: eager dequantize", lambda: F.linear(a, _dequantize(wq, ws, bf)), flops)

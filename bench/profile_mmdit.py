@@ -29,6 +29,7 @@ from qimg.pipelines.qwen import text_batch  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
 from qimg.runtime.fp8 import apply_fp8  # noqa: E402
+from qimg.runtime.kernels import use_fused_kernels  # noqa: E402
 from qimg.specs import QwenMMDiTParams  # noqa: E402
 
 D, LAYERS = 3072, 60
@@ -66,13 +67,14 @@ def profile(fn, steps: int = 3) -> tuple[dict[str, float], list[tuple[str, float
     groups: dict[str, float] = defaultdict(float)
     for k, t in per_kernel.items():
         groups[category(k)] += t
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:30]
     return dict(groups), top
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--fused", action="store_true", help="with qimg's fused kernels on (qimg/runtime/kernels.py)")
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     params = QwenMMDiTParams()
@@ -86,6 +88,8 @@ def main() -> None:
             p.normal_(0.0, 0.02)
     model.eval().requires_grad_(False)
     use_attention("cudnn", dev)
+    use_fused_kernels(dev if args.fused else "cpu")
+    tag = " fused" if args.fused else ""
     compile_blocks(model.transformer_blocks)
 
     gen = torch.Generator(dev).manual_seed(1)
@@ -120,14 +124,15 @@ def main() -> None:
         report[name] = row
         print(name, json.dumps(row, indent=1), flush=True)
 
-    run("bf16 compiled b1", lambda: model(x, cond, t1, rope1), [(4224, 128)])
+    run("bf16 compiled b1" + tag, lambda: model(x, cond, t1, rope1), [(4224, 128)])
     rope2 = qwen_rope([(1, 64, 64)], txt2.shape[1], params.axes_dims_rope).to(dev)
     x2, t2 = x.expand(2, -1, -1), t1.expand(2)
-    run("bf16 compiled cfg pair (TextPadding)", lambda: model(x2, txt2, t2, rope2, pad2), [(4224, 128), (4104, 8)])
+    pair_tokens = [(4224, 128), (4104, 8)]
+    run("bf16 compiled cfg pair (TextPadding)" + tag, lambda: model(x2, txt2, t2, rope2, pad2), pair_tokens)
     apply_fp8(model, qwen_mmdit_fp8_layers, compute=True)
     compile_blocks(model.transformer_blocks)
-    run("fp8 compiled b1", lambda: model(x, cond, t1, rope1), [(4224, 128)])
-    run("fp8 compiled cfg pair (TextPadding)", lambda: model(x2, txt2, t2, rope2, pad2), [(4224, 128), (4104, 8)])
+    run("fp8 compiled b1" + tag, lambda: model(x, cond, t1, rope1), [(4224, 128)])
+    run("fp8 compiled cfg pair (TextPadding)" + tag, lambda: model(x2, txt2, t2, rope2, pad2), pair_tokens)
 
     out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
            "command": " ".join(["python", *sys.argv]),

@@ -2,8 +2,9 @@
 
 Without CUDA they run on the CPU under Triton's interpreter, on small shapes (it is slow); with CUDA on the real
 model's row widths. The quantising ops are checked twice: with fp32 output (the scaled values before the e4m3
-rounding, against eager's up to fp32 ulps) and with e4m3 output (against eager's cast). The kernels round to
-e4m3 and bf16 by hand, so the interpreter's truncating casts do not get in the way.
+rounding, against eager's up to fp32 ulps) and with e4m3 output (against eager's cast). Interpreted, the kernels
+round to e4m3 and bf16 by hand, so the interpreter's truncating casts do not get in the way; on the GPU they use
+its casts, which round the same way (test_the_gpu_casts_round_as_the_hand_rounding checks it there).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def tk():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = before
-    if type(module._gelu_quant_kernel).__name__ != "InterpretedFunction":
+    if type(module._quant_rows_kernel).__name__ != "InterpretedFunction":
         pytest.skip("qimg.runtime.triton_kernels was imported before TRITON_INTERPRET could be set")
     return module
 
@@ -85,10 +86,13 @@ def _check_quant(q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, out_dtype: t
         torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-4)
     else:
         # exp, rsqrt and the reductions differ from eager's by an fp32 ulp at times, and so may a bf16 rounding of
-        # y; an e4m3 value then lands a step away: rare (none on the CPU, ~5e-7 on an H200), one step at most.
+        # y; and the kernels multiply by 1 / scale where eager divides (triton_kernels._quantize), an fp32 ulp
+        # apart at times. An e4m3 value within that ulp of a rounding midpoint then lands a step away: one step at
+        # most, for up to ~0.2% of a row of bf16 values (5e-3 leaves room; the division measured a third of
+        # gelu_quant's time on an H200).
         got, want = q.float(), q_ref.to(out_dtype).float()
         diff = (got - want).abs()
-        assert (diff > 0).float().mean().item() <= 1e-3
+        assert (diff > 0).float().mean().item() <= 5e-3
         assert (diff <= torch.maximum(_e4m3_step(want), _e4m3_step(got))).all()
 
 
@@ -98,6 +102,15 @@ def test_gelu_quant(tk, dtype: torch.dtype, out_dtype: torch.dtype) -> None:
     M, K = GELU_SHAPE
     h = _randn(M, K, dtype=dtype, seed=0, std=3.0)
     h[0] = torch.linspace(-12, 12, K, dtype=dtype)  # the tanh tail, the zero crossing and the linear part
+    q, s = tk.gelu_quant(h, out_dtype)
+    _check_quant(q, s, F.gelu(h, approximate="tanh"), out_dtype)
+
+
+@pytest.mark.parametrize("out_dtype", QUANT_DTYPES, ids=str)
+def test_gelu_quant_a_wide_row(tk, out_dtype: torch.dtype) -> None:
+    # a row wider than the CPU shapes' one block, not a power of two, its largest value near the masked tail
+    h = _randn(2, 5000, dtype=torch.bfloat16, seed=16)
+    h[:, -3] = 9.0
     q, s = tk.gelu_quant(h, out_dtype)
     _check_quant(q, s, F.gelu(h, approximate="tanh"), out_dtype)
 
@@ -197,6 +210,39 @@ def test_qk_norm_rope(tk, dtype: torch.dtype, w_dtype: torch.dtype, text: bool) 
     assert out.is_contiguous()
     pair_norm = want.float().unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True).expand(*want.shape[:-1], -1, 2)
     _check_close(out, want, pair_norm.flatten(-2))  # a rotation moves an ulp of either input by at most that
+
+
+def test_qk_norm_rope_heads_in_several_programs(tk) -> None:
+    # a program takes 1024 // D heads: 12 heads of 128 are two programs a token, the second half masked
+    B, Lt, Li, H, D = 1, 2, 3, 12, 128
+    t = _randn(B, Lt, H, D, dtype=torch.bfloat16, seed=17, std=2.0)
+    i = _randn(B, Li, H, D, dtype=torch.bfloat16, seed=18, std=2.0)
+    wt, wi = _randn(D, dtype=torch.bfloat16, seed=19, mean=1.0), _randn(D, dtype=torch.bfloat16, seed=20, mean=1.0)
+    angles = _randn(Lt + Li, D // 2, dtype=torch.float32, seed=21, std=3.0)
+    rope = torch.polar(torch.ones_like(angles), angles)
+    out = tk.qk_norm_rope(t, wt, i, wi, rope)
+    want = _rope_ref(torch.cat([_rms_ref(t, wt), _rms_ref(i, wi)], dim=1), rope)
+    pair_norm = want.float().unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True).expand(*want.shape[:-1], -1, 2)
+    _check_close(out, want, pair_norm.flatten(-2))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: interpreted kernels always round by hand")
+def test_the_gpu_casts_round_as_the_hand_rounding(tk) -> None:
+    # norm_modulate always rounds by hand (its launcher says why)
+    h = _randn(256, 12288, dtype=torch.bfloat16, seed=22, std=3.0)
+    qk = _qk_inputs(torch.bfloat16, torch.bfloat16, True)
+    w = _randn(512, 3072, dtype=torch.bfloat16, seed=26, std=0.02)
+    wq, ws = tk.quantize_rows(w)
+    results = []
+    try:
+        for hw in (False, True):
+            tk.hw_casts = hw
+            results.append([*tk.gelu_quant(h), tk.qk_norm_rope(*qk), *tk.quantize_rows(w),
+                            tk.dequantize_rows(wq, ws, torch.bfloat16)])
+    finally:
+        tk.hw_casts = None
+    for hand, gpu in zip(*results, strict=True):
+        assert torch.equal(hand.view(torch.uint8), gpu.view(torch.uint8))
 
 
 def _all_ops(tk, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, qk: tuple) -> tuple:
