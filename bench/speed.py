@@ -10,6 +10,7 @@ Rows (1024x1024: 4096 image tokens; prompt 128 text tokens, negative prompt 8):
 - FP8 compute (qimg only): forward batch 1 and CFG step, eager and compiled;
 - resident --fp8 weights (FP8 storage, bf16 compute): CFG step, eager and compiled;
 - qimg rows named "fused" run with the fused Triton kernels on (qimg/runtime/kernels.py), the others without;
+- qimg rows named "cuda-graphs" call the model through runtime/graphs.CudaGraphs (--cuda-graphs): replays;
 plus the relative L2 error of each qimg variant's velocity against diffusers' bf16 output.
 """
 
@@ -36,6 +37,7 @@ from qimg.pipelines.qwen import text_batch  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
 from qimg.runtime.fp8 import apply_fp8  # noqa: E402
+from qimg.runtime.graphs import CudaGraphs  # noqa: E402
 from qimg.runtime.kernels import use_fused_kernels  # noqa: E402
 from qimg.specs import QwenMMDiTParams  # noqa: E402
 
@@ -97,6 +99,8 @@ def main() -> None:
         rows[name] = {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
                       "first_call_s": round(first, 2),
                       "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+        if graphs:  # 0 would mean the capture was refused and every call ran plain
+            rows[name]["replays"] = graphs[0].replays
         print(name, json.dumps(rows[name]), flush=True)
         dump()
 
@@ -107,11 +111,13 @@ def main() -> None:
     def d_step():
         return d_fwd(cond, 128), d_fwd(uncond, 8)
 
+    graphs: list[CudaGraphs] = []  # set: the qimg rows call the model through CUDA-graph replays
+
     def q_fwd():
-        return ours(x, cond, t1, rope1)
+        return (graphs[0] if graphs else ours)(x, cond, t1, rope1)
 
     def q_step():
-        return ours(x2, txt2, t2, rope2, mask2)
+        return (graphs[0] if graphs else ours)(x2, txt2, t2, rope2, mask2)
 
     rope2 = qwen_rope(shapes, txt2.shape[1], params.axes_dims_rope).to(dev)
     err: dict[str, float] = {}
@@ -125,6 +131,28 @@ def main() -> None:
             pair = q_step().float()
             err[name + " cfg-pair uncond"] = ((pair[1] - want_u).norm() / want_u.norm()).item()
 
+        def compiled_rows(name: str, pair: str, cuda_graphs: bool = False) -> None:
+            """The batch-1 and the CFG-pair rows of a compiled variant, each from a fresh compile: a real run has
+            one shape, and a graph compiled after another shape is dynamic in the dimensions that changed.
+            cuda_graphs: the calls go through runtime/graphs.CudaGraphs (--cuda-graphs)."""
+            graphs[:] = [CudaGraphs(ours)] if cuda_graphs else []
+            torch._dynamo.reset()
+            got = q_fwd().float()
+            err[name] = ((got - want).norm() / want.norm()).item()
+            measure(f"forward b1: {name}", q_fwd, warmup=2)
+            torch._dynamo.reset()
+            got = q_step().float()
+            err[name + " cfg-pair uncond"] = ((got[1] - want_u).norm() / want_u.norm()).item()
+            measure(f"cfg step: {name} {pair}", q_step, warmup=2)
+            graphs.clear()
+
+        def graphed_rows(name: str) -> None:
+            """Uncompiled rows through CUDA-graph replays: no tracing for a new process to pay."""
+            graphs[:] = [CudaGraphs(ours)]
+            measure(f"forward b1: {name}", q_fwd)
+            measure(f"cfg step: {name} (batch 2, TextPadding)", q_step)
+            graphs.clear()
+
         measure("forward b1: diffusers eager", lambda: d_fwd(cond, 128))
         measure("cfg step: diffusers eager (2 forwards)", d_step)
         use_fused_kernels("cpu")  # off: the unfused rows first
@@ -137,17 +165,16 @@ def main() -> None:
         rel("qimg eager cudnn fused")
         measure("forward b1: qimg eager cudnn fused", q_fwd)
         measure("cfg step: qimg eager cudnn fused (batch 2, TextPadding)", q_step)
+        graphed_rows("qimg eager cudnn fused cuda-graphs")
         if not args.no_compile:
             use_attention("cudnn", dev)
             compile_blocks(ours.transformer_blocks)
             use_fused_kernels("cpu")
-            rel("qimg compiled cudnn")
-            measure("forward b1: qimg compiled cudnn", q_fwd, warmup=2)
-            measure("cfg step: qimg compiled cudnn (batch 2, TextPadding)", q_step, warmup=2)
-            use_fused_kernels(dev)  # dynamo guards on the swapped function: the blocks recompile
-            rel("qimg compiled cudnn fused")
-            measure("forward b1: qimg compiled cudnn fused", q_fwd, warmup=2)
-            measure("cfg step: qimg compiled cudnn fused (batch 2, TextPadding)", q_step, warmup=2)
+            compiled_rows("qimg compiled cudnn", "(batch 2, TextPadding)")
+            use_fused_kernels(dev)
+            compiled_rows("qimg compiled cudnn fused", "(batch 2, TextPadding)")
+            compiled_rows("qimg compiled cudnn fused cuda-graphs", "(batch 2, TextPadding)", cuda_graphs=True)
+            torch._dynamo.reset()
             ref.compile_repeated_blocks(fullgraph=True)
             measure("forward b1: diffusers compiled", lambda: d_fwd(cond, 128), warmup=2)
             measure("cfg step: diffusers compiled (2 forwards)", d_step, warmup=2)
@@ -162,14 +189,13 @@ def main() -> None:
                 rel(f"qimg fp8 eager{tag}")
                 measure(f"forward b1: qimg fp8 eager{tag}", q_fwd)
                 measure(f"cfg step: qimg fp8 eager{tag} (batch 2, TextPadding)", q_step)
+            graphed_rows("qimg fp8 eager fused cuda-graphs")
             if not args.no_compile:
                 compile_blocks(ours.transformer_blocks)
                 for fused in (False, True):
                     use_fused_kernels(dev if fused else "cpu")
-                    tag = " fused" if fused else ""
-                    rel(f"qimg fp8 compiled{tag}")
-                    measure(f"forward b1: qimg fp8 compiled{tag}", q_fwd, warmup=2)
-                    measure(f"cfg step: qimg fp8 compiled{tag} (batch 2, TextPadding)", q_step, warmup=2)
+                    compiled_rows("qimg fp8 compiled" + (" fused" if fused else ""), "(batch 2, TextPadding)")
+                compiled_rows("qimg fp8 compiled fused cuda-graphs", "(batch 2, TextPadding)", cuda_graphs=True)
             # --fp8 weights, resident: FP8 storage, bf16 compute (each linear dequantises its weight per call)
             del ours
             ours = sharing_qimg_mmdit(ref, args.layers)
@@ -181,8 +207,13 @@ def main() -> None:
                 measure(f"cfg step: qimg fp8 weights eager{tag} (batch 2, TextPadding)", q_step)
             if not args.no_compile:
                 compile_blocks(ours.transformer_blocks)
+                torch._dynamo.reset()
                 rel("qimg fp8 weights compiled fused")
                 measure("cfg step: qimg fp8 weights compiled fused (batch 2, TextPadding)", q_step, warmup=2)
+                graphs[:] = [CudaGraphs(ours)]
+                measure("cfg step: qimg fp8 weights compiled fused cuda-graphs (batch 2, TextPadding)", q_step,
+                        warmup=2)
+                graphs.clear()
 
     dump()
     for name, row in rows.items():

@@ -100,6 +100,11 @@ Compile = Annotated[
     typer.Option("--compile", help="compile the repeated transformer block (the first run for a new shape "
                  "compiles; later runs load the saved package from $QIMG_HOME/compile in milliseconds)."),
 ]
+CudaGraphs = Annotated[
+    bool,
+    typer.Option("--cuda-graphs", help="replay the denoiser's forward from CUDA graphs: each step skips Python "
+                 "and kernel launches (a GPU with the denoiser resident; keeps one forward's activation memory)."),
+]
 FP8 = Annotated[
     FP8Mode | None,
     typer.Option("--fp8", help="compute: run the block linears on FP8 tensor cores (Ada/Hopper GPUs); "
@@ -190,6 +195,7 @@ def runtime_options(
     vram_budget: float | None = None,
     text_encoder_device: TextEncoderDevice | None = None,
     lora_mode: LoRAMode = LoRAMode.auto,
+    cuda_graphs: bool = False,
 ) -> qimg.RuntimeOptions:
     """The one RuntimeOptions object of a run; its own checks (and the tile sizes) fail here, before loading."""
     return qimg.RuntimeOptions(
@@ -198,6 +204,7 @@ def runtime_options(
         vae_tiling=tiling_from(tiled_vae, tile_size, tile_overlap),
         attention=attention.value,
         compile=compile,
+        cuda_graphs=cuda_graphs,
         fp8=fp8.value if fp8 else None,
         offload=offload.value,
         vram_budget=vram_budget,

@@ -35,6 +35,7 @@ from qimg.request import DEFAULT_STRENGTH, GenerateRequest, check_task, make_req
 from qimg.runtime.attention import use_attention
 from qimg.runtime.compile import compile_blocks
 from qimg.runtime.devices import cuda_index
+from qimg.runtime.graphs import CudaGraphs
 from qimg.runtime.kernels import use_fused_kernels
 from qimg.runtime.offload import Offloaded, Residency
 from qimg.runtime.options import RuntimeOptions, Tiling
@@ -94,6 +95,7 @@ class Pipeline(abc.ABC):
     transformer_digest: Future[str] | None = None
     notes: tuple[str, ...] = ()  # what loading decided that a user may want to know (one line each)
     parallel: Any = None  # runtime/sequence_parallel.ParallelPlan: this rank's part in one image (--parallel)
+    denoiser_graphs: CudaGraphs | None = None  # --cuda-graphs: the denoiser's calls, replayed from CUDA graphs
 
     prompt_encoder: ClassVar[Any] = None  # the family's prompt encoder class: (ref, family, device, dtype, ...)
 
@@ -151,6 +153,13 @@ class Pipeline(abc.ABC):
                 package_blocks(blocks)
             else:
                 compile_blocks(blocks)
+        graphs = None
+        if options.cuda_graphs:
+            if offloaded is None and parallel is None:
+                graphs = CudaGraphs(transformer)
+            else:
+                why = "streams through the GPU" if offloaded is not None else "is shared between processes (--parallel)"
+                notes = [*notes, f"--cuda-graphs is off: the denoiser {why}; graphs need it whole on one GPU"]
         residency = None if offloaded is None else Residency({"transformer": offloaded}, plan.phases)
         pipe = cls(
             ref=ref, family=family, options=options, transformer=transformer, vae=vae,
@@ -158,7 +167,7 @@ class Pipeline(abc.ABC):
             prompts=dataclasses.replace(prompts, residency=residency),
             torch_device=dev, torch_dtype=dt, plan=plan, needs=needs, residency=residency,
             transformer_offload=offloaded, shape=shape, transformer_file=weights, transformer_digest=digest,
-            notes=tuple(notes), parallel=parallel,
+            notes=tuple(notes), parallel=parallel, denoiser_graphs=graphs,
         )
         for path, strength, lora in merged:
             pipe._loras().record_merged(path, strength, lora)
@@ -195,21 +204,39 @@ class Pipeline(abc.ABC):
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> LoRAFile:
         """Attach a LoRA file (any dialect the family reads) at `scale` under `name` (default: the file's stem).
         Several stack; returns what was read (file.summary(), file.unmatched)."""
+        self._forget_graphs()
         return self._loras().load(path, scale, name)
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         """Change an attached LoRA's scale (0 turns it off exactly; negative subtracts it)."""
+        self._forget_graphs()  # a scale of 0 skips the branch: which kernels run changes
         self._loras().set_strength(name, scale)
 
     def unload_lora(self, name: str) -> None:
         """Remove an attached LoRA; the base weights are exactly as before it was loaded."""
+        self._forget_graphs()
         self._loras().unload(name)
 
     def apply_loras(self, wanted: Sequence[tuple[str | Path, float]]) -> list[LoRAFile]:
         """Make the attached LoRAs exactly `wanted` ((path, scale) pairs); returns the files newly read."""
         if not wanted and self.adapters is None:
             return []
-        return self._loras().apply(wanted)
+        before = self._loras().params()
+        try:
+            return self._loras().apply(wanted)
+        finally:
+            if self._loras().params() != before:  # a prompt file's lines often keep the same set
+                self._forget_graphs()
+
+    def _forget_graphs(self) -> None:
+        """Captured graphs call the modules they saw: a LoRA attached, removed or switched makes them stale."""
+        if self.denoiser_graphs is not None:
+            self.denoiser_graphs.clear()
+
+    @property
+    def denoiser_forward(self) -> Callable[..., Tensor]:
+        """What the samplers call for a velocity: the denoiser, or its replays from CUDA graphs (--cuda-graphs)."""
+        return self.transformer if self.denoiser_graphs is None else self.denoiser_graphs
 
     # -- shared -----------------------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ Loading, phases, decoding and the public calls are the shared Pipeline's (pipeli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,13 +37,15 @@ def flux_velocity(
     *,
     batch_cfg: bool = True,
     parallel: ParallelPlan | None = None,
+    forward: Callable[..., Tensor] | None = None,
 ) -> Velocity:
     """The model as a velocity field over the target tokens, with true CFG (no norm rescale) when `uncond` is
     given. grids: (frame id, rows, cols) of the target token grid, then of each reference image (Kontext: frame
     id 1); refs: their packed latents (1, L_ref, 64), appended after the target tokens, predictions dropped. The
     RoPE table and the text batch are built once here. guidance: the distilled guidance scale (None for models
     without a guidance embedder). parallel: this process's part in one image shared by several
-    (runtime/sequence_parallel.py)."""
+    (runtime/sequence_parallel.py). forward: what is called in the model's place (its CUDA-graph replays,
+    runtime/graphs.py), the model itself by default."""
     dev = cond.embeds.device
     n_target = grids[0][1] * grids[0][2]
     prompts = [cond] if uncond is None else [cond, uncond]
@@ -62,6 +64,7 @@ def flux_velocity(
     refs_in = None if refs is None else refs.to(dev, dtype)
     if parallel is not None:
         return _parallel_velocity(model, dtype, prompts, scale, g, rope, n_target, refs_in, parallel)
+    call = model if forward is None else forward
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
         # The timestep passes through the model dtype before and after /1000, as in diffusers.
@@ -70,7 +73,7 @@ def flux_velocity(
         out = []
         for txt, pooled in calls:
             b = txt.shape[0]
-            v = model(xin.expand(b, -1, -1), txt, t.expand(b), None if g is None else g.expand(b), pooled, rope)
+            v = call(xin.expand(b, -1, -1), txt, t.expand(b), None if g is None else g.expand(b), pooled, rope)
             out.extend(v[:, :n_target].split(1))
         return out[0] if len(out) == 1 else cfg(out[0], out[1], scale, norm_rescale=False)
 
@@ -112,7 +115,7 @@ class FluxPipeline(Pipeline):
 
         def velocity() -> Velocity:
             return flux_velocity(self.transformer, self.torch_dtype, cond, uncond, request.cfg, request.guidance,
-                                 [(0, gh, gw)], parallel=self.parallel)
+                                 [(0, gh, gw)], parallel=self.parallel, forward=self.denoiser_forward)
 
         return run_flow(self, request, cond.embeds.dtype, velocity, init_image, mask, progress)
 
@@ -134,7 +137,7 @@ class FluxPipeline(Pipeline):
         sigmas = flow_sigmas(request.steps, request.flow_schedule(self.schedule), gh * gw).to(dev)
         self.phase("denoise")
         velocity = flux_velocity(self.transformer, self.torch_dtype, cond, uncond, request.cfg, request.guidance,
-                                 grids, torch.cat(refs, 1), parallel=self.parallel)
+                                 grids, torch.cat(refs, 1), parallel=self.parallel, forward=self.denoiser_forward)
         return denoise(velocity, x, sigmas, progress)
 
     def check_embeddings(self, embeddings: EmbeddingsFile, images: Sequence[Any] = ()) -> None:

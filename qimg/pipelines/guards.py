@@ -36,6 +36,9 @@ def resolve_device(options: RuntimeOptions) -> tuple[torch.device, torch.dtype]:
     if dev.type != "cuda" and gpu_only:
         raise InputError(f"{' and '.join(gpu_only)} manage{'s' if len(gpu_only) == 1 else ''} GPU memory; the "
                          f"device is {dev}", hint="leave it off on the CPU, or pass --device cuda")
+    if dev.type != "cuda" and options.cuda_graphs:
+        raise InputError(f"--cuda-graphs needs a CUDA device; the device is {dev}",
+                         hint="leave it off on the CPU, or pass --device cuda")
     if dev.type != "cuda" and options.text_encoder_device == "cuda":
         raise InputError("--text-encoder-device cuda needs a CUDA device", hint="pass --device cuda")
     return dev, dt

@@ -4,7 +4,7 @@ public calls are the shared Pipeline's (pipelines/base.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +48,7 @@ def qwen_velocity(
     batch_cfg: bool = True,
     norm_rescale: bool = True,
     parallel: ParallelPlan | None = None,
+    forward: Callable[..., Tensor] | None = None,
 ) -> Velocity:
     """The model as a velocity field over the target tokens, with true CFG when `uncond` is given.
 
@@ -57,7 +58,8 @@ def qwen_velocity(
     read once per step instead of twice); otherwise one after the other (less activation memory). RoPE tables
     and the text batch are built once here, not per step. norm_rescale: Qwen-Image's true CFG (the family's).
     parallel: this process's part in one image shared by several (runtime/sequence_parallel.py); every rank
-    then returns the same velocity.
+    then returns the same velocity. forward: what is called in the model's place (its CUDA-graph replays,
+    runtime/graphs.py), the model itself by default.
     """
     if parallel is not None:
         return _parallel_velocity(model, dtype, cond, uncond, scale, shapes, refs, norm_rescale, parallel)
@@ -71,6 +73,7 @@ def qwen_velocity(
         txt, mask = text_batch(group, dtype)
         calls.append((txt, mask, qwen_rope(shapes, txt.shape[1], p.axes_dims_rope, p.rope_theta).to(dev)))
     refs_in = None if refs is None else refs.to(dev, dtype)
+    call = model if forward is None else forward
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
         # The timestep passes through the model dtype before and after /1000, as in diffusers (bit parity in bf16).
@@ -79,7 +82,7 @@ def qwen_velocity(
         out = []
         for txt, mask, rope in calls:
             b = txt.shape[0]
-            v = model(xin.expand(b, -1, -1), txt, t.expand(b), rope, mask, n_target=n_target)
+            v = call(xin.expand(b, -1, -1), txt, t.expand(b), rope, mask, n_target=n_target)
             out.extend(v[:, :n_target].split(1))
         return out[0] if len(out) == 1 else cfg(out[0], out[1], scale, norm_rescale=norm_rescale)
 
@@ -153,7 +156,8 @@ def run_qwen(
 
     def velocity() -> Velocity:
         return qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, [(1, gh, gw)],
-                             norm_rescale=pipe.family.cfg_norm_rescale, parallel=pipe.parallel)
+                             norm_rescale=pipe.family.cfg_norm_rescale, parallel=pipe.parallel,
+                             forward=pipe.denoiser_forward)
 
     return run_flow(pipe, req, cond.embeds.dtype, velocity, init_image, mask, progress)
 
@@ -180,5 +184,6 @@ def run_qwen_edit(
     sigmas = flow_sigmas(req.steps, req.flow_schedule(pipe.schedule), gh * gw).to(dev)  # mu from the target tokens only
     pipe.phase("denoise")
     velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, shapes, torch.cat(refs, 1),
-                            norm_rescale=pipe.family.cfg_norm_rescale, parallel=pipe.parallel)
+                            norm_rescale=pipe.family.cfg_norm_rescale, parallel=pipe.parallel,
+                            forward=pipe.denoiser_forward)
     return denoise(velocity, x, sigmas, progress)

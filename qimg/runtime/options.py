@@ -60,6 +60,7 @@ class RuntimeOptions:
     dtype: str | None = None  # bfloat16, float16, float32; None: bf16 on CUDA, fp32 on CPU
     attention: str = "auto"  # the kernel behind the engine's attention call site (process-wide)
     compile: bool = False  # torch.compile the repeated blocks
+    cuda_graphs: bool = False  # replay the denoiser's forward from CUDA graphs (resident on one GPU)
     fp8: str | None = None  # compute: FP8 tensor-core linears; weights: FP8 storage, compute in dtype
     offload: str = "auto"  # none, model, layer, or auto: the first that fits
     vram_budget: float | None = None  # GiB this process may use; None: the memory free at load

@@ -123,6 +123,8 @@ CASES: tuple[Case, ...] = (
          1, "needs a CUDA device"),
     Case("fp8-compute-on-cpu", "--fp8 compute without an FP8 GPU", _g("--fp8", "compute"), 1,
          "--fp8 compute needs an FP8 GPU"),
+    Case("cuda-graphs-on-cpu", "--cuda-graphs on the CPU", _g("--cuda-graphs"), 1,
+         "--cuda-graphs needs a CUDA device"),
     Case("attention-missing-kernel", "--attention sage without the sageattention package",
          _g("--attention", "sage"), 1, "needs the sageattention package"),
     Case("tile-size-odd", "--tile-size 100 (not a multiple of 8)", _g("--tile-size", "100"), 1,

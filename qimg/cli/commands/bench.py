@@ -14,6 +14,7 @@ from qimg.cli.options import (
     Attention,
     AttentionKernel,
     Compile,
+    CudaGraphs,
     Debug,
     Device,
     DType,
@@ -67,6 +68,7 @@ def bench(
     tiled_vae: TiledVAE = False,
     attention: Attention = AttentionKernel.auto,
     compile: Compile = False,
+    cuda_graphs: CudaGraphs = False,
     fp8: FP8 = None,
     offload: Offload = OffloadMode.auto,
     vram_budget: VramBudget = None,
@@ -87,7 +89,7 @@ def bench(
     """
     out = Output(quiet=quiet)
     runtime = runtime_options(device, dtype, tiled_vae, None, None, attention, compile, fp8, offload, vram_budget,
-                              text_encoder_device, lora_mode)
+                              text_encoder_device, lora_mode, cuda_graphs=cuda_graphs)
     ref = qimg.resolve_model(require_model(model))
     if transformer is not None:
         ref = qimg.with_transformer(ref, transformer)

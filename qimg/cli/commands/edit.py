@@ -15,6 +15,7 @@ from qimg.cli.options import (
     Attention,
     AttentionKernel,
     Compile,
+    CudaGraphs,
     Debug,
     Device,
     DType,
@@ -96,6 +97,7 @@ def edit(
     tile_overlap: TileOverlap = None,
     attention: Attention = AttentionKernel.auto,
     compile: Compile = False,
+    cuda_graphs: CudaGraphs = False,
     fp8: FP8 = None,
     offload: Offload = OffloadMode.auto,
     vram_budget: VramBudget = None,
@@ -118,7 +120,7 @@ def edit(
     out = Output(quiet=quiet)
     model = require_model(model)
     runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
-                              vram_budget, text_encoder_device, lora_mode)
+                              vram_budget, text_encoder_device, lora_mode, cuda_graphs=cuda_graphs)
     if parallel is not None:
         runtime = runtime.replace(parallel=parallel.value)
     out, runtime, write = for_this_rank(out, runtime, "start it with torchrun's --nproc-per-node and --parallel")

@@ -19,6 +19,7 @@ from qimg.cli.options import (
     Attention,
     AttentionKernel,
     Compile,
+    CudaGraphs,
     Debug,
     Device,
     DType,
@@ -197,6 +198,7 @@ def generate(
     tile_overlap: TileOverlap = None,
     attention: Attention = AttentionKernel.auto,
     compile: Compile = False,
+    cuda_graphs: CudaGraphs = False,
     fp8: FP8 = None,
     offload: Offload = OffloadMode.auto,
     vram_budget: VramBudget = None,
@@ -241,7 +243,7 @@ def generate(
         raise qimg.UsageError("--parallel shares one image; a prompt file's lines are shared out by --gpus alone",
                               hint="leave --parallel out with --prompts")
     runtime = runtime_options(device, dtype, tiled_vae, tile_size, tile_overlap, attention, compile, fp8, offload,
-                              vram_budget, text_encoder_device, lora_mode)
+                              vram_budget, text_encoder_device, lora_mode, cuda_graphs=cuda_graphs)
     if parallel is not None:
         runtime = runtime.replace(parallel=parallel.value)
     if gpus is not None:
