@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import qimg
 from qimg.cli.main import app
 from qimg.families.qwen import QWEN_IMAGE, qwen_needs
-from qimg.pipelines import base, memory
+from qimg.pipelines import memory
 from qimg.pipelines.prompts import QwenPromptEncoder, text_encoder_layers
 from qimg.runtime.host_copies import HOST, module_tensors
 from qimg.runtime.offload import Offloaded, Residency
@@ -112,9 +112,9 @@ def test_verbose_prints_the_memory_plan(tiny_qwen: Path, tmp_path: Path, one_thr
 def test_out_of_memory_names_flags_that_fit(tiny_qwen: Path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=None: (6 * 1024**3, 24 * 1024**3))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(base, "cuda_index", lambda device: 0)
+    monkeypatch.setattr(memory, "cuda_index", lambda device: 0)
     ref = qimg.resolve_model(str(tiny_qwen))
-    error = base.out_of_memory(QWEN_IMAGE, ref, torch.device("cuda"), torch.bfloat16, None)
+    error = memory.out_of_memory(QWEN_IMAGE, ref, torch.device("cuda"), torch.bfloat16, None)
     assert isinstance(error, qimg.QimgError) and error.exit_code == 1
     assert "6.0 GiB free" in error.message
     assert "--offload model" in error.hint and "--fp8 weights" in error.hint and "--vram-budget 6" in error.hint

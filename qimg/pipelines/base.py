@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,13 +33,12 @@ from qimg.pipelines.guards import Phases, check_finite, parallel_plan, resolve_d
 from qimg.request import DEFAULT_STRENGTH, GenerateRequest, check_task, make_request, request_shape, without_negative
 from qimg.runtime.attention import use_attention
 from qimg.runtime.compile import compile_blocks
-from qimg.runtime.devices import cuda_index
 from qimg.runtime.graphs import CudaGraphs
 from qimg.runtime.kernels import use_fused_kernels
 from qimg.runtime.offload import Offloaded, Residency
 from qimg.runtime.options import RuntimeOptions, Tiling
 from qimg.runtime.packaged import package_blocks, packages_apply
-from qimg.runtime.planner import GiB, MemoryPlan, Needs, PlanError, RequestShape, suggest
+from qimg.runtime.planner import MemoryPlan, Needs, PlanError, RequestShape
 from qimg.runtime.tiling import decode_tiled, encode_tiled
 from qimg.sampling import FlowSchedule, unpack
 from qimg.version import __version__
@@ -48,13 +46,6 @@ from qimg.version import __version__
 if TYPE_CHECKING:
     from qimg.loading.lora import LoRAFile
     from qimg.pipelines.loras import LoRAs
-
-
-def fitting_flags(fp8: str | None) -> str:
-    hints = ["a larger --vram-budget", "--offload layer"]
-    if fp8 is None:
-        hints.insert(0, "--fp8 weights")
-    return "try " + ", ".join(hints) + " or a smaller --width/--height"
 
 
 def text_beside_denoiser(plan: MemoryPlan, device: torch.device) -> bool:
@@ -122,7 +113,7 @@ class Pipeline(abc.ABC):
             memory.cap_process_memory(dev, options)
             plan, needs = memory.make_plan(family, root, ref.spec.task, dev, dt, options, shape, weights=weights)
         except PlanError as e:
-            raise GPUMemoryError(str(e), hint=fitting_flags(fp8)) from None
+            raise GPUMemoryError(str(e), hint=memory.fitting_flags(fp8)) from None
         digest, notes = None, []
         if weights is not None:
             pool = ThreadPoolExecutor(1)  # hashing a 20 GB file takes seconds: do it while the weights load
@@ -143,7 +134,7 @@ class Pipeline(abc.ABC):
             transformer, offloaded = memory.load_denoiser(family, root / family.denoiser_folder, dev, dt, plan,
                                                           fp8=options.fp8, weights=weights, merge=deltas)
         except torch.OutOfMemoryError as e:
-            raise out_of_memory(family, ref, dev, dt, fp8) from e
+            raise memory.out_of_memory(family, ref, dev, dt, fp8) from e
         if options.compile:
             # The denoiser's blocks only. A compiled VAE decoder saves ~22 ms an image (37 -> 15 ms on an H100) but
             # costs each new process ~1 s of tracing with a warm cache (11 s cold; first_image_*_h200.json): a
@@ -320,7 +311,8 @@ class Pipeline(abc.ABC):
                                            self.torch_dtype, self.options, shape, keep=self.plan,
                                            weights=self.transformer_file)
         except PlanError as e:
-            raise GPUMemoryError(f"{shape.width}x{shape.height}: {e}", hint=fitting_flags(self.fp8_mode)) from None
+            hint = memory.fitting_flags(self.fp8_mode)
+            raise GPUMemoryError(f"{shape.width}x{shape.height}: {e}", hint=hint) from None
         if self.transformer_offload is not None:
             self.transformer_offload.stream(plan.streamed.get("transformer", ()))
         self.plan, self.needs, self.shape = plan, needs, shape
@@ -337,7 +329,7 @@ class Pipeline(abc.ABC):
         try:
             yield
         except torch.OutOfMemoryError as e:
-            raise out_of_memory(self.family, self.ref, self.torch_device, self.torch_dtype, self.fp8_mode) from e
+            raise memory.out_of_memory(self.family, self.ref, self.torch_device, self.torch_dtype, self.fp8_mode) from e
 
     def _request(
         self, prompt: str | None, embeddings: EmbeddingsFile | None, init_size: Any, img2img: bool,
@@ -494,18 +486,3 @@ def dropped_params(data: EmbeddingsFile, with_negative: bool) -> dict[str, int]:
     if with_negative:
         params["negative_tokens_dropped"] = dropped.get("negative", 0)
     return {key: n for key, n in params.items() if n}
-
-
-def out_of_memory(family: Family, ref: ModelRef, device: torch.device, dtype: torch.dtype, fp8: str | None
-                  ) -> GPUMemoryError:
-    """The one-line error for a CUDA out-of-memory: the flags the planner says fit this GPU's memory."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(cuda_index(device))
-    try:
-        weights = None if ref.transformer is None else read_transformer_file(ref.transformer, family.name)
-        needs = family.needs(ref.path, dtype, fp8 or "weights", ref.spec.task, RequestShape(), weights=weights)
-        hint = suggest(needs, free, fp8=fp8 is not None)
-    except Exception:  # the hint is a courtesy; never let it hide the real error
-        hint = "try --offload layer --fp8 weights, --tiled-vae, or a smaller --width/--height"
-    return GPUMemoryError(f"the GPU ran out of memory ({free / GiB:.1f} GiB free on {device})", hint=hint)

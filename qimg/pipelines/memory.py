@@ -1,5 +1,6 @@
 """Family-free memory glue: byte counts from safetensors headers (before anything loads) for the planner, the
-plan for a device, and block-wise loading of a denoiser through an explicit, ordered list of transforms.
+plan for a device, block-wise loading of a denoiser through an explicit, ordered list of transforms, and the
+one-line errors (with the flags that fit) when memory runs out.
 
 Loading a denoiser reads one block at a time (memory-mapped), puts it on the device and runs the transforms
 on it in order: FP8 quantisation first, then whatever else a caller adds (LoRA), and last the placement: keep
@@ -13,15 +14,17 @@ linears as they are (their scale broadcast per row), before anything else runs o
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from qimg.errors import GPUMemoryError
 from qimg.loading.checkpoint import GroupFill, meta_device, safetensors_files, tensor_headers
-from qimg.loading.single_file import TransformerFile
+from qimg.loading.single_file import TransformerFile, read_transformer_file
 from qimg.pipelines.family import BlockLists, Family
 from qimg.runtime.devices import cuda_index
 from qimg.runtime.fp8 import FP8Linear, Predicate, apply_fp8
@@ -29,7 +32,10 @@ from qimg.runtime.host_copies import FileBlock, HostCopy, module_tensors
 from qimg.runtime.merge import Delta, merge_deltas
 from qimg.runtime.offload import Offloaded
 from qimg.runtime.options import RuntimeOptions
-from qimg.runtime.planner import Footprint, GiB, MemoryPlan, Needs, RequestShape, TrainNeeds, plan_memory
+from qimg.runtime.planner import Footprint, GiB, MemoryPlan, Needs, RequestShape, TrainNeeds, plan_memory, suggest
+
+if TYPE_CHECKING:
+    from qimg.loading.hub import ModelRef
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
@@ -273,3 +279,26 @@ def load_denoiser(
     offloaded = Offloaded(model, device, blocks.modules(model), block_copies=copies, files=on_demand)
     offloaded.stream(plan.streamed.get("transformer", ()))
     return model, offloaded
+
+
+def fitting_flags(fp8: str | None) -> str:
+    """The flags that make a plan smaller, for an error's hint."""
+    hints = ["a larger --vram-budget", "--offload layer"]
+    if fp8 is None:
+        hints.insert(0, "--fp8 weights")
+    return "try " + ", ".join(hints) + " or a smaller --width/--height"
+
+
+def out_of_memory(family: Family, ref: ModelRef, device: torch.device, dtype: torch.dtype, fp8: str | None
+                  ) -> GPUMemoryError:
+    """The one-line error for a CUDA out-of-memory: the flags the planner says fit this GPU's memory."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(cuda_index(device))
+    try:
+        weights = None if ref.transformer is None else read_transformer_file(ref.transformer, family.name)
+        needs = family.needs(ref.path, dtype, fp8 or "weights", ref.spec.task, RequestShape(), weights=weights)
+        hint = suggest(needs, free, fp8=fp8 is not None)
+    except Exception:  # the hint is a courtesy; never let it hide the real error
+        hint = "try --offload layer --fp8 weights, --tiled-vae, or a smaller --width/--height"
+    return GPUMemoryError(f"the GPU ran out of memory ({free / GiB:.1f} GiB free on {device})", hint=hint)
