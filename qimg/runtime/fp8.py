@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from qimg.nets.layers import FeedForward
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+FAST_ACCUM_MIN_ROWS = 128  # FP8 matmuls of fewer rows accumulate with periodic promotion (forward_quantized)
 Predicate = Callable[[str, nn.Linear], bool]
 # qimg.runtime.triton_kernels once qimg.runtime.kernels switches the fused kernels on (CUDA with Triton)
 _fused: Any = None
@@ -97,9 +98,15 @@ class FP8Linear(nn.Module):
 
         Fast accumulation (Hopper's FP8 accumulator without periodic promotion to fp32): 6-20% faster on the
         block's image-token shapes (bench/results/gemm_shapes_h200.json), and its error (relative L2 0.03752
-        against 0.03750 without, both from e4m3 rounding) is lost in the quantisation's."""
+        against 0.03750 without, both from e4m3 rounding) is lost in the quantisation's. Only from
+        FAST_ACCUM_MIN_ROWS rows: cuBLASLt (torch 2.11, CUDA 13, H200) has no algorithm for fast accumulation with
+        a bias at K = 12288 or 15360 and at most 42 rows (a short prompt's text stream without CFG failed with
+        CUBLAS_STATUS_NOT_SUPPORTED), and so few rows are bound by reading the weights, where it gains nothing."""
+        # a branch, not bool(): compiled with a dynamic row count, dynamo guards on a branch but keeps bool() symbolic,
+        # which _scaled_mm refuses
+        fast = True if q.shape[0] >= FAST_ACCUM_MIN_ROWS else False  # noqa: SIM210
         out = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=s, scale_b=self.weight_scale, bias=self.bias,
-                               out_dtype=self.out_dtype, use_fast_accum=True)
+                               out_dtype=self.out_dtype, use_fast_accum=fast)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

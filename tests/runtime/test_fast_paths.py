@@ -14,7 +14,7 @@ from qimg.nets.qwen_mmdit import QwenMMDiT
 from qimg.pipelines.qwen import qwen_velocity
 from qimg.runtime.attention import use_attention
 from qimg.runtime.compile import compile_blocks
-from qimg.runtime.fp8 import FP8Linear, apply_fp8, quantize_rowwise
+from qimg.runtime.fp8 import FP8Linear, apply_fp8, fp8_supported, quantize_rowwise
 from qimg.specs import QwenMMDiTParams
 from tests.fixtures import randomize_
 
@@ -102,6 +102,22 @@ def test_fp8_linear_matches_the_bf16_linear_within_stated_error(compute):
     assert fp8.weight_fp8.dtype == torch.float8_e4m3fn and fp8.weight_fp8.element_size() == 1
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8_supported("cuda")), reason="needs FP8 tensor cores")
+def test_fp8_compute_runs_every_row_count_of_the_block_shapes_on_the_gpu() -> None:
+    # A short prompt's text stream without CFG is a few dozen rows: cuBLASLt had no fast-accumulation algorithm
+    # for the MLP's down projection with its bias there (qimg generate --preset lightning-8 --fp8 compute failed)
+    gen = torch.Generator("cuda").manual_seed(0)
+    for n, k in [(3072, 3072), (12288, 3072), (3072, 12288), (3072, 15360)]:
+        linear = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        fp8 = FP8Linear(linear, compute=True)
+        for rows in (1, 17, 42, 43, 127, 128, 4096):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            with torch.no_grad():
+                err = _rel(fp8(x), linear(x))
+            # e4m3 weights and activations (under 0.06 on the CPU above), fast accumulation
+            assert err < 0.08, (rows, n, k, err)
+
+
 def test_apply_fp8_keeps_the_sensitive_layers_in_high_precision(model):
     n = apply_fp8(model, qwen_mmdit_fp8_layers, compute=True)
     assert n == 12 * TINY.num_layers  # q, k, v, out of both streams + the two linears of both MLPs
@@ -161,3 +177,19 @@ def test_fp8_storage_trains_through_a_linear_that_keeps_only_the_e4m3_weight():
     assert {t.dtype for t in saved} == {torch.float8_e4m3fn, torch.float32}
     assert sum(t.numel() for t in saved if t.dtype == torch.float32) == 96  # the scales only
     assert fp8.bias.grad is None and not fp8.weight_fp8.requires_grad
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8_supported("cuda")), reason="needs FP8 tensor cores")
+def test_compiled_fp8_blocks_take_a_second_prompt_length_on_the_gpu(model) -> None:
+    # A second shape makes the compiled block dynamic in the row count; the fast-accumulation choice must then be
+    # a guard, not a symbolic value (_scaled_mm takes a plain bool)
+    gpu = model.to("cuda", torch.bfloat16)
+    apply_fp8(gpu, qwen_mmdit_fp8_layers, compute=True)
+    compile_blocks(gpu.transformer_blocks)
+    for n_txt in (7, 9, 150):
+        txt = torch.randn(1, n_txt, TINY.txt_dim, device="cuda", dtype=torch.bfloat16)
+        cond = PromptEmbeds(txt)
+        x, sigma = torch.randn(1, 12, 64, device="cuda"), torch.tensor(0.3, device="cuda")
+        with torch.no_grad():
+            v = qwen_velocity(gpu, torch.bfloat16, cond, None, 1.0, [(1, 3, 4)])(x, sigma)
+        assert torch.isfinite(v).all(), n_txt
