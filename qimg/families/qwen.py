@@ -18,7 +18,8 @@ from qimg.nets.qwen_vae import QwenVAE
 from qimg.pipelines.family import BlockLists, Family
 from qimg.pipelines.memory import block_train_needs, denoiser_footprint, footprint, stored_fp8_mode
 from qimg.pipelines.prompts import encode_prompt
-from qimg.pipelines.qwen import QwenImagePipeline
+from qimg.pipelines.qwen import QwenImagePipeline, table_timesteps
+from qimg.runtime.modulation import ModulationSites
 from qimg.runtime.planner import Footprint, GiB, MiB, Needs, RequestShape, TrainNeeds
 from qimg.specs import QwenMMDiTParams
 from qimg.training.config import TARGETS
@@ -168,4 +169,8 @@ QWEN_IMAGE = Family(
     train_targets=TARGETS,
     train_loss=flow_loss,
     cfg_norm_rescale=True,
+    modulation=ModulationSites(
+        time_embed="time_text_embed", blocks=BLOCKS.names, per_block=("img_mod", "txt_mod"),
+        embed=lambda model, t, dtype: model.time_text_embed(t, dtype), keys=table_timesteps,
+    ),
 )

@@ -35,9 +35,10 @@ from qimg.runtime.attention import use_attention
 from qimg.runtime.compile import compile_blocks
 from qimg.runtime.graphs import CudaGraphs
 from qimg.runtime.kernels import use_fused_kernels
+from qimg.runtime.modulation import ModulationTable
 from qimg.runtime.offload import Offloaded, Residency
 from qimg.runtime.options import RuntimeOptions, Tiling
-from qimg.runtime.packaged import package_blocks, packages_apply
+from qimg.runtime.packaged import package_blocks, packages_apply, packages_work
 from qimg.runtime.planner import MemoryPlan, Needs, PlanError, RequestShape
 from qimg.runtime.tiling import decode_tiled, encode_tiled
 from qimg.sampling import FlowSchedule, unpack
@@ -87,6 +88,7 @@ class Pipeline(abc.ABC):
     notes: tuple[str, ...] = ()  # what loading decided that a user may want to know (one line each)
     parallel: Any = None  # runtime/sequence_parallel.ParallelPlan: this rank's part in one image (--parallel)
     denoiser_graphs: CudaGraphs | None = None  # --cuda-graphs: the denoiser's calls, replayed from CUDA graphs
+    modulation: ModulationTable | None = None  # the denoiser's modulation, looked up per run (resident only)
 
     prompt_encoder: ClassVar[Any] = None  # the family's prompt encoder class: (ref, family, device, dtype, ...)
 
@@ -135,12 +137,16 @@ class Pipeline(abc.ABC):
                                                           fp8=options.fp8, weights=weights, merge=deltas)
         except torch.OutOfMemoryError as e:
             raise memory.out_of_memory(family, ref, dev, dt, fp8) from e
+        packaged = options.compile and packages_apply(offloaded is None, parallel) and packages_work(dev)
+        modulation = None
+        if family.modulation is not None and offloaded is None and parallel is None and not packaged:
+            modulation = ModulationTable(transformer, family.modulation)  # a package computes its own
         if options.compile:
             # The denoiser's blocks only. A compiled VAE decoder saves ~22 ms an image (37 -> 15 ms on an H100) but
             # costs each new process ~1 s of tracing with a warm cache (11 s cold; first_image_*_h200.json): a
             # loss until a run decodes ~45 images.
             blocks = family.denoiser_blocks.modules(transformer)
-            if packages_apply(offloaded is None, parallel):
+            if packaged:
                 package_blocks(blocks)
             else:
                 compile_blocks(blocks)
@@ -158,7 +164,7 @@ class Pipeline(abc.ABC):
             prompts=dataclasses.replace(prompts, residency=residency),
             torch_device=dev, torch_dtype=dt, plan=plan, needs=needs, residency=residency,
             transformer_offload=offloaded, shape=shape, transformer_file=weights, transformer_digest=digest,
-            notes=tuple(notes), parallel=parallel, denoiser_graphs=graphs,
+            notes=tuple(notes), parallel=parallel, denoiser_graphs=graphs, modulation=modulation,
         )
         for path, strength, lora in merged:
             pipe._loras().record_merged(path, strength, lora)

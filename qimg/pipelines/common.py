@@ -3,7 +3,8 @@ from an input image (img2img, inpainting) that the families share; a family supp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -100,4 +101,19 @@ def run_flow(
                 return keep * known + (1.0 - keep) * x
 
     pipe.phase("denoise")
-    return denoise(make_velocity(), x, sigmas, progress, after_step)
+    with modulated(pipe, sigmas):
+        return denoise(make_velocity(), x, sigmas, progress, after_step)
+
+
+@contextlib.contextmanager
+def modulated(pipe: Any, sigmas: Tensor) -> Iterator[None]:
+    """A denoise over `sigmas` with the denoiser's modulation from its table (runtime/modulation.py), when the
+    pipeline has one and the denoiser is whole on its device (a streamed or shared one computes it as before)."""
+    table = pipe.modulation
+    if table is None or pipe.transformer_offload is not None or pipe.placement_fixed or pipe.parallel is not None:
+        yield
+        return
+    with table.use(sigmas[:-1], pipe.torch_dtype) as on:
+        if pipe.denoiser_graphs is not None:  # graphs read the table's tensors: recorded over others, they go
+            pipe.denoiser_graphs.within(table.version if on else None)
+        yield

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from qimg.embeddings import EmbeddingsFile
+    from qimg.runtime.modulation import ModulationSites
     from qimg.runtime.planner import Needs, TrainNeeds
 
 
@@ -96,3 +97,5 @@ class Family:
     # micro-batch (training/step.py flow_loss for Qwen-Image, training/flux_step.py flux_flow_loss for FLUX.1).
     train_loss: Callable[..., torch.Tensor] | None = None
     cfg_norm_rescale: bool = False  # true CFG keeps the conditional velocity's norm (Qwen-Image)
+    # where the denoiser computes its adaLN modulation: a pipeline looks it up per run (runtime/modulation.py)
+    modulation: ModulationSites | None = None

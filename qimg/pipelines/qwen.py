@@ -15,7 +15,7 @@ from qimg.embeddings import EmbeddingsFile, PromptEmbeds
 from qimg.errors import InputError
 from qimg.nets.qwen_mmdit import QwenMMDiT, TextPadding, qwen_rope
 from qimg.pipelines.base import Pipeline
-from qimg.pipelines.common import Progress, image_to_tensor, noise_tokens, run_flow
+from qimg.pipelines.common import Progress, image_to_tensor, modulated, noise_tokens, run_flow
 from qimg.pipelines.prompts import QwenPromptEncoder
 from qimg.request import GenerateRequest, calculate_dimensions
 from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, pack
@@ -34,6 +34,19 @@ def text_batch(prompts: Sequence[PromptEmbeds], dtype: torch.dtype) -> tuple[Ten
     rows = [F.pad(p.embeds.to(dtype), (0, 0, 0, longest - p.embeds.shape[1])) for p in prompts]
     lengths = tuple(p.embeds.shape[1] for p in prompts)
     return torch.cat(rows), (None if all(n == longest for n in lengths) else TextPadding(lengths))
+
+
+def model_timesteps(sigmas: Tensor, dtype: torch.dtype) -> Tensor:
+    """The timesteps the MMDiT is given for noise levels `sigmas`: through the model dtype before and after
+    /1000, as in diffusers (bit parity in bf16)."""
+    return (sigmas * 1000).to(dtype) / 1000
+
+
+def table_timesteps(sigmas: Tensor, dtype: torch.dtype, model: QwenMMDiT) -> Tensor:
+    """What the MMDiT's time embedding sees over a run from `sigmas`: a zero_cond_t model adds t = 0 (its
+    reference tokens' timestep)."""
+    t = model_timesteps(sigmas, dtype)
+    return torch.cat([t, t.new_zeros(1)]) if model.params.zero_cond_t else t
 
 
 def qwen_velocity(
@@ -76,8 +89,7 @@ def qwen_velocity(
     call = model if forward is None else forward
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
-        # The timestep passes through the model dtype before and after /1000, as in diffusers (bit parity in bf16).
-        t = ((sigma * 1000).to(dtype) / 1000).reshape(1)
+        t = model_timesteps(sigma, dtype).reshape(1)
         xin = x.to(dtype) if refs_in is None else torch.cat([x.to(dtype), refs_in], dim=1)
         out = []
         for txt, mask, rope in calls:
@@ -107,7 +119,7 @@ def _parallel_velocity(model: QwenMMDiT, dtype: torch.dtype, cond: PromptEmbeds,
     refs_in = None if refs is None else refs.to(dev, dtype)
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
-        t = ((sigma * 1000).to(dtype) / 1000).reshape(1)
+        t = model_timesteps(sigma, dtype).reshape(1)
         xin = x.to(dtype) if refs_in is None else torch.cat([x.to(dtype), refs_in], dim=1)
 
         def branch(i: int) -> Tensor:
@@ -186,4 +198,5 @@ def run_qwen_edit(
     velocity = qwen_velocity(pipe.transformer, pipe.torch_dtype, cond, uncond, req.cfg, shapes, torch.cat(refs, 1),
                             norm_rescale=pipe.family.cfg_norm_rescale, parallel=pipe.parallel,
                             forward=pipe.denoiser_forward)
-    return denoise(velocity, x, sigmas, progress)
+    with modulated(pipe, sigmas):
+        return denoise(velocity, x, sigmas, progress)

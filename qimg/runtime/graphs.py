@@ -39,7 +39,8 @@ class CudaGraphs:
 
     clear() forgets every graph: call it when the module's tensors are swapped for others (a LoRA attached or
     removed). Values changed in place (a LoRA's strength, merged weights) need nothing: a graph reads its tensors'
-    memory as it is at each replay.
+    memory as it is at each replay. within(context) names what else the calls read (a modulation table's
+    tensors): graphs recorded under another context are forgotten.
     """
 
     device_type = "cuda"  # the tensors a call must hold to be graphed (tests replace CUDA's graphs on the CPU)
@@ -50,6 +51,7 @@ class CudaGraphs:
         self.warm: OrderedDict[Hashable, list[Tensor]] = OrderedDict()  # signatures run once, with their tensors
         self.refused: set[Hashable] = set()
         self.replays = 0
+        self.context: Hashable = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key, tensors = _signature(args, kwargs, self.device_type)
@@ -83,6 +85,12 @@ class CudaGraphs:
         entry.graph.replay()
         self.replays += 1
         return entry.output.clone()
+
+    def within(self, context: Hashable) -> None:
+        """The calls from now on read `context`'s tensors besides their arguments: a change forgets the graphs."""
+        if context != self.context:
+            self.clear()
+            self.context = context
 
     def clear(self) -> None:
         """Forget every graph and warm-up (their memory goes back to the allocator)."""

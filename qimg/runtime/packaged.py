@@ -338,9 +338,10 @@ class PackagedForward:
         return self._compiled(*args, **kwargs)
 
 
-def _loader_ok(device: torch.device, cache: Path) -> bool:
+def packages_work(device: torch.device) -> bool:
+    """Whether package_blocks runs blocks on `device` from packages (else it compiles them)."""
     # the CPU's loader is the one the test suite runs
-    return device.type == "cpu" or loader_works(device, cache)
+    return device.type == "cpu" or loader_works(device, prepare_compiler() / "aoti")
 
 
 def loader_works(device: torch.device, cache: Path) -> bool:
@@ -402,7 +403,7 @@ def package_blocks(blocks: Iterable[nn.Module]) -> int:
     blocks = list(blocks)
     devices = {t.device for block in blocks for t in itertools.islice(itertools.chain(block.parameters(),
                                                                                         block.buffers()), 1)}
-    if not all(_loader_ok(device, cache) for device in devices):
+    if not all(packages_work(device) for device in devices):
         return compile_blocks(blocks)
     shared: dict[str, list[_Variant]] = {}
     for block in blocks:

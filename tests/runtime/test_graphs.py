@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +148,22 @@ def test_clear_forgets_the_graphs(fake_cuda) -> None:
     assert model.runs == 3  # warmed up again
 
 
+def test_graphs_recorded_in_another_context_are_forgotten(fake_cuda) -> None:
+    model = Model()
+    graphs = _graphs(model)
+    graphs.within(1)
+    for _ in range(3):
+        graphs(torch.ones(2), torch.tensor([1.0]), Padding(0))
+    assert model.runs == 2 and len(graphs.graphs) == 1
+    graphs.within(1)  # the same tensors: the graph stays
+    graphs(torch.ones(2), torch.tensor([1.0]), Padding(0))
+    assert model.runs == 2 and graphs.replays == 3
+    graphs.within(2)  # a table reallocated: what the graph reads is gone
+    assert not graphs.graphs and not graphs.warm
+    graphs(torch.ones(2), torch.tensor([1.0]), Padding(0))
+    assert model.runs == 3
+
+
 class Recorder:
     """A pipeline's denoiser_graphs stand-in: passes calls to the denoiser, counts them and the clears."""
 
@@ -160,6 +176,9 @@ class Recorder:
 
     def clear(self) -> None:
         self.clears += 1
+
+    def within(self, context) -> None:  # the modulation table's version: the same for every run here
+        assert context == 1
 
 
 def test_the_sampler_calls_the_graphs_and_a_lora_change_forgets_them(tiny_qwen, tmp_path, one_thread) -> None:
@@ -197,12 +216,18 @@ def test_cuda_graphs_on_the_cpu_is_refused_before_loading(tiny_qwen, tmp_path) -
     assert not (tmp_path / "a.png").exists()
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_replays_give_the_plain_calls_velocity_on_the_gpu(compiled: bool) -> None:
+def contiguous(model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The model called on contiguous copies of its tensor arguments, as CudaGraphs calls it."""
+    def call(*args: object, **kwargs: object) -> torch.Tensor:
+        return model(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+    return call
+
+
+def tiny_gpu_mmdit(compiled: bool, prepare: Callable[[torch.nn.Module], object] | None = None) -> tuple:
+    """A small random bf16 MMDiT on the GPU with the fused kernels (prepare(model) runs before any compile), a
+    prompt and a shorter negative one (a padded CFG pair: TextPadding), and the generator that made them."""
     from qimg.embeddings import PromptEmbeds
     from qimg.nets.qwen_mmdit import QwenMMDiT
-    from qimg.pipelines.qwen import qwen_velocity
     from qimg.runtime.compile import compile_blocks
     from qimg.runtime.kernels import use_fused_kernels
     from qimg.specs import QwenMMDiTParams
@@ -213,14 +238,30 @@ def test_replays_give_the_plain_calls_velocity_on_the_gpu(compiled: bool) -> Non
         params = QwenMMDiTParams(num_layers=2, num_heads=4, head_dim=32, txt_dim=64, axes_dims_rope=(8, 12, 12))
         model = QwenMMDiT(params).to(dtype).eval()
     use_fused_kernels(dev)
+    if prepare is not None:
+        prepare(model)
     if compiled:
         compile_blocks(model.transformer_blocks)
     gen = torch.Generator(dev).manual_seed(1)
     cond = PromptEmbeds(torch.randn(1, 7, 64, device=dev, dtype=dtype, generator=gen))
-    uncond = PromptEmbeds(torch.randn(1, 3, 64, device=dev, dtype=dtype, generator=gen))  # padded: TextPadding
+    uncond = PromptEmbeds(torch.randn(1, 3, 64, device=dev, dtype=dtype, generator=gen))
+    return model, cond, uncond, gen
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_replays_give_the_plain_calls_velocity_on_the_gpu(compiled: bool) -> None:
+    from qimg.pipelines.qwen import qwen_velocity
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    model, cond, uncond, gen = tiny_gpu_mmdit(compiled)
     graphs = CudaGraphs(model)
     with torch.inference_mode():
-        plain = qwen_velocity(model, dtype, cond, uncond, 4.0, [(1, 8, 8)])
+        # The graph runs on contiguous copies of the CFG pair's expanded latent and timestep: given expanded views,
+        # the input projection takes another kernel, and the bf16 rounding, amplified by CFG's scale of 4, moved
+        # the velocity by a relative L2 of 0.0146 on an H200. The plain calls get contiguous inputs too, so the
+        # two run the same kernels on the same values.
+        plain = qwen_velocity(model, dtype, cond, uncond, 4.0, [(1, 8, 8)], forward=contiguous(model))
         replayed = qwen_velocity(model, dtype, cond, uncond, 4.0, [(1, 8, 8)], forward=graphs)
         xs = [torch.randn(1, 64, 64, device=dev, generator=gen) for _ in range(3)]
         sigmas = [torch.tensor(s, device=dev) for s in (1.0, 0.75, 0.5)]
@@ -228,10 +269,8 @@ def test_replays_give_the_plain_calls_velocity_on_the_gpu(compiled: bool) -> Non
         again = [replayed(x, s) for x, s in zip(xs, sigmas, strict=True)]  # replays only
         for step, (a, b, x, s) in enumerate(zip(first, again, xs, sigmas, strict=True)):
             assert torch.equal(a, b), step  # a replay computes exactly what the call it captured computes
-            # The graph runs on contiguous copies where the plain call gets expanded views (the CFG pair's latent
-            # and timestep), so the input projection may take another kernel: bf16 rounding, which CFG's scale of 4
-            # amplifies (an H200: 1 element in 4096 off by 0.028, relative 0.07). A relative L2 of 1e-2 is far above
-            # that and far below a wrong graph (a stale or mixed-up input: order 1).
             want = plain(x, s)
-            assert ((a - want).float().norm() / want.float().norm()).item() < 1e-2, step
+            # 1e-4: room for a library's choice of algorithm between calls, far below a wrong graph (a stale or
+            # mixed-up input: order 1)
+            assert ((a - want).float().norm() / want.float().norm()).item() < 1e-4, step
     assert graphs.replays == 5 and len(graphs.graphs) == 1

@@ -456,7 +456,7 @@ def test_where_the_loader_fails_the_blocks_are_compiled_as_without_packages(monk
                                                                             tmp_path: Path) -> None:
     monkeypatch.setenv("QIMG_HOME", str(tmp_path))
     asked = []
-    monkeypatch.setattr(packaged, "_loader_ok", lambda device, cache: asked.append(device) and False)
+    monkeypatch.setattr(packaged, "packages_work", lambda device: asked.append(device) and False)
     compiled = []
     monkeypatch.setattr(packaged, "compile_blocks", lambda blocks: compiled.extend(blocks) or len(blocks))
     model = randomize_(QwenMMDiT(QWEN), 3).eval()
