@@ -43,6 +43,11 @@ ROWS: dict[str, list[str]] = {
     "qimg fp8 compute compiled 50 steps cfg again": ["--steps", "50", "--fp8", "compute", "--compile"],
     "qimg fp8 compute compiled lightning-8": ["--preset", "lightning-8", "--fp8", "compute", "--compile"],
     "qimg fp8 compute lightning-8": ["--preset", "lightning-8", "--fp8", "compute"],
+    "qimg fp8 compute cuda-graphs lightning-8": ["--preset", "lightning-8", "--fp8", "compute", "--cuda-graphs"],
+    "qimg fp8 compute compiled cuda-graphs lightning-8": ["--preset", "lightning-8", "--fp8", "compute", "--compile",
+                                                          "--cuda-graphs"],
+    "qimg fp8 compute compiled cuda-graphs 50 steps cfg": ["--steps", "50", "--fp8", "compute", "--compile",
+                                                           "--cuda-graphs"],
     "qimg fp8 compute traced lightning-8": ["--preset", "lightning-8", "--fp8", "compute", "--compile", TRACED],
     "qimg fp8 compute traced 50 steps cfg": ["--steps", "50", "--fp8", "compute", "--compile", TRACED],
     "qimg 8 steps": ["--steps", "8"],
@@ -133,6 +138,8 @@ def main() -> None:
     ap.add_argument("--home", type=Path, help="QIMG_HOME for every row (default: a new empty one)")
     ap.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of every qimg row")
     ap.add_argument("--extra", default="", help="more qimg generate flags for every qimg row, comma-separated")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="set in every row's environment (PYTHONPATH=DIR: another copy of qimg, for an A/B)")
     args = ap.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()] or list(ROWS)
     unknown = [n for n in names if n.removesuffix(" again") not in ROWS]
@@ -145,8 +152,8 @@ def main() -> None:
     rows: list[dict] = []
     for n in names:  # the file is rewritten after each row: a run stopped at a time limit keeps what it measured
         width, height = (int(v) for v in args.size.split("x"))
-        rows.append(run_row(n, ROWS[n.removesuffix(" again")], args.model, work, args.cold, home, (width, height),
-                            tuple(f for f in args.extra.split(",") if f)))
+        rows.append(run_row(n, ROWS[n.removesuffix(" again")] + args.env, args.model, work, args.cold, home,
+                            (width, height), tuple(f for f in args.extra.split(",") if f)))
         report = {"bench": "first_image", "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                   else f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
                   "command": " ".join(["python", *sys.argv]),

@@ -4,9 +4,10 @@
 
 Qwen-Image at 1024x1024, 50 steps, true CFG 4 with negative " ": the 7B Qwen2.5-VL text encoder, the 20B MMDiT
 and the VAE all run (random weights, bf16, shared between the two pipelines). Rows: diffusers eager and with its
-regional compile; qimg eager, compiled, and compiled with FP8 compute. Seconds per image (after a short warm-up
-run that pays for compilation), seconds per denoising step, peak GiB. DIR holds the Qwen2 tokenizer (the tests
-rebuild it offline; see tests/fixtures.py build_qwen_tokenizer).
+regional compile; qimg eager, compiled, and compiled with FP8 compute (then with --cuda-graphs), as
+`qimg.load` sets a pipeline up: fused kernels on, the modulation table (runtime/modulation.py) in place. Seconds
+per image (after a short warm-up run that pays for compilation), seconds per denoising step, peak GiB. DIR holds
+the Qwen2 tokenizer (the tests rebuild it offline; see tests/fixtures.py build_qwen_tokenizer).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from qimg.pipelines.prompts import QwenPromptEncoder  # noqa: E402
 from qimg.pipelines.qwen import QwenImagePipeline  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
+from qimg.runtime.graphs import CudaGraphs  # noqa: E402
+from qimg.runtime.kernels import use_fused_kernels  # noqa: E402
+from qimg.runtime.modulation import ModulationTable  # noqa: E402
 from qimg.runtime.options import RuntimeOptions  # noqa: E402
 from qimg.sampling import FlowSchedule  # noqa: E402
 from qimg.specs import SPECS, QwenMMDiTParams, QwenVAEParams  # noqa: E402
@@ -101,6 +105,8 @@ def build_pipelines(tokenizer_dir: Path, diffusers_schedule: dict) -> tuple:
     prompts = QwenPromptEncoder(ref, QWEN_IMAGE, dev, dtype, _model=text_encoder, _tokenizer=tokenizer)
     qpipe = QwenImagePipeline(ref, QWEN_IMAGE, RuntimeOptions(device="cuda"), ours_t.eval().requires_grad_(False),
                               ours_v, FlowSchedule(**QWEN_SCHEDULE), prompts, dev, dtype)
+    assert QWEN_IMAGE.modulation is not None
+    qpipe.modulation = ModulationTable(ours_t, QWEN_IMAGE.modulation)
     return dpipe, qpipe, transformer, ours_t
 
 
@@ -109,7 +115,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokenizer", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--skip", default="", help="rows to skip: d-eager,d-compiled,q-eager,q-compiled,q-fp8")
+    ap.add_argument("--skip", default="",
+                    help="rows to skip: d-eager,d-compiled,q-eager,q-compiled,q-fp8,q-fp8-graphs")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -163,6 +170,7 @@ def main() -> None:
         if "d-eager" not in skip:
             run("diffusers eager", diffusers_call)
         use_attention("auto", dev)
+        use_fused_kernels(dev)
         if "q-eager" not in skip:
             run("qimg eager", qimg_call)
         if "q-compiled" not in skip:
@@ -178,10 +186,16 @@ def main() -> None:
             gc.collect()
             qpipe.transformer = fp8_compute_copy(ours_t)
             del ours_t
+            qpipe.modulation = None
             gc.collect()
             torch.cuda.empty_cache()
+            assert QWEN_IMAGE.modulation is not None
+            qpipe.modulation = ModulationTable(qpipe.transformer, QWEN_IMAGE.modulation)
             compile_blocks(qpipe.transformer.transformer_blocks)
             run("qimg compiled fp8", qimg_call)
+            if "q-fp8-graphs" not in skip:
+                qpipe.denoiser_graphs = CudaGraphs(qpipe.transformer)
+                run("qimg compiled fp8 cuda-graphs", qimg_call)
     save()
 
 

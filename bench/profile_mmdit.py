@@ -4,12 +4,14 @@ elementwise / other, per variant, with achieved TFLOP/s against the FLOP count o
     python bench/profile_mmdit.py --out bench/results/profile_h100.json
 
 Variants (1024x1024, 4096 image tokens, prompt 128 tokens, negative 8): compiled bf16 batch 1; compiled bf16
-CFG pair as one batch of two with TextPadding (no attention mask); compiled FP8-compute batch 1.
+CFG pair as one batch of two with TextPadding (no attention mask); compiled FP8-compute batch 1 and CFG pair.
+--table: inside a run of the modulation table (runtime/modulation.py), as a pipeline's denoise is.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -23,13 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import time_ms  # noqa: E402
 from qimg.embeddings import PromptEmbeds  # noqa: E402
-from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers
+from qimg.families.qwen import QWEN_IMAGE  # noqa: E402
+from qimg.families.qwen import mmdit_fp8_layers as qwen_mmdit_fp8_layers  # noqa: E402
 from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope  # noqa: E402
 from qimg.pipelines.qwen import text_batch  # noqa: E402
 from qimg.runtime.attention import use_attention  # noqa: E402
 from qimg.runtime.compile import compile_blocks  # noqa: E402
 from qimg.runtime.fp8 import apply_fp8  # noqa: E402
 from qimg.runtime.kernels import use_fused_kernels  # noqa: E402
+from qimg.runtime.modulation import ModulationTable  # noqa: E402
 from qimg.specs import QwenMMDiTParams  # noqa: E402
 
 D, LAYERS = 3072, 60
@@ -75,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--fused", action="store_true", help="with qimg's fused kernels on (qimg/runtime/kernels.py)")
+    ap.add_argument("--table", action="store_true", help="with the modulation table (runtime/modulation.py)")
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     params = QwenMMDiTParams()
@@ -89,7 +94,9 @@ def main() -> None:
     model.eval().requires_grad_(False)
     use_attention("cudnn", dev)
     use_fused_kernels(dev if args.fused else "cpu")
-    tag = " fused" if args.fused else ""
+    tag = (" fused" if args.fused else "") + (" table" if args.table else "")
+    assert QWEN_IMAGE.modulation is not None
+    table = ModulationTable(model, QWEN_IMAGE.modulation) if args.table else None
     compile_blocks(model.transformer_blocks)
 
     gen = torch.Generator(dev).manual_seed(1)
@@ -103,7 +110,9 @@ def main() -> None:
     report: dict[str, dict] = {}
 
     def run(name: str, fn, tokens: list[tuple[int, int]]) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if table is not None:
+                stack.enter_context(table.use(t1.float(), dtype))
             times = time_ms(fn, 3, 10)
             groups, top = profile(fn)
         lin = sum(flops(n, txt)[0] for n, txt in tokens)

@@ -126,13 +126,15 @@ class Pipeline(abc.ABC):
         use_attention(options.attention, dev)
         use_fused_kernels(dev)  # before any loading: FP8 quantisation as the weights arrive uses them
         prompts = cls.prompt_encoder(ref, family, dev, dt, fp8=options.fp8, plan=plan, residency=None)
-        if shape.text_encoder:
-            if text_beside_denoiser(plan, dev):
-                prompts.load_in_background()
-            else:
-                prompts.load_tokenizers()  # small files, read first: a broken one fails before gigabytes load
+        if shape.text_encoder and not text_beside_denoiser(plan, dev):
+            prompts.load_tokenizers()  # small files, read first: a broken one fails before gigabytes load
         try:
             vae = family.load_vae(root / "vae", dev, dt)
+            # The text encoder's thread starts once the VAE is in: its tokenizer parsing and imports hold the GIL
+            # for long stretches, and the VAE's few hundred small steps took 1.4 s beside them on an H200 host
+            # (bench/results/stack_sampler_lightning8_eager_pyc_h200.json; 0.07-0.25 s alone on a 2-core CPU).
+            if shape.text_encoder and text_beside_denoiser(plan, dev):
+                prompts.load_in_background()
             transformer, offloaded = memory.load_denoiser(family, root / family.denoiser_folder, dev, dt, plan,
                                                           fp8=options.fp8, weights=weights, merge=deltas)
         except torch.OutOfMemoryError as e:
