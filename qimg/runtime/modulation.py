@@ -5,7 +5,7 @@ reads 120 linears of 3072 x 18432 for it, 13.6 GB of bf16 weights for a handful 
 H200's ~90 ms FP8 forward (bench/results/profile_fused_before_h200.json). A denoising run visits a short list of
 timesteps known before it starts, so `ModulationTable.use` computes every site's output for all of them at once
 (one GEMM per site, each weight read once per run instead of once per step), and each forward then gathers its
-rows from the table.
+rows from the table: ~3 ms less a forward, bf16 or FP8 (bench/results/speed_tables_h200.json).
 
 Applied from outside, like FP8 and compile: `ModulationTable(model, sites)` patches the forward of the model's
 time embedding and of each modulation module in place, so module names, state dicts and LoRA targets stay as they
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-MAX_BYTES = 2**30  # a table larger than this (thousands of steps) is not worth the memory: the run computes
+MAX_BYTES = 2**30  # larger (thousands of steps): not worth the memory, the run computes its modulation instead
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _embed_forward(self: nn.Module, t: Tensor, *args: Any, **kwargs: Any) -> Ten
 
 
 class ModulationTable:
-    """Every modulation site's output for the timesteps of one run, filled by `use(keys)`.
+    """Every modulation site's output for the timesteps of one run, filled by `use(sigmas, dtype)`.
 
     The table's tensors keep their storage from one run to the next while the number of distinct timesteps stays
     the same (CUDA graphs captured over them stay valid); `version` changes whenever they are reallocated."""
