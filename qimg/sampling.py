@@ -66,6 +66,12 @@ def noise_to(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
     return sigma.float() * noise.float() + (1.0 - sigma.float()) * x0.float()
 
 
+def model_timesteps(sigmas: Tensor, dtype: torch.dtype) -> Tensor:
+    """The timesteps a flow model is given for noise levels `sigmas`: through the model dtype before and after
+    /1000, as in diffusers (bit parity in bf16)."""
+    return (sigmas * 1000).to(dtype) / 1000
+
+
 def pack(latents: Tensor) -> Tensor:
     """2x2 patchify: (B, C, H, W) -> (B, H/2 * W/2, 4C), channel index c*4 + dy*2 + dx, tokens row-major."""
     b, c, h, w = latents.shape

@@ -19,7 +19,7 @@ from qimg.pipelines.base import Pipeline
 from qimg.pipelines.common import Progress, image_to_tensor, noise_tokens, run_flow
 from qimg.pipelines.flux_prompts import FluxPromptEncoder
 from qimg.request import GenerateRequest, input_size
-from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, pack
+from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, model_timesteps, pack
 
 if TYPE_CHECKING:
     from qimg.runtime.sequence_parallel import ParallelPlan
@@ -67,8 +67,7 @@ def flux_velocity(
     call = model if forward is None else forward
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
-        # The timestep passes through the model dtype before and after /1000, as in diffusers.
-        t = ((sigma * 1000).to(dtype) / 1000).reshape(1)
+        t = model_timesteps(sigma, dtype).reshape(1)
         xin = x.to(dtype) if refs_in is None else torch.cat([x.to(dtype), refs_in], dim=1)
         out = []
         for txt, pooled in calls:
@@ -91,7 +90,7 @@ def _parallel_velocity(model: FluxTransformer, dtype: torch.dtype, prompts: list
     branches = [(q.embeds.to(dtype), q.pooled.to(dtype)) for q in prompts]
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
-        t = ((sigma * 1000).to(dtype) / 1000).reshape(1)
+        t = model_timesteps(sigma, dtype).reshape(1)
         xin = x.to(dtype) if refs_in is None else torch.cat([x.to(dtype), refs_in], dim=1)
 
         def branch(i: int) -> Tensor:

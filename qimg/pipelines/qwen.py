@@ -18,7 +18,7 @@ from qimg.pipelines.base import Pipeline
 from qimg.pipelines.common import Progress, image_to_tensor, modulated, noise_tokens, run_flow
 from qimg.pipelines.prompts import QwenPromptEncoder
 from qimg.request import GenerateRequest, calculate_dimensions
-from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, pack
+from qimg.sampling import Velocity, cfg, denoise, flow_sigmas, model_timesteps, pack
 
 if TYPE_CHECKING:
     from qimg.runtime.sequence_parallel import ParallelPlan
@@ -34,12 +34,6 @@ def text_batch(prompts: Sequence[PromptEmbeds], dtype: torch.dtype) -> tuple[Ten
     rows = [F.pad(p.embeds.to(dtype), (0, 0, 0, longest - p.embeds.shape[1])) for p in prompts]
     lengths = tuple(p.embeds.shape[1] for p in prompts)
     return torch.cat(rows), (None if all(n == longest for n in lengths) else TextPadding(lengths))
-
-
-def model_timesteps(sigmas: Tensor, dtype: torch.dtype) -> Tensor:
-    """The timesteps the MMDiT is given for noise levels `sigmas`: through the model dtype before and after
-    /1000, as in diffusers (bit parity in bf16)."""
-    return (sigmas * 1000).to(dtype) / 1000
 
 
 def table_timesteps(sigmas: Tensor, dtype: torch.dtype, model: QwenMMDiT) -> Tensor:

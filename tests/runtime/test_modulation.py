@@ -14,9 +14,9 @@ import qimg
 from qimg.families.qwen import QWEN_IMAGE
 from qimg.nets.qwen_mmdit import QwenMMDiT, qwen_rope
 from qimg.pipelines.common import modulated
-from qimg.pipelines.qwen import model_timesteps
 from qimg.runtime import modulation
 from qimg.runtime.modulation import ModulationTable
+from qimg.sampling import model_timesteps
 from qimg.specs import QwenMMDiTParams
 from tests.fixtures import randomize_
 
